@@ -1,0 +1,49 @@
+"""Loading what the `prepare` stage wrote: whole splits as tensors, read in one go.
+
+Layout (written by `ptpipe.prepare`):
+
+    data/prepared/cifar10/{train,val,test}_images.npy   uint8  N x 3 x 32 x 32
+    data/prepared/cifar10/{train,val,test}_labels.npy   uint8  N          (0..9)
+    data/prepared/cifar10/card.json    classes, counts per class per split, train mean/std (0..1 scale)
+    data/prepared/alice/{train,val}_ids.npy             uint8  n_chars    (index into vocab)
+    data/prepared/alice/vocab.json     {"chars": [...]}    the characters, sorted, index = id
+    data/prepared/alice/stats.json     characters, vocab size, unigram bits/char
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptpipe.stage import StageError
+
+CIFAR_SPLITS = ("train", "val", "test")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise StageError(f"{path} is missing: run `dvc repro prepare` first")
+    return np.load(path, allow_pickle=False)
+
+
+def load_cifar(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 N x 3 x 32 x 32, labels int64 N) of one split."""
+    prepared_dir = Path(prepared_dir)
+    images = torch.from_numpy(_load_npy(prepared_dir / f"{split}_images.npy"))
+    labels = torch.from_numpy(_load_npy(prepared_dir / f"{split}_labels.npy")).long()
+    return images, labels
+
+
+def load_card(prepared_dir: str | Path) -> dict:
+    return json.loads((Path(prepared_dir) / "card.json").read_text())
+
+
+def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(train ids int64, val ids int64, vocabulary) of the prepared text."""
+    prepared_dir = Path(prepared_dir)
+    train = torch.from_numpy(_load_npy(prepared_dir / "train_ids.npy")).long()
+    val = torch.from_numpy(_load_npy(prepared_dir / "val_ids.npy")).long()
+    vocab = json.loads((prepared_dir / "vocab.json").read_text(encoding="utf-8"))["chars"]
+    return train, val, vocab

@@ -1,0 +1,72 @@
+"""Atomic file output: every file the pipeline writes appears complete or not at all.
+
+A stage killed at any moment (SIGKILL included) leaves either the previous file or
+nothing, never a truncated file that looks complete to DVC or to the next stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success rename it onto `dest`.
+
+    Works for files and directories: whatever the body creates at the yielded path
+    replaces `dest` in one rename. On an exception the temporary is removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as dest, so the final rename never crosses a file system.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    tmp.unlink()
+    try:
+        yield tmp
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(dest: str | os.PathLike, text: str) -> None:
+    write_bytes(dest, text.encode("utf-8"))
+
+
+def write_json(dest: str | os.PathLike, obj) -> None:
+    write_text(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch(dest: str | os.PathLike, obj) -> None:
+    """torch.save through a temporary file (checkpoints, state_dicts)."""
+    import torch
+
+    with atomic_path(dest, suffix=".pt") as tmp:
+        torch.save(obj, tmp)
+
+
+def save_numpy(dest: str | os.PathLike, array) -> None:
+    import numpy as np
+
+    with atomic_path(dest, suffix=".npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)

@@ -1,0 +1,107 @@
+"""The schema of `params.yaml`: every stage validates the whole file here before it writes anything.
+
+Unknown keys, wrong types and out-of-range values raise `StageError` naming the key, e.g.
+`params.yaml: cnn.lr: Input should be greater than 0 (got -0.1)`. Defaults live in
+params.yaml alone; the models below only say what is allowed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from ptpipe.stage import StageError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _url(value: str) -> str:
+    if not re.match(r"^(https?|file)://", value):
+        raise ValueError("must start with http://, https:// or file://")
+    return value
+
+
+def _md5(value: str) -> str:
+    if value and not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise ValueError("must be 32 lowercase hex digits, or empty to skip the check")
+    return value
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+# YAML reads `1e-3` as a string and `1` as an int: accept ints where a float is meant.
+Float = Annotated[float, Field(strict=False)]
+
+
+class Source(Section):
+    url: Annotated[str, AfterValidator(_url)]
+    md5: Annotated[str, AfterValidator(_md5)]
+
+
+class Download(Section):
+    retries: int = Field(ge=0, le=20)
+    timeout_s: Annotated[float, Field(gt=0, strict=False)]
+    cifar10: Source
+    alice: Source
+
+
+class PrepareCifar(Section):
+    val_size: int = Field(ge=0, le=25000)
+    seed: int
+
+
+class PrepareAlice(Section):
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5, strict=False)]
+
+
+class Prepare(Section):
+    cifar10: PrepareCifar
+    alice: PrepareAlice
+
+
+class Train(Section):
+    """Plumbing shared by both trainers."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    nproc: int = Field(ge=1, le=64)
+
+
+class Params(Section):
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]
+    download: Download
+    prepare: Prepare
+    train: Train
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(part) for part in err["loc"]) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling and section)"
+    if err["type"] == "missing":
+        return f"{key}: missing"
+    return f"{key}: {err['msg']} (got {err['input']!r})"
+
+
+def parse(raw: object, source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {_describe(e)}" for e in exc.errors()]
+        raise StageError("invalid params\n  " + "\n  ".join(lines)) from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path} not found: run from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise StageError(f"{path} is not valid YAML: {exc}") from None
+    return parse(raw, str(path))

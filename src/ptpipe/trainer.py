@@ -1,0 +1,316 @@
+"""The one training loop both trainers share.
+
+What the CNN and the LSTM have in common lives here and nowhere else: device choice,
+checkpoint/resume (each epoch, atomically, RNG states included), the non-finite-loss
+guard, DVCLive logging, early stopping on a validation metric, and DistributedDataParallel.
+What differs (data, loss, metrics) comes in through a `Task`.
+
+Resume contract: a run killed at any moment and started again with the same config
+continues from the last finished epoch and, on CPU with a fixed seed, ends with exactly
+the metrics of an uninterrupted run, because the data order of epoch e is a pure
+function of (seed, epoch) and all RNG states are restored from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ptpipe import files
+from ptpipe.stage import StageError
+
+
+class Task(Protocol):
+    """What a trainer supplies: its data, its loss and its validation metrics."""
+
+    unit: str  # what the throughput counts: "img", "char"
+
+    def train_batches(self, epoch: int) -> Iterable[Any]:
+        """This rank's training batches for `epoch`; the order is a function of (seed, epoch)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Forward pass: (mean loss, number of items in the batch)."""
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics on the validation split (the model is already in eval mode)."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> Distributed:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    backend = "nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
+    """`auto` picks cuda > mps > cpu; a forced device that is missing is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise StageError("train.device is 'cuda' but no CUDA GPU is visible: set train.device=auto or cpu")
+        return torch.device("cuda", ddp.local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise StageError("train.device is 'mps' but MPS is not available: set train.device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    # Plain tuples and tensors only, so the checkpoint loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]  # one dict of metrics per finished epoch
+    best: dict[str, float]  # the epoch whose weights were kept
+    train_seconds: float  # wall time spent in training epochs of this process (resumed epochs excluded)
+
+
+@dataclass
+class Fit:
+    """How to run the loop; paths are the stage's outputs."""
+
+    epochs: int
+    model_path: Path  # the final state_dict (with model_args and params), written once at the end
+    checkpoint_path: Path  # written each epoch, removed once the model file is in place
+    config: dict  # resolved params + model args: saved in both files; a mismatch means no resume
+    live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
+    clip_grad_norm: float | None = None
+    monitor: str | None = None  # validation metric deciding the kept weights, e.g. "val/loss"
+    monitor_mode: str = "min"
+    patience: int | None = None  # epochs without improvement before stopping early
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU
+    progress: bool = True
+    scheduler_per_step: bool = True  # scheduler.step() after every optimizer step (else per epoch)
+    extra_state: dict = field(default_factory=dict)
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    spec: Fit,
+    device: torch.device,
+    ddp: Distributed = Distributed(),
+) -> FitResult:
+    start_epoch, history, best_state, best_value, bad_epochs = 0, [], None, None, 0
+
+    # -- resume: only from a checkpoint written with the same config ---------------------
+    if spec.checkpoint_path.exists():
+        ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
+        if ckpt.get("config") == spec.config:
+            _unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None and ckpt.get("scheduler") is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+            best_state, best_value, bad_epochs = ckpt["best_state"], ckpt["best_value"], ckpt["bad_epochs"]
+            if ddp.is_main:
+                print(f"resuming from {spec.checkpoint_path} after epoch {start_epoch}")
+        elif ddp.is_main:
+            print(f"ignoring {spec.checkpoint_path}: it was written with other params")
+
+    live = None
+    if spec.live_dir is not None and ddp.is_main:
+        from dvclive import Live
+
+        # dvcyaml=None: metrics and plots are declared in dvc.yaml by hand, not rewritten by DVCLive.
+        live = Live(dir=str(spec.live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+        live.log_params(spec.config)
+        for row in history:  # the stage's outputs were wiped by DVC before this resumed run
+            _log_epoch(live, row)
+
+    if ddp.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    train_seconds = 0.0
+    stopped_early = False
+    for epoch in range(start_epoch, spec.epochs):
+        if spec.patience is not None and bad_epochs >= spec.patience:
+            stopped_early = True
+            break
+        t0 = time.perf_counter()
+        row = _train_epoch(model, task, optimizer, scheduler, spec, device, ddp, epoch)
+        train_seconds += time.perf_counter() - t0
+
+        # -- validate; keep the weights of the best epoch --------------------------------
+        model.eval()
+        with torch.no_grad(), _autocast(device, spec.autocast_dtype):
+            row.update(task.validate(_unwrap(model)))
+        model.train()
+        row["epoch"] = epoch
+        history.append(row)
+        if spec.monitor is None or _improved(row[spec.monitor], best_value, spec.monitor_mode):
+            best_value = None if spec.monitor is None else row[spec.monitor]
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+
+        if ddp.is_main:
+            if live is not None:
+                _log_epoch(live, row)
+            files.save_torch(spec.checkpoint_path, {
+                "config": spec.config,
+                "epoch": epoch,
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": _rng_state(),
+                "history": history,
+                "best_state": best_state,
+                "best_value": best_value,
+                "bad_epochs": bad_epochs,
+            })
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    best = history[-1] if spec.monitor is None else min(
+        history, key=lambda r: r[spec.monitor] if spec.monitor_mode == "min" else -r[spec.monitor])
+    if stopped_early and ddp.is_main:
+        print(f"stopped early: {spec.monitor} did not improve for {spec.patience} epochs; "
+              f"keeping epoch {best['epoch']}")
+    if ddp.is_main:
+        files.save_torch(spec.model_path, {"state_dict": best_state, "config": spec.config, **spec.extra_state})
+        spec.checkpoint_path.unlink(missing_ok=True)
+        if live is not None:
+            live.end()
+    if ddp.world_size > 1:
+        dist.barrier()
+    return FitResult(history=history, best=best, train_seconds=train_seconds)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Distributed, epoch: int) -> dict:
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    steps, items = 0, 0
+    # A .item() forces the host to wait for the device: on a GPU, check and report every 50 steps.
+    sync_every = 1 if device.type == "cpu" else 50
+    batches = task.train_batches(epoch)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", leave=False,
+               disable=not (spec.progress and ddp.is_main), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for batch in bar:
+        # forward -> loss
+        with _autocast(device, spec.autocast_dtype):
+            loss, n = task.loss(model, batch)
+        # non-finite guard: remember the first bad step without forcing a sync
+        bad = ~torch.isfinite(loss.detach())
+        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.tensor(steps, device=device), first_bad_step)
+        # backward -> clip -> step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), spec.clip_grad_norm)
+        optimizer.step()
+        if scheduler is not None and spec.scheduler_per_step:
+            scheduler.step()
+        loss_sum += loss.detach().float()
+        steps += 1
+        items += n
+        # log
+        if steps % sync_every == 0:
+            _raise_if_bad(first_bad_step, epoch, loss)
+            if bar.disable is False:
+                rate = items * ddp.world_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
+    if scheduler is not None and not spec.scheduler_per_step:
+        scheduler.step()
+    if steps == 0:
+        raise StageError(f"epoch {epoch + 1} had no training batches: the training split is smaller than one batch")
+    _raise_if_bad(first_bad_step, epoch, None)
+    train_loss = loss_sum / steps
+    if ddp.world_size > 1:
+        dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+    seconds = time.perf_counter() - t0
+    return {"train/loss": train_loss.item(), f"train/{task.unit}_per_s": items * ddp.world_size / seconds}
+
+
+def _raise_if_bad(first_bad_step: torch.Tensor, epoch: int, loss: torch.Tensor | None) -> None:
+    step = int(first_bad_step.item())
+    if step >= 0:
+        raise StageError(
+            f"non-finite training loss at epoch {epoch + 1}, step {step + 1}: training stopped and no model "
+            f"file was written; lower the learning rate (lr) or set a gradient clip")
+
+
+def _log_epoch(live, row: dict) -> None:
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+            live.log_metric(key, value)
+    live.next_step()
