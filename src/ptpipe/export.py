@@ -207,5 +207,5 @@ def main(models: tuple[str, ...] = MODELS, models_dir: str | Path = MODELS_DIR) 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", choices=MODELS, default=list(MODELS))
-    run(main, tuple(parser.parse_args().models))
+    parser.add_argument("models", nargs="*", choices=MODELS, help="default: both")
+    run(main, tuple(parser.parse_args().models) or MODELS)

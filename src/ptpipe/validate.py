@@ -180,5 +180,5 @@ def main(models: tuple[str, ...] = ("cnn", "lstm"), models_dir: str | Path = MOD
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", choices=("cnn", "lstm"), default=["cnn", "lstm"])
-    run(main, tuple(parser.parse_args().models))
+    parser.add_argument("models", nargs="*", choices=("cnn", "lstm"), help="default: both")
+    run(main, tuple(parser.parse_args().models) or ("cnn", "lstm"))

@@ -1,0 +1,246 @@
+"""Stages `export` and `validate`, and onnxruntime-only inference, on tiny seeded models.
+
+The models are built untrained from the project's classes (random seeded weights, BatchNorm
+statistics off their defaults) and saved the way the trainers save them; the data is a few
+CIFAR-format images and the fixture text in the prepared layout.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from PIL import Image
+
+from fixtures import CLASSES, ROOT, tool_env, write_models, write_prepared
+from ptpipe import export, validate
+from ptpipe.inference import Classifier, OnnxLstm, load_image
+from ptpipe.stage import StageError
+
+
+@pytest.fixture(scope="module", params=["lenet", "airbench"])
+def workdir(request, tmp_path_factory):
+    """A folder with params.yaml, data/prepared, models/*/model.pt and the exported files."""
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_prepared(root / "data/prepared")
+    write_models(root / "models", cnn_arch=request.param)
+    for kind in ("cnn", "lstm"):
+        export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
+    return root
+
+
+def run_module(*args, cwd, check=False):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=tool_env(), capture_output=True, text=True,
+                          timeout=300, check=check)
+
+
+def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
+    for kind, inputs in (("cnn", ["images"]), ("lstm", ["ids", "h0", "c0"])):
+        model = onnx.load(workdir / "models" / kind / "model.onnx")
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.domain: o.version for o in model.opset_import}[""] >= 17
+        assert [i.name for i in model.graph.input] == inputs  # weights are initializers, not inputs
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+        assert meta["ptpipe.kind"] == kind and meta["git_revision"] == "abc123"
+        assert meta["source_md5"] == export.md5_file(workdir / "models" / kind / "model.pt")
+        assert meta["params"] == {"seed": 0}
+    cnn_meta = {p.key: json.loads(p.value) for p in onnx.load(workdir / "models/cnn/model.onnx").metadata_props}
+    assert cnn_meta["classes"] == CLASSES and cnn_meta["mean"] == [0.49, 0.48, 0.45]
+    lstm = onnx.load(workdir / "models/lstm/model.onnx")
+    lstm_meta = {p.key: json.loads(p.value) for p in lstm.metadata_props}
+    assert lstm_meta["vocab"] == json.loads((workdir / "data/prepared/alice/vocab.json").read_text())["chars"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in list(lstm.graph.input) + list(lstm.graph.output)}
+    assert dims["ids"] == ["batch", "seq"] and dims["logits"][:2] == ["batch", "seq"]
+    assert dims["h0"] == [2, "batch", 16] and dims["c"] == [2, "batch", 16]
+    # no stray sidecar or temporary files
+    assert sorted(p.name for p in (workdir / "models/cnn").iterdir()) == ["model.onnx", "model.pt", "model.ts"]
+
+
+def test_validate_passes_at_shapes_the_export_never_saw(workdir):
+    # the export ran batch 2 (and length 5); these are all different
+    report = validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4)
+    assert report["passed"]
+    assert set(report["cnn"]["onnxruntime"]) == {"b1", "b7", "b64"}
+    assert len(report["lstm"]["onnxruntime"]) == 2 * 3 * 2  # batches x lengths x (zero, carried)
+    for model in ("cnn", "lstm"):
+        for backend in ("torchscript", "onnxruntime"):
+            for diffs in report[model][backend].values():
+                assert diffs["top1"] == 1.0
+                assert all(v <= 1e-4 for k, v in diffs.items() if k != "top1")
+    assert 0 < report["max_abs_diff"]["lstm"] <= 1e-4
+
+
+def _perturb_onnx(path: Path, name_part: str, delta: float) -> None:
+    """Add `delta` to one element of the first initializer whose name contains name_part."""
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if name_part in init.name and init.data_type == onnx.TensorProto.FLOAT:
+            array = numpy_helper.to_array(init).copy()
+            array.flat[0] += delta
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+            onnx.save(model, path)
+            return
+    raise AssertionError(f"no float initializer named like {name_part!r}: {[i.name for i in model.graph.initializer]}")
+
+
+def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_difference(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    onnx_cnn = onnx.load(work / "models/cnn/model.onnx")
+    last_bias = [i.name for i in onnx_cnn.graph.initializer if i.name.endswith("bias")][-1]
+    _perturb_onnx(work / "models/cnn/model.onnx", last_bias, 0.01)  # logit 0 of every image moves by 0.01
+
+    with pytest.raises(validate.ValidationFailed) as exc:
+        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("cnn",))
+    message = str(exc.value)
+    assert "cnn onnxruntime shape 1x3x32x32: max |logits difference| = 0.01 > atol 0.0001" in message
+    assert exc.value.report["passed"] is False
+    assert exc.value.report["cnn"]["torchscript"]["b7"]["logits"] <= 1e-4  # only the ONNX file is wrong
+    assert abs(exc.value.report["cnn"]["onnxruntime"]["b64"]["logits"] - 0.01) < 1e-4
+
+    # the stage: exit 2, the same one-line message, and no metrics file that looks like a pass
+    result = run_module("-m", "ptpipe.validate", cwd=work)
+    assert result.returncode == 2, result.stderr
+    assert "error: exported model disagrees with PyTorch: cnn onnxruntime shape 1x3x32x32" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (work / "metrics/validate.json").exists()
+
+
+def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    model = onnx.load(work / "models/lstm/model.onnx")
+    lstm_weight = next(i.name for i in model.graph.initializer
+                       if len(numpy_helper.to_array(i).shape) == 3)  # an ONNX LSTM W/R/B tensor
+    _perturb_onnx(work / "models/lstm/model.onnx", lstm_weight, 0.05)
+    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(zero state\): max \|\w+ "
+                                                        r"difference\| = [0-9.e-]+ > atol"):
+        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("lstm",))
+
+
+def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_models(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    result = run_module("-m", "ptpipe.validate", cwd=work)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((work / "metrics/validate.json").read_text())
+    assert report["passed"] is True and set(report["max_abs_diff"]) == {"cnn", "lstm"}
+
+    (work / "models/lstm/model.pt").unlink()
+    (work / "models/lstm/model.onnx").unlink()
+    result = run_module("-m", "ptpipe.export", "lstm", cwd=work)
+    assert result.returncode == 2
+    assert "models/lstm/model.pt is missing" in result.stderr
+    assert not (work / "models/lstm/model.onnx").exists()
+    assert [p.name for p in (work / "models/lstm").iterdir()] == ["model.ts"]  # no temporaries left
+
+
+def test_export_stage_runs_from_params(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    for f in work.glob("models/*/model.[ot]*"):
+        f.unlink()
+    text = (work / "params.yaml").read_text().replace("opset: 17", "opset: 18")
+    (work / "params.yaml").write_text(text)
+    result = run_module("-m", "ptpipe.export", cwd=work)
+    assert result.returncode == 0, result.stderr
+    for kind in ("cnn", "lstm"):
+        model = onnx.load(work / "models" / kind / "model.onnx")
+        assert {o.domain: o.version for o in model.opset_import}[""] == 18
+        assert (work / "models" / kind / "model.ts").stat().st_size > 0
+    (work / "params.yaml").write_text(text.replace("opset: 18", "opset: 12"))
+    result = run_module("-m", "ptpipe.export", cwd=work)
+    assert result.returncode == 2 and "export.opset" in result.stderr
+
+
+NO_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'onnx'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_exported_files_run_in_a_fresh_process_with_onnxruntime_alone(workdir):
+    script = NO_TORCH + """
+import json, numpy as np
+from ptpipe.inference import Classifier, OnnxLstm
+cnn = Classifier('models/cnn/model.onnx')
+images = np.load('data/prepared/cifar10/test_images.npy')[:3]
+lstm = OnnxLstm('models/lstm/model.onnx')
+h, c = lstm.init_state(3)
+logits, h, c = lstm.step(np.zeros((3, 11), np.int64), h, c)
+assert 'torch' not in sys.modules and 'onnx' not in sys.modules
+print(json.dumps({'cnn': cnn.logits(images).tolist(), 'lstm': logits.shape, 'top': cnn.top_k(images, 2)}))
+"""
+    result = run_module("-c", script, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    eager, _ = export.load_cnn(workdir / "models/cnn/model.pt")
+    images = torch.from_numpy(np.load(workdir / "data/prepared/cifar10/test_images.npy")[:3])
+    with torch.no_grad():
+        np.testing.assert_allclose(out["cnn"], eager(images).numpy(), atol=1e-5)
+    assert out["lstm"] == [3, 11, len(OnnxLstm(workdir / "models/lstm/model.onnx").vocab)]
+    assert all(label in CLASSES for row in out["top"] for label, _ in row)
+
+
+def _write_images(folder: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, size, mode in (("wide.png", (53, 17), "RGB"), ("tall.jpg", (31, 480), "RGB"),
+                             ("grey.jpeg", (100, 100), "L"), ("alpha.png", (7, 9), "RGBA")):
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+        Image.fromarray(pixels, mode).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_load_image_maps_any_size_and_mode_to_32x32_rgb(tmp_path):
+    for path in _write_images(tmp_path):
+        x = load_image(path)
+        assert x.shape == (3, 32, 32) and x.dtype == np.uint8
+    # a 32x32 image passes through unchanged (what CIFAR images are)
+    cifar = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(cifar).save(tmp_path / "c.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "c.png"), cifar.transpose(2, 0, 1))
+    (tmp_path / "fake.jpg").write_text("not an image")
+    with pytest.raises(StageError, match="fake.jpg: not a readable image"):
+        load_image(tmp_path / "fake.jpg")
+
+
+def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):
+    images = _write_images(tmp_path / "img")
+    bad = tmp_path / "img" / "notes.png"
+    bad.write_text("this is text")
+    args = [str(images[0]), str(bad), *map(str, images[1:]), "--model", str(workdir / "models/cnn/model.onnx")]
+    result = run_module("-m", "ptpipe.cli", "predict", *args, "--json", "--top-k", "3", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"error: {bad}: not a readable image" in result.stderr
+    out = json.loads(result.stdout)
+    assert set(out["predictions"]) == set(map(str, images)) and set(out["errors"]) == {str(bad)}
+    classifier = Classifier(workdir / "models/cnn/model.onnx")
+    for path in images:
+        ranked = out["predictions"][str(path)]
+        assert len(ranked) == 3 and ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
+        assert ranked[0]["label"] == classifier.top_k(load_image(path)[None], 1)[0][0][0]
+
+    text = run_module("-m", "ptpipe.cli", "predict", str(images[1]), "--model",
+                      str(workdir / "models/cnn/model.onnx"), cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith(f"{images[1]}: ") and text.stdout.count("%") == 3
+
+    missing = run_module("-m", "ptpipe.cli", "predict", str(images[0]), "--model", str(tmp_path / "nope.onnx"),
+                         cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.onnx is missing" in missing.stderr
