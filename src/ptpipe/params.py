@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ptpipe.stage import StageError
 
@@ -72,11 +72,50 @@ class Train(Section):
     nproc: int = Field(ge=1, le=64)
 
 
+class LstmSample(Section):
+    """Text the `evaluate_lstm` stage generates from the trained model."""
+
+    prompt: str = Field(min_length=1)
+    length: int = Field(ge=1, le=100_000)
+    seed: int
+    temperatures: list[Annotated[float, Field(ge=0, strict=False)]] = Field(min_length=1)
+
+
+class Lstm(Section):
+    """The character-level LSTM (`train_lstm`, `evaluate_lstm`)."""
+
+    embedding_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1, le=16)
+    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    tie_weights: bool
+    seq_len: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
+    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]
+    optimizer: Literal["adam", "adamw", "sgd"]
+    weight_decay: Annotated[float, Field(ge=0, strict=False)]
+    schedule: Literal["constant", "cosine"]
+    patience: Optional[int] = Field(ge=1)
+    seed: int
+    eval_streams: int = Field(ge=1)
+    sample: LstmSample
+
+    @model_validator(mode="after")
+    def _tie_needs_equal_sizes(self) -> "Lstm":
+        if self.tie_weights and self.embedding_size != self.hidden_size:
+            raise ValueError("tie_weights: true needs embedding_size == hidden_size "
+                             f"(got {self.embedding_size} and {self.hidden_size})")
+        return self
+
+
 class Params(Section):
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]
     download: Download
     prepare: Prepare
     train: Train
+    lstm: Lstm
 
 
 def _describe(err: dict) -> str:
