@@ -115,6 +115,44 @@ class Cnn(Section):
         return self.recipes[self.recipe]
 
 
+class LstmSample(Section):
+    """Text the `evaluate_lstm` stage generates from the trained model."""
+
+    prompt: str = Field(min_length=1)
+    length: int = Field(ge=1, le=100_000)
+    seed: int
+    temperatures: list[Annotated[float, Field(ge=0, strict=False)]] = Field(min_length=1)
+
+
+class Lstm(Section):
+    """The character-level LSTM (`train_lstm`, `evaluate_lstm`)."""
+
+    embedding_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1, le=16)
+    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    tie_weights: bool
+    seq_len: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
+    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]
+    optimizer: Literal["adam", "adamw", "sgd"]
+    weight_decay: Annotated[float, Field(ge=0, strict=False)]
+    schedule: Literal["constant", "cosine"]
+    patience: Optional[int] = Field(ge=1)
+    seed: int
+    eval_streams: int = Field(ge=1)
+    sample: LstmSample
+
+    @model_validator(mode="after")
+    def _tie_needs_equal_sizes(self) -> "Lstm":
+        if self.tie_weights and self.embedding_size != self.hidden_size:
+            raise ValueError("tie_weights: true needs embedding_size == hidden_size "
+                             f"(got {self.embedding_size} and {self.hidden_size})")
+        return self
+
+
 class Export(Section):
     # 17: the issue's floor, and what onnxruntime >= 1.14 runs; the legacy exporter stops at 20.
     opset: int = Field(ge=17, le=20)
@@ -133,6 +171,7 @@ class Params(Section):
     prepare: Prepare
     train: Train
     cnn: Cnn
+    lstm: Lstm
     export: Export
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")

@@ -1,0 +1,58 @@
+"""Stage `evaluate_lstm`: how well the trained LSTM predicts the validation text, and samples of its text.
+
+    python -m ptpipe.evaluate_lstm   # reads params.yaml (lstm.eval_streams, lstm.seq_len, lstm.sample)
+
+Writes metrics/lstm.json (val loss in nats/char, perplexity, bits/char beside the unigram
+baseline from prepare's stats.json) and reports/lstm_samples.txt (one sample per temperature,
+fixed seed). Runs on the CPU, so the samples are the same text on every machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ptpipe import data, files, params, stage
+from ptpipe.generate import generate, load_model
+from ptpipe.lstm import bits, stream_loss
+from ptpipe.stage import StageError
+
+
+def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
+         model_path: str | Path = "models/lstm/model.pt", metrics_path: str | Path = "metrics/lstm.json",
+         samples_path: str | Path = "reports/lstm_samples.txt") -> dict:
+    p = params.load(params_file)  # before anything is written
+    cfg = p.lstm
+    model, vocab = load_model(model_path)
+    _, val_ids, data_vocab = data.load_text(prepared_dir)
+    if vocab != data_vocab:
+        raise StageError(f"{model_path} was trained on another vocabulary than {prepared_dir}: "
+                         f"run `dvc repro train_lstm`")
+    stats = json.loads((Path(prepared_dir) / "stats.json").read_text(encoding="utf-8"))
+
+    nats, n = stream_loss(model, val_ids, cfg.eval_streams, cfg.seq_len)
+    loss = nats / n
+    metrics = {
+        "val_loss_nats_per_char": loss,
+        "val_perplexity": math.exp(loss),
+        "val_bits_per_char": bits(loss),
+        "val_characters_predicted": n,
+        # What a model that ignores context scores: train-split entropy, and the val text under it.
+        "unigram_bits_per_char": stats.get("unigram_bits_per_char"),
+        "unigram_val_bits_per_char": stats.get("unigram_val_bits_per_char"),
+    }
+
+    s = cfg.sample
+    blocks = []
+    for temperature in s.temperatures:
+        text = generate(model, vocab, s.prompt, s.length, temperature, s.seed)
+        blocks.append(f"=== temperature {temperature:g}, seed {s.seed}, prompt {s.prompt!r} ===\n{text}\n")
+    files.write_json(metrics_path, metrics)
+    files.write_text(samples_path, "\n".join(blocks))
+    print(f"val {metrics['val_bits_per_char']:.3f} bits/char (perplexity {metrics['val_perplexity']:.2f}); "
+          f"unigram baseline {metrics['unigram_bits_per_char']} bits/char; wrote {metrics_path}, {samples_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,129 @@
+"""Stage `train_lstm`: the character-level LSTM on Alice, by truncated backpropagation through time.
+
+The training text is cut into `batch_size` contiguous streams (`lstm.batchify`); each epoch
+walks them in windows of `seq_len`, carrying the (detached) state from window to window and
+resetting it at the epoch start. The loop itself is `ptpipe.trainer.fit` (checkpoint/resume,
+non-finite guard, early stopping on val loss with the best weights kept, DVCLive).
+
+    python -m ptpipe.train_lstm      # reads params.yaml (lr, lstm.*, train.device)
+
+Writes models/lstm/model.pt = {state_dict, config: {model_args, vocab, params}} and dvclive/lstm/.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ptpipe import data, params, stage, trainer
+from ptpipe.lstm import CharLSTM, batchify, bits, build_model, stream_loss, windows
+from ptpipe.stage import StageError
+
+
+class LstmTask:
+    """TBPTT over contiguous streams for `trainer.fit`; holds the state carried between windows."""
+
+    unit = "char"
+
+    def __init__(self, train_ids: torch.Tensor, val_ids: torch.Tensor, batch_size: int, seq_len: int,
+                 eval_streams: int, seed: int, device: torch.device, ddp: trainer.Distributed):
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.batch_size, self.seq_len, self.eval_streams, self.seed = batch_size, seq_len, eval_streams, seed
+        self.device, self.ddp = device, ddp
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def train_batches(self, epoch: int):
+        # A different window phase each epoch (a function of seed and epoch, so resume is exact):
+        # the model does not always see the same characters at a window's cold first steps.
+        offset = int(torch.randint(self.seq_len, (), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)))
+        # Each rank takes its own batch_size streams of batch_size * world_size.
+        streams = batchify(self.train_ids[offset:], self.batch_size * self.ddp.world_size)
+        rows = streams[self.ddp.rank * self.batch_size: (self.ddp.rank + 1) * self.batch_size]
+        self.state = None  # a new epoch starts the streams from zero state
+        yield from windows(rows.to(self.device), self.seq_len)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        x, y = batch  # [B, t] each; y is x shifted by one character
+        if self.state is None:
+            self.state = trainer._unwrap(model).init_state(x.size(0), x.device)
+        logits, h, c = model(x, *self.state)  # logits [B, t, V]
+        # Detach: gradients stop at the window boundary (truncated BPTT), the values carry on.
+        self.state = (h.detach(), c.detach())
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)), y.numel()
+
+    def validate(self, model: CharLSTM) -> dict[str, float]:
+        nats, n = stream_loss(model, self.val_ids, self.eval_streams, self.seq_len)
+        return {"val/loss": nats / n, "val/bits_per_char": bits(nats / n)}
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def make_scheduler(name: str, optimizer, total_steps: int):
+    if name == "constant":
+        return None
+    # Cosine from lr to 0 over the planned steps; clamped, in case an epoch has one step more.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+
+
+def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
+         model_path: str | Path = "models/lstm/model.pt", live_dir: str | Path | None = "dvclive/lstm",
+         progress: bool = True) -> trainer.FitResult:
+    p = params.load(params_file)  # before anything is written
+    cfg = p.lstm
+    lr = cfg.lr if cfg.lr is not None else p.lr
+    train_ids, val_ids, vocab = data.load_text(prepared_dir)
+    if train_ids.numel() < cfg.batch_size * 2:
+        raise StageError(f"the training text has {train_ids.numel()} characters: too few for "
+                         f"lstm.batch_size={cfg.batch_size} streams; lower lstm.batch_size")
+    if val_ids.numel() < cfg.eval_streams * 2:
+        raise StageError(f"the validation text has {val_ids.numel()} characters: too few for "
+                         f"lstm.eval_streams={cfg.eval_streams}; lower lstm.eval_streams")
+
+    ddp = trainer.setup_distributed(p.train.device)
+    device = trainer.resolve_device(p.train.device, ddp)
+    trainer.seed_everything(cfg.seed)
+    model_args = dict(vocab_size=len(vocab), embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size,
+                      num_layers=cfg.num_layers, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
+    model = build_model(**model_args).to(device)
+    optimizer = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay)
+    steps_per_epoch = math.ceil((train_ids.numel() // (cfg.batch_size * ddp.world_size) - 1) / cfg.seq_len)
+    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * steps_per_epoch)
+
+    task = LstmTask(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_streams, cfg.seed, device, ddp)
+    config = {
+        "model_args": model_args,
+        "vocab": vocab,
+        "params": {"lr": lr, **cfg.model_dump(exclude={"sample"}), "device": p.train.device},
+    }
+    model_path = Path(model_path)
+    spec = trainer.Fit(
+        epochs=cfg.epochs,
+        model_path=model_path,
+        checkpoint_path=model_path.with_name("checkpoint.pt"),
+        config=config,
+        live_dir=Path(live_dir) if live_dir is not None else None,
+        clip_grad_norm=cfg.clip,
+        monitor="val/loss",
+        monitor_mode="min",
+        patience=cfg.patience,
+        progress=progress,
+        scheduler_per_step=True,
+    )
+    result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
+    if ddp.is_main:
+        print(f"best epoch {result.best['epoch'] + 1}: val {result.best['val/bits_per_char']:.3f} bits/char; "
+              f"{result.train_seconds:.0f} s training; wrote {model_path}")
+    return result
+
+
+if __name__ == "__main__":
+    stage.run(main)

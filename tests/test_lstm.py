@@ -1,0 +1,216 @@
+"""The character LSTM: it learns, its state carry is right, generation is seeded, resume and errors work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import ptpipe
+from ptpipe import cli, evaluate_lstm, generate, train_lstm
+from ptpipe.lstm import batchify, build_model, stream_loss
+from ptpipe.stage import StageError
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = Path(ptpipe.__file__).resolve().parents[1]
+PHRASE = "the quick brown fox jumps over the lazy dog. "
+
+TINY = dict(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, tie_weights=True, seq_len=16,
+            batch_size=4, epochs=30, clip=1.0, lr=0.02, optimizer="adam", weight_decay=0.0, schedule="cosine",
+            patience=None, seed=0, eval_streams=2,
+            sample={"prompt": "the", "length": 40, "seed": 1, "temperatures": [0.0, 1.0]})
+
+
+def write_prepared(root: Path, text: str, val_fraction: float = 0.1) -> Path:
+    """The `prepare` layout (see ptpipe.data) for `text`: sorted vocab, uint8 ids, last part for validation."""
+    out = root / "data" / "prepared" / "alice"
+    out.mkdir(parents=True)
+    vocab = sorted(set(text))
+    ids = np.array([vocab.index(ch) for ch in text], dtype=np.uint8)
+    n_val = int(len(ids) * val_fraction)
+    np.save(out / "train_ids.npy", ids[:-n_val])
+    np.save(out / "val_ids.npy", ids[-n_val:])
+    (out / "vocab.json").write_text(json.dumps({"chars": vocab}), encoding="utf-8")
+    p = np.bincount(ids[:-n_val], minlength=len(vocab)) / (len(ids) - n_val)
+    (out / "stats.json").write_text(json.dumps({
+        "unigram_bits_per_char": float(-(p[p > 0] * np.log2(p[p > 0])).sum()),
+        "unigram_val_bits_per_char": float(-np.log2(p[ids[-n_val:]]).mean())}))
+    return out
+
+
+def write_params(root: Path, **lstm) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["device"] = "cpu"
+    params["lstm"] = {**TINY, **lstm}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_stage(root: Path, module: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", module], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained (in-process, through the real stage) on a repeated sentence."""
+    root = tmp_path_factory.mktemp("repetitive")
+    write_prepared(root, PHRASE * 40)
+    params = write_params(root)
+    result = train_lstm.main(params, root / "data/prepared/alice", root / "models/lstm/model.pt",
+                             root / "dvclive/lstm", progress=False)
+    return root, result
+
+
+def test_learns_repetitive_text_to_near_zero_loss(trained):
+    root, result = trained
+    assert result.history[-1]["train/loss"] < 0.05
+    assert result.best["val/bits_per_char"] < 0.1
+    assert (root / "models/lstm/model.pt").exists()
+    assert not (root / "models/lstm/checkpoint.pt").exists()
+    logged = json.loads((root / "dvclive/lstm/metrics.json").read_text())
+    assert {"train", "val"} <= logged.keys() and "bits_per_char" in logged["val"]
+
+
+def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained):
+    root, _ = trained
+    saved = torch.load(root / "models/lstm/model.pt", map_location="cpu", weights_only=True)
+    assert saved["config"]["vocab"] == sorted(set(PHRASE))
+    model = build_model(**saved["config"]["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    assert model.decoder.weight is model.embed.weight  # tie_weights survives the round trip
+
+
+def test_greedy_generation_reproduces_the_repetitive_text(trained):
+    root, _ = trained
+    model, vocab = generate.load_model(root / "models/lstm/model.pt")
+    text = generate.generate(model, vocab, "the quick", 3 * len(PHRASE), temperature=0.0, seed=0)
+    expected = (PHRASE * 5)[: len(text)]
+    assert text == expected
+
+
+def test_generation_is_deterministic_under_a_seed():
+    torch.manual_seed(0)
+    vocab = list("abcdefgh ")
+    model = build_model(len(vocab), 16, 16, 2, 0.0, True).eval()
+    a = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=7)
+    b = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=7)
+    c = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=8)
+    assert a == b and a != c and len(a) == 203
+
+
+def test_streaming_evaluation_with_carried_state_equals_one_pass():
+    torch.manual_seed(0)
+    model = build_model(11, 8, 12, 2, 0.5, False).eval()  # eval: dropout off
+    ids = torch.randint(0, 11, (301,))
+    for streams in (1, 3):
+        rows = batchify(ids, streams)  # [streams, n]
+        with torch.no_grad():
+            logits, _, _ = model(rows[:, :-1], *model.init_state(streams))
+        whole = F.cross_entropy(logits.reshape(-1, 11), rows[:, 1:].reshape(-1), reduction="sum").item()
+        for seq_len in (1, 7, 1000):
+            nats, n = stream_loss(model, ids, streams, seq_len)
+            assert n == rows[:, 1:].numel()
+            assert nats == pytest.approx(whole, rel=1e-5)
+    # Without the carry (state reset every window) the loss is different: the check has teeth.
+    h0, c0 = model.init_state(1)
+    with torch.no_grad():
+        reset = sum(F.cross_entropy(model(ids[i:i + 7][None], h0, c0)[0][0], ids[i + 1:i + 8], reduction="sum").item()
+                    for i in range(0, 294, 7))
+    assert reset != pytest.approx(stream_loss(model, ids[:295], 1, 7)[0], rel=1e-5)
+
+
+def test_evaluate_writes_metrics_and_samples(trained):
+    root, _ = trained
+    metrics = evaluate_lstm.main(root / "params.yaml", root / "data/prepared/alice", root / "models/lstm/model.pt",
+                                 root / "metrics/lstm.json", root / "reports/lstm_samples.txt")
+    assert json.loads((root / "metrics/lstm.json").read_text()) == metrics
+    assert metrics["val_bits_per_char"] < 0.1 < metrics["unigram_bits_per_char"]
+    assert metrics["val_perplexity"] == pytest.approx(np.exp(metrics["val_loss_nats_per_char"]))
+    samples = (root / "reports/lstm_samples.txt").read_text()
+    assert "temperature 0, seed 1" in samples and "temperature 1, seed 1" in samples
+
+
+def test_cli_generate_prints_text_and_rejects_unknown_prompt_characters(trained, capsys):
+    root, _ = trained
+    model = str(root / "models/lstm/model.pt")
+    assert cli.main(["generate", "--prompt", "the", "--length", "20", "--temperature", "0", "--model", model]) == 0
+    assert capsys.readouterr().out.startswith("the quick brown fox")
+    assert cli.main(["generate", "--prompt", "Alice§", "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert "'A'" in err and "'§'" in err and "'l'" not in err and "vocabulary" in err
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"hiden_size": 32}, "lstm.hiden_size: unknown key"),
+    ({"lr": -0.1}, "lstm.lr"),
+    ({"batch_size": "4"}, "lstm.batch_size"),
+    ({"tie_weights": True, "embedding_size": 16}, "tie_weights"),
+])
+def test_bad_params_name_the_key_and_write_nothing(tmp_path, change, key):
+    write_prepared(tmp_path, PHRASE * 10)
+    params = write_params(tmp_path, **change)
+    with pytest.raises(StageError, match=key):
+        train_lstm.main(params, tmp_path / "data/prepared/alice", tmp_path / "models/lstm/model.pt",
+                        tmp_path / "dvclive/lstm", progress=False)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
+
+
+def test_bad_params_exit_2_with_one_line_from_the_command(tmp_path):
+    write_prepared(tmp_path, PHRASE * 10)
+    write_params(tmp_path, seq_len=0)
+    proc = run_stage(tmp_path, "ptpipe.train_lstm")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "lstm.seq_len" in out and "Traceback" not in out
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path):
+    text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), 40_000))
+    runs = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        write_prepared(root, text)
+        write_params(root, epochs=6, hidden_size=48, embedding_size=48, num_layers=2, dropout=0.2,
+                     seq_len=32, batch_size=8, patience=2)
+        runs[name] = root
+    assert run_stage(runs["straight"], "ptpipe.train_lstm").wait(timeout=600) == 0
+
+    killed = runs["killed"]
+    ckpt = killed / "models/lstm/checkpoint.pt"
+    proc = run_stage(killed, "ptpipe.train_lstm")
+    while not ckpt.exists():  # wait for the first epoch's checkpoint, then kill mid-epoch
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models/lstm/model.pt").exists(), "the run ended before the kill: make it longer"
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 0  # complete, loadable checkpoint
+
+    proc = run_stage(killed, "ptpipe.train_lstm")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out
+
+    a = torch.load(runs["straight"] / "models/lstm/model.pt", weights_only=True)
+    b = torch.load(killed / "models/lstm/model.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    metrics = [json.loads((r / "dvclive/lstm/metrics.json").read_text()) for r in runs.values()]
+    for m in metrics:
+        m["train"].pop("char_per_s")  # wall-clock throughput: the one thing allowed to differ
+    assert metrics[0] == metrics[1]
