@@ -146,8 +146,9 @@ def metadata(kind: str, cfg: dict, source: Path, revision: str) -> dict:
         args = cfg["model_args"]
         meta.update(vocab=cfg["vocab"], num_layers=args["num_layers"], hidden_size=args["hidden_size"],
                     input="ids int64 [batch, seq], h0/c0 float32 [num_layers, batch, hidden_size]")
-    meta.update(model_args=cfg["model_args"], params=cfg.get("params", {}), git_revision=revision,
-                source_md5=md5_file(source))
+    # training params: the LSTM saves them under "params", the CNN beside its model keys
+    training = cfg.get("params", {k: v for k, v in cfg.items() if k not in (*CNN_KEYS, *LSTM_KEYS)})
+    meta.update(model_args=cfg["model_args"], params=training, git_revision=revision, source_md5=md5_file(source))
     return meta
 
 
@@ -207,5 +208,8 @@ def main(models: tuple[str, ...] = MODELS, models_dir: str | Path = MODELS_DIR) 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", choices=MODELS, help="default: both")
-    run(main, tuple(parser.parse_args().models) or MODELS)
+    parser.add_argument("models", nargs="*", metavar="{cnn,lstm}", help="default: both")
+    chosen = tuple(parser.parse_args().models) or MODELS
+    if set(chosen) - set(MODELS):
+        parser.error(f"models: choose from cnn, lstm (got {' '.join(chosen)})")
+    run(main, chosen)

@@ -21,7 +21,6 @@ Session options, chosen on purpose (benchmarks/inference.py measures them):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -170,20 +169,3 @@ class OnnxLstm:
         logits, h, c = self.session.run(None, {"ids": ids, "h0": h, "c0": c})
         return logits, h, c
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ptpipe predict", description="classify images with the exported CNN")
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--model", default=str(CNN_ONNX))
-    args = parser.parse_args(argv)
-    try:
-        return predict_main(args.images, args.model, args.top_k, args.json)
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -180,5 +180,8 @@ def main(models: tuple[str, ...] = ("cnn", "lstm"), models_dir: str | Path = MOD
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", choices=("cnn", "lstm"), help="default: both")
-    run(main, tuple(parser.parse_args().models) or ("cnn", "lstm"))
+    parser.add_argument("models", nargs="*", metavar="{cnn,lstm}", help="default: both")
+    chosen = tuple(parser.parse_args().models) or ("cnn", "lstm")
+    if set(chosen) - set(("cnn", "lstm")):
+        parser.error(f"models: choose from cnn, lstm (got {' '.join(chosen)})")
+    run(main, chosen)
