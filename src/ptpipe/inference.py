@@ -12,8 +12,10 @@ Session options, chosen on purpose (benchmarks/inference.py measures them):
   here (Conv+BatchNorm, Conv+activation, GELU, MatMul+Add) and CPU layout optimisations.
 - `intra_op_num_threads = 1` by default: at batch 1 (one image, one generated character) the
   ops are far too small to split across threads, and waking a second thread costs more than
-  it saves; it also leaves the second core to the caller. Large batches pass `threads=0`
-  (onnxruntime's default: one per core) — `predict` does so when given more than 32 images.
+  it saves; it also leaves the other core to the caller. On the shared 2-core machine one
+  thread was faster even at batch 256 (benchmarks/README.md: `ort(1t)` vs `ort`), so `predict`
+  and `generate` always use one; `threads=0` (onnxruntime's default, one per core) is there
+  for an otherwise idle machine with large batches.
 - `inter_op_num_threads = 1`, `execution_mode = ORT_SEQUENTIAL`: both graphs are chains with
   no independent branches to run in parallel.
 - `enable_cpu_mem_arena` / `enable_mem_pattern` left on (defaults): repeated equal shapes
@@ -126,7 +128,7 @@ def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3
             errors[path] = str(err)
     results = {}
     if good:
-        classifier = Classifier(model, threads=0 if len(good) > 32 else 1)
+        classifier = Classifier(model)
         k = max(1, min(top_k, len(classifier.classes)))
         results = dict(zip(good, classifier.top_k(np.stack(images), k)))
     return results, errors
