@@ -303,3 +303,34 @@ sys.exit(code)
     result = run_module("-c", script, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 2
+
+
+@pytest.mark.slow
+def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path):
+    """The real dvc CLI: download -> prepare -> train -> export -> validate; metrics show the report;
+    a second repro runs nothing; the exported CNN predicts."""
+    from fixtures import copy_project, serve_data, sh, write_params
+
+    repo = copy_project(tmp_path / "repo")
+    serve_data(server, repo)
+    write_params(repo, **{
+        "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
+        "cnn.recipes.default.tta": 0,
+        "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
+        "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
+    })
+    first = sh("dvc", "repro", "validate", cwd=repo)
+    for stage in ("train_cnn", "train_lstm", "export", "validate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    report = json.loads((repo / "metrics/validate.json").read_text())
+    assert report["passed"] and set(report["max_abs_diff"]) == {"cnn", "lstm"}
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
+    assert "metrics/validate.json" in shown and "max_abs_diff" in shown
+    again = sh("dvc", "repro", "validate", cwd=repo)
+    assert "Running stage" not in again.stdout
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)
+    result = run_module("-m", "ptpipe.cli", "predict", str(img), "--json", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["predictions"][str(img)][0]["label"] in CLASSES
