@@ -109,7 +109,7 @@ def _is_download(stage: str) -> bool:
     return name == "download" or name.startswith("download@")
 
 
-@flow(name="retrain", on_failure=[incidents.on_failure])
+@flow(name="retrain", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
 def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict:
     """Run the DVC pipeline (see module docstring); returns metrics and the stages run."""
     logger = get_run_logger()

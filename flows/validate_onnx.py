@@ -67,8 +67,12 @@ def artifact_key(model: str, shape: str) -> str:
 
 @task(name="validate-models")
 def run_validation(models_dir: str, data_dir: str) -> dict:
-    from ptpipe.validate import validate_models  # the validate stage's function (issue 5)
-
+    try:
+        from ptpipe.validate import validate_models  # the validate stage's function (issue 5)
+    except ImportError as err:
+        raise StageError(f"ptpipe.validate is not available ({err}): this checkout has no validate stage yet") from None
+    if not Path(models_dir).is_dir():
+        raise StageError(f"no models in {models_dir}: run the pipeline (`dvc repro`) first, or pass `rev`")
     try:
         return validate_models(Path(models_dir), Path(data_dir))
     except StageError as err:
@@ -78,7 +82,7 @@ def run_validation(models_dir: str, data_dir: str) -> dict:
         return report  # tolerance exceeded: tabulate first, fail the flow below
 
 
-@flow(name="validate-onnx", on_failure=[incidents.on_failure])
+@flow(name="validate-onnx", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
 def validate_onnx(repo: str = ".", rev: str | None = None) -> dict:
     """Validate the workspace models (rev=None) or those of `rev`; Failed on a tolerance excess."""
     logger = get_run_logger()

@@ -280,6 +280,35 @@ def test_validation_report_is_tabulated_per_model_and_shape():
     assert flows.failures(report) == ["lstm onnxruntime batch=5 seq=37: max |diff| 0.25, top-1 agreement 0.9"]
 
 
+def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
+    """validate-onnx's `rev`: the models/ of a tagged commit, while the workspace holds newer ones."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("git", "commit", "-qm", "dvc init", cwd=repo)
+    sh("git", "tag", "empty", cwd=repo)
+    (repo / "make.py").write_text(
+        "import pathlib\np = pathlib.Path('models/cnn'); p.mkdir(parents=True, exist_ok=True)\n"
+        "(p / 'model.onnx').write_text(open('version').read())\n"
+    )
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"export": {
+        "cmd": "python make.py", "deps": ["make.py", "version"], "outs": ["models/cnn"]}}}))
+    for version in ("one", "two"):
+        (repo / "version").write_text(version)
+        sh("dvc", "repro", "-q", cwd=repo)
+        sh("git", "add", "-A", cwd=repo)
+        sh("git", "commit", "-qm", version, cwd=repo)
+        if version == "one":
+            sh("git", "tag", "cifar10-cnn@v1.0.0", cwd=repo)
+    flows = load_flow_module("validate_onnx")
+    got = flows.fetch_models(str(repo), "cifar10-cnn@v1.0.0", tmp_path / "out")
+    assert (got / "cnn" / "model.onnx").read_text() == "one"
+    assert (repo / "models" / "cnn" / "model.onnx").read_text() == "two"  # workspace untouched
+    with pytest.raises(StageError, match="'empty' has no models/"):
+        flows.fetch_models(str(repo), "empty", tmp_path / "none")
+
+
 def test_serve_builds_both_deployments_with_the_prefect_yaml_schedules():
     serve = load_flow_module("serve")
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
