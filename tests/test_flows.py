@@ -429,6 +429,42 @@ def test_failed_stage_ends_the_run_failed_with_an_incident_naming_the_stage(proj
     assert "404" in record["error"] and record["flow_run_id"] == str(run.id)
 
 
+@pytest.mark.slow
+def test_serve_registers_both_deployments_and_runs_a_retrain(project, worker, client, prefect_server):
+    """`python flows/serve.py`: the same deployments, re-registered and executed by that one process."""
+    repo, _, gate = project
+    _, env = prefect_server
+    stop(worker)  # only the serve process may pick the run up
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    sh("dvc", "exp", "apply", "val-40", cwd=repo)  # back to the last good data (the previous test broke the URL)
+    names = ("retrain/nightly", "validate-onnx/daily")
+    # serve or a worker, not both under the same names: a served deployment re-registered over
+    # a prefect.yaml one keeps its storage fields and its runs crash (docs/prefect.md says so).
+    for n in names:
+        client.delete_deployment(client.read_deployment_by_name(n).id)
+    log = open(gate / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "flows/serve.py"], cwd=repo, env={**env, "GATE_DIR": str(gate)},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def served():
+            from prefect.exceptions import ObjectNotFound
+
+            try:
+                return [client.read_deployment_by_name(n) for n in names]
+            except ObjectNotFound:
+                return None
+
+        for d, cron in zip(wait_for(served, "serve.py to register the deployments"), ["0 2 * * *", "0 6 * * *"]):
+            assert [s.schedule.cron for s in d.schedules] == [cron] and all(s.active for s in d.schedules)
+        run = start_run(client, "retrain/nightly")
+        state = final_state(client, run.id)
+        assert state.is_completed(), f"{state}\n" + (gate / "serve.log").read_text()[-3000:]
+        assert "retrain-report" in artifacts(client, run.id)
+    finally:
+        stop(proc)
+        log.close()
+
+
 @pytest.mark.skip(reason="pending: ptpipe.validate (issue 5) is not merged yet; needs an exported, perturbed ONNX model")
 def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_difference():
     raise NotImplementedError
