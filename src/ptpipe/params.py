@@ -81,7 +81,7 @@ class CnnRecipe(Section):
     batch_size: int = Field(ge=2, le=65536)
     train_split: Literal["train", "train+val"]
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
-    lr: Optional[Annotated[float, Field(gt=0, le=100, strict=False)]]  # null: the top-level lr
+    lr: Optional[Annotated[float, Field(gt=0, strict=False)]]  # null: the top-level lr
     momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
     nesterov: bool
     weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]

@@ -179,12 +179,12 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     channels_last = on_gpu or r.arch == "airbench"  # lenet's 6-channel convs are faster NCHW on CPU
 
     model_args = {**r.model_args, "num_classes": len(classes)}
+    trainer.seed_everything(r.seed)
     try:
-        model = build_model(r.arch, **model_args)
+        model = build_model(r.arch, **model_args)  # seeded init on the CPU: same weights on every device
     except (TypeError, ValueError) as err:
         raise StageError(f"cnn.recipes.{p.cnn.recipe}.model_args: {err}") from None
-    trainer.seed_everything(r.seed)
-    model = model.to(device)  # the seeded init above happens on the CPU: same weights on every device
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set = EpochImages(train_x.to(device), train_y.to(device), batch_size=r.batch_size, seed=r.seed,
