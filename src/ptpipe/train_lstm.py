@@ -74,22 +74,17 @@ def make_scheduler(name: str, optimizer, total_steps: int):
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
 
 
-def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
-         model_path: str | Path = "models/lstm/model.pt", live_dir: str | Path | None = "dvclive/lstm",
-         progress: bool = True) -> trainer.FitResult:
-    p = params.load(params_file)  # before anything is written
+def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, device: torch.device):
+    """(model, task, optimizer, scheduler, config) for validated params; the benchmark reuses it."""
     cfg = p.lstm
     lr = cfg.lr if cfg.lr is not None else p.lr
     train_ids, val_ids, vocab = data.load_text(prepared_dir)
-    if train_ids.numel() < cfg.batch_size * 2:
+    if train_ids.numel() < cfg.batch_size * ddp.world_size * 2:
         raise StageError(f"the training text has {train_ids.numel()} characters: too few for "
                          f"lstm.batch_size={cfg.batch_size} streams; lower lstm.batch_size")
     if val_ids.numel() < cfg.eval_streams * 2:
         raise StageError(f"the validation text has {val_ids.numel()} characters: too few for "
                          f"lstm.eval_streams={cfg.eval_streams}; lower lstm.eval_streams")
-
-    ddp = trainer.setup_distributed(p.train.device)
-    device = trainer.resolve_device(p.train.device, ddp)
     trainer.seed_everything(cfg.seed)
     model_args = dict(vocab_size=len(vocab), embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size,
                       num_layers=cfg.num_layers, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
@@ -97,24 +92,33 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     optimizer = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay)
     steps_per_epoch = math.ceil((train_ids.numel() // (cfg.batch_size * ddp.world_size) - 1) / cfg.seq_len)
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * steps_per_epoch)
-
     task = LstmTask(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_streams, cfg.seed, device, ddp)
     config = {
         "model_args": model_args,
         "vocab": vocab,
         "params": {"lr": lr, **cfg.model_dump(exclude={"sample"}), "device": p.train.device},
     }
+    return model, task, optimizer, scheduler, config
+
+
+def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
+         model_path: str | Path = "models/lstm/model.pt", live_dir: str | Path | None = "dvclive/lstm",
+         progress: bool = True) -> trainer.FitResult:
+    p = params.load(params_file)  # before anything is written
+    ddp = trainer.setup_distributed(p.train.device)
+    device = trainer.resolve_device(p.train.device, ddp)
+    model, task, optimizer, scheduler, config = setup(p, prepared_dir, ddp, device)
     model_path = Path(model_path)
     spec = trainer.Fit(
-        epochs=cfg.epochs,
+        epochs=p.lstm.epochs,
         model_path=model_path,
         checkpoint_path=model_path.with_name("checkpoint.pt"),
         config=config,
         live_dir=Path(live_dir) if live_dir is not None else None,
-        clip_grad_norm=cfg.clip,
-        monitor="val/loss",
+        clip_grad_norm=p.lstm.clip,
+        monitor="val/loss",  # early stopping and the kept weights: the best validation loss
         monitor_mode="min",
-        patience=cfg.patience,
+        patience=p.lstm.patience,
         progress=progress,
         scheduler_per_step=True,
     )

@@ -1,0 +1,144 @@
+"""Char-LSTM training speed: the project's trainer vs a plain loop, and time to 2.0 bits/char.
+
+    python benchmarks/lstm_throughput.py --prepared data/prepared/alice --out benchmarks/lstm_throughput.json
+
+1. Throughput (training characters per second, validation excluded) of the same model and
+   batches (the issue's anchor recipe: 2 x 256 LSTM, batch 32, window 100, Adam 2e-3, dropout 0.2)
+   through a plain TBPTT loop and through `ptpipe.trainer.fit`, alternated `--rounds` times in one
+   run so both see the same machine load; plus the default params' model through the trainer.
+2. Time to target: the default params.yaml run (as `train_lstm` does it), wall time from the start
+   of training until validation first reaches `--target` bits/char, and the best it reaches.
+Prints a table and writes JSON. The load average is recorded: the 2 cores may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ptpipe import data, params, trainer
+from ptpipe.lstm import batchify, build_model, windows
+from ptpipe.train_lstm import LstmTask, setup
+
+ANCHOR = dict(embedding_size=256, hidden_size=256, num_layers=2, dropout=0.2, tie_weights=False)
+
+
+def plain_epoch(train_ids: torch.Tensor, vocab_size: int, seed: int) -> float:
+    """The anchor recipe as a plain loop, one epoch: chars/s."""
+    torch.manual_seed(seed)
+    model = build_model(vocab_size, **ANCHOR)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    rows = batchify(train_ids, 32)
+    h, c = model.init_state(32)
+    n, t0 = 0, time.perf_counter()
+    for x, y in windows(rows, 100):
+        logits, h, c = model(x, h, c)
+        h, c = h.detach(), c.detach()
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += y.numel()
+    return n / (time.perf_counter() - t0)
+
+
+def trainer_epoch(train_ids, val_ids, vocab_size: int, model_args: dict, batch: int, seq_len: int, lr: float,
+                  seed: int, tmp: Path) -> float:
+    """One epoch of the same kind through trainer.fit (checkpoint + clip + guard included): chars/s."""
+    torch.manual_seed(seed)
+    model = build_model(vocab_size, **model_args)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    task = LstmTask(train_ids, val_ids[:2000], batch, seq_len, 8, seed, torch.device("cpu"), trainer.Distributed())
+    spec = trainer.Fit(epochs=1, model_path=tmp / "model.pt", checkpoint_path=tmp / "ckpt.pt",
+                       config={"bench": True}, clip_grad_norm=1.0, monitor="val/loss", progress=False)
+    result = trainer.fit(model, task, opt, None, spec, torch.device("cpu"))
+    return result.history[0]["train/char_per_s"]
+
+
+def time_to_target(params_file: str, prepared: str, target: float, tmp: Path) -> dict:
+    p = params.load(params_file)
+    device = torch.device("cpu")
+    model, task, opt, sched, config = setup(p, prepared, trainer.Distributed(), device)
+    curve, t0 = [], time.perf_counter()
+    validate = task.validate
+
+    def timed_validate(m):  # stamp each epoch's validation with the wall time since training began
+        metrics = validate(m)
+        curve.append({"seconds": time.perf_counter() - t0, "bits_per_char": metrics["val/bits_per_char"]})
+        print(f"  epoch {len(curve)}: {curve[-1]['seconds']:.0f} s, val {metrics['val/bits_per_char']:.3f} bits/char")
+        return metrics
+
+    task.validate = timed_validate
+    spec = trainer.Fit(epochs=p.lstm.epochs, model_path=tmp / "model.pt", checkpoint_path=tmp / "ckpt.pt",
+                       config=config, clip_grad_norm=p.lstm.clip, monitor="val/loss", patience=p.lstm.patience,
+                       progress=False)
+    t0 = time.perf_counter()
+    trainer.fit(model, task, opt, sched, spec, device)
+    reached = next((row for row in curve if row["bits_per_char"] <= target), None)
+    best = min(curve, key=lambda r: r["bits_per_char"])
+    return {"target_bits_per_char": target, "seconds_to_target": reached and reached["seconds"],
+            "best_bits_per_char": best["bits_per_char"], "best_at_seconds": best["seconds"],
+            "epochs_run": len(curve), "total_seconds": curve[-1]["seconds"], "curve": curve}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepared", default="data/prepared/alice", help="prepared Alice text (prepare's layout)")
+    ap.add_argument("--params", default="params.yaml", help="params file whose `lstm` section is the default run")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of plain loop / trainer (one epoch each)")
+    ap.add_argument("--target", type=float, default=2.0, help="validation bits/char to reach")
+    ap.add_argument("--skip-target", action="store_true", help="only the throughput part")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/lstm_throughput.json", help="JSON results")
+    args = ap.parse_args()
+
+    train_ids, val_ids, vocab = data.load_text(args.prepared)
+    p = params.load(args.params)
+    default_args = dict(embedding_size=p.lstm.embedding_size, hidden_size=p.lstm.hidden_size,
+                        num_layers=p.lstm.num_layers, dropout=p.lstm.dropout, tie_weights=p.lstm.tie_weights)
+    load_before = os.getloadavg()
+    rates = {"plain loop (anchor recipe)": [], "ptpipe trainer (anchor recipe)": [], "ptpipe trainer (default params)": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for r in range(args.rounds):
+            rates["plain loop (anchor recipe)"].append(plain_epoch(train_ids, len(vocab), args.seed))
+            rates["ptpipe trainer (anchor recipe)"].append(
+                trainer_epoch(train_ids, val_ids, len(vocab), ANCHOR, 32, 100, 2e-3, args.seed, tmp))
+            rates["ptpipe trainer (default params)"].append(
+                trainer_epoch(train_ids, val_ids, len(vocab), default_args, p.lstm.batch_size, p.lstm.seq_len,
+                              p.lstm.lr or p.lr, args.seed, tmp))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
+        target = None if args.skip_target else time_to_target(args.params, args.prepared, args.target, tmp)
+
+    plain = statistics.median(rates["plain loop (anchor recipe)"])
+    print(f"\n| path | median chars/s | ratio to plain loop | runs |\n|---|---|---|---|")
+    for name, values in rates.items():
+        m = statistics.median(values)
+        print(f"| {name} | {m:,.0f} | {m / plain:.2f} | {', '.join(f'{v:,.0f}' for v in values)} |")
+    if target:
+        print(f"\ndefault params: {target['seconds_to_target'] and round(target['seconds_to_target'])} s to "
+              f"{args.target} bits/char; best {target['best_bits_per_char']:.3f} at {target['best_at_seconds']:.0f} s; "
+              f"{target['epochs_run']} epochs in {target['total_seconds']:.0f} s")
+    result = {
+        "command": "python benchmarks/lstm_throughput.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "seed": args.seed, "chars_per_s": rates, "time_to_target": target,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
