@@ -204,6 +204,15 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+# Params overrides that make the training stages take seconds on the tiny fixtures (write_params).
+TINY_TRAINING = {
+    "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
+    "cnn.recipes.default.tta": 0,
+    "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
+    "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
+}
+
+
 def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
     """Put tiny CIFAR + Alice on the server and point repo's params.yaml at them."""
     cifar = cifar_archive(**archive_kwargs)

@@ -309,16 +309,11 @@ sys.exit(code)
 def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path):
     """The real dvc CLI: download -> prepare -> train -> export -> validate; metrics show the report;
     a second repro runs nothing; the exported CNN predicts."""
-    from fixtures import copy_project, serve_data, sh, write_params
+    from fixtures import TINY_TRAINING, copy_project, serve_data, sh, write_params
 
     repo = copy_project(tmp_path / "repo")
     serve_data(server, repo)
-    write_params(repo, **{
-        "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
-        "cnn.recipes.default.tta": 0,
-        "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
-        "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
-    })
+    write_params(repo, **TINY_TRAINING)
     first = sh("dvc", "repro", "validate", cwd=repo)
     for stage in ("train_cnn", "train_lstm", "export", "validate"):
         assert f"Running stage '{stage}'" in first.stdout

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import ROOT, FixtureServer, copy_project, serve_data, sh, tool_env
+from fixtures import ROOT, TINY_TRAINING, FixtureServer, copy_project, serve_data, sh, tool_env, write_params
 from ptpipe import incidents, pipeline
 from ptpipe.stage import StageError
 
@@ -155,6 +155,7 @@ def project(prefect_server, tmp_path_factory):
     repo.mkdir()
     copy_project(repo)
     serve_data(data_server, repo)
+    write_params(repo, **TINY_TRAINING)  # the training stages in seconds
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc_yaml["stages"]["summary"] = SUMMARY_STAGE
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
