@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -72,6 +72,48 @@ class Train(Section):
     nproc: int = Field(ge=1, le=64)
 
 
+class CnnRecipe(Section):
+    """One CIFAR-10 training recipe (`cnn.recipes.<name>`); units and reasons are in params.yaml."""
+
+    arch: Literal["lenet", "airbench"]
+    model_args: dict[str, Union[int, float, list[int]]]  # checked against the arch by ptpipe.cnn.build_model
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=2, le=65536)
+    train_split: Literal["train", "train+val"]
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
+    lr: Optional[Annotated[float, Field(gt=0, strict=False)]]  # null: the top-level lr
+    momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    nesterov: bool
+    weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    bias_lr_scale: Annotated[float, Field(gt=0, le=1000, strict=False)]
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    lookahead: bool
+    whiten_bias_epochs: int = Field(ge=0)
+    translate: int = Field(ge=0, le=8)
+    flip: Literal["none", "random", "alternate"]
+    tta: int = Field(ge=0, le=2)
+    compile: Literal["auto", "always", "never"]
+    seed: int
+
+
+class Cnn(Section):
+    recipe: str
+    recipes: dict[str, CnnRecipe]
+
+    @model_validator(mode="after")
+    def _recipe_exists(self) -> "Cnn":
+        if self.recipe not in self.recipes:
+            raise ValueError(f"recipe {self.recipe!r} is not one of cnn.recipes: {sorted(self.recipes)}")
+        return self
+
+    @property
+    def selected(self) -> CnnRecipe:
+        return self.recipes[self.recipe]
+
 class LstmSample(Section):
     """Text the `evaluate_lstm` stage generates from the trained model."""
 
@@ -115,6 +157,8 @@ class Params(Section):
     download: Download
     prepare: Prepare
     train: Train
+    cnn: Cnn
+
     lstm: Lstm
 
 

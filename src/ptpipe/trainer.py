@@ -16,6 +16,8 @@ import contextlib
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,39 @@ def setup_distributed(device_name: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def relaunch_under_torchrun(nproc: int, module: str, argv: list[str] | None = None) -> bool:
+    """Run `python -m module` as `nproc` processes on this machine, when `train.nproc` asks for it.
+
+    Returns False (and does nothing) for nproc == 1 or when already launched by torchrun, e.g. a
+    multi-node `torchrun --nnodes ... --rdzv-endpoint ...` started by hand. Otherwise it runs
+    torchrun in standalone mode and waits: torchrun ends every rank as soon as one fails, so a
+    crashing rank brings the job down with its error instead of leaving the others hanging.
+    """
+    if nproc == 1 or "WORLD_SIZE" in os.environ:
+        return False
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           f"--nproc-per-node={nproc}", "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise StageError(f"distributed training ({nproc} processes) failed with exit status {code}: "
+                         f"the failing rank's error is printed above")
+    return True
+
+
+def shard(indices: torch.Tensor, ddp: Distributed) -> torch.Tensor:
+    """This rank's part of an epoch's order (torch's DistributedSampler semantics, without padding:
+    the tail that does not divide evenly is dropped so every rank takes the same number of steps)."""
+    usable = len(indices) - len(indices) % ddp.world_size
+    return indices[ddp.rank:usable:ddp.world_size]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The order of epoch `epoch`: a function of (seed, epoch) alone, identical on every rank and
+    after a resume."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
 
 
 def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:

@@ -1,0 +1,264 @@
+"""Driving the DVC pipeline from code: what the Prefect flows call, and nothing Prefect-specific.
+
+- `stage_order` finds the pipeline's stages in `dvc.yaml` at run time, dependencies first,
+  so a stage added later is run without touching any flow.
+- `check_overrides` applies `dvc exp run -S` style overrides to a *copy* of params.yaml
+  (with DVC's own override parser) and validates the result with `ptpipe.params`, so a bad
+  override fails before DVC runs. `apply_overrides` then writes them into the workspace,
+  atomically, exactly as `dvc exp run -S` would leave it.
+- `run_dvc` runs one `dvc` command with its output handed line by line to a callback
+  (the Prefect logger), and raises `DvcFailed` naming the stage on a non-zero exit.
+- `metrics`, `params_changed`, `revision` and `report_markdown` describe the result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable
+
+import yaml
+
+from ptpipe import files, params
+from ptpipe.stage import StageError
+
+# `key=value` as typed after `dvc exp run -S`; `+key` / `~key` (add / delete a key) are refused:
+# the params schema forbids unknown keys and has no optional ones.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=.*$", re.S)
+
+
+class DvcFailed(StageError):
+    """A `dvc` command exited non-zero; `stage` names the stage it was running (or None)."""
+
+    def __init__(self, stage: str | None, command: list[str], returncode: int, tail: list[str]):
+        self.stage, self.command, self.returncode, self.tail = stage, command, returncode, tail
+        what = f"stage {stage!r}" if stage else " ".join(command)
+        last = "\n  ".join(tail) or "(no output)"
+        super().__init__(f"{what} failed (dvc exit status {returncode}); last output:\n  {last}")
+
+
+def repo_root(repo: str | os.PathLike = ".") -> Path:
+    root = Path(repo).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise StageError(f"{root} has no dvc.yaml: pass the repository root (flow parameter `repo`)")
+    return root
+
+
+def stage_order(repo: str | os.PathLike = ".") -> list[str]:
+    """Names of the pipeline stages (as `dvc repro` takes them), every stage after its dependencies.
+
+    Ties keep the order of dvc.yaml, so the run order is stable from run to run.
+    `foreach` stages appear expanded (`download@cifar10`).
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    root = repo_root(repo)
+    with Repo(str(root)) as dvc_repo:
+        graph = dvc_repo.index.graph  # edge: stage -> a stage it depends on
+        stages = [s for s in dvc_repo.index.stages if isinstance(s, PipelineStage)]
+        position = {s: i for i, s in enumerate(stages)}
+        pipeline = graph.subgraph(stages).reverse(copy=True)  # edge: dependency -> dependant
+        ordered = nx.lexicographical_topological_sort(pipeline, key=lambda s: position[s])
+        return [_target(root, s) for s in ordered]
+
+
+def _target(root: Path, stage) -> str:
+    """How `dvc repro` run in `root` names `stage`: `name`, or `sub/dvc.yaml:name` below root."""
+    dvcfile = Path(stage.path).resolve().relative_to(root)
+    return stage.name if dvcfile == Path("dvc.yaml") else f"{dvcfile.as_posix()}:{stage.name}"
+
+
+def _params_after(root: Path, overrides: list[str]) -> tuple[str, params.Params]:
+    """params.yaml text with `overrides` applied (to a copy), and its validated content."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    for item in overrides:
+        if not _OVERRIDE.match(item):
+            raise StageError(f"override {item!r}: expected key=value, as after `dvc exp run -S` (e.g. lr=0.01)")
+    source = root / params.PARAMS_FILE
+    with tempfile.TemporaryDirectory(prefix="ptpipe-params-") as tmp:
+        copy = Path(tmp) / params.PARAMS_FILE  # same name: DVC picks its YAML writer by suffix
+        shutil.copyfile(source, copy)
+        for item in overrides:  # one at a time, so the error names the override at fault
+            try:
+                dvc_apply(copy, [item])
+            except InvalidArgumentError as exc:
+                cause = exc.__cause__ or exc
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                raise StageError(f"override {item!r}: {first} (keys must already exist in params.yaml)") from None
+        text = copy.read_text(encoding="utf-8")
+    label = f"params.yaml with {' '.join(overrides)}" if overrides else "params.yaml"
+    return text, params.parse(yaml.safe_load(text), label)
+
+
+def check_overrides(repo: str | os.PathLike, overrides: list[str]) -> params.Params:
+    """Validate `overrides` against the params schema without touching the workspace."""
+    root = repo_root(repo)
+    params.load(root / params.PARAMS_FILE)  # the unmodified file must be valid too
+    return _params_after(root, overrides)[1]
+
+
+def apply_overrides(repo: str | os.PathLike, overrides: list[str]) -> None:
+    """Write `overrides` into the workspace params.yaml (validated first; one atomic rename)."""
+    if not overrides:
+        return
+    root = repo_root(repo)
+    text, _ = _params_after(root, overrides)
+    files.write_text(root / params.PARAMS_FILE, text)
+
+
+def run_dvc(
+    args: list[str],
+    repo: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    stage: str | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run `dvc <args>` in `repo`, handing each output line to `log` as it comes."""
+    command = [sys.executable, "-m", "dvc", *args]
+    run_env = {
+        **os.environ,
+        # Progress bars redrawn with \r would become one log line per redraw: ask tqdm
+        # (>= 4.66 reads TQDM_* defaults from the environment) for one every 30 s at most.
+        "TQDM_MININTERVAL": "30",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    tail: deque[str] = deque(maxlen=15)
+    with subprocess.Popen(
+        command,
+        cwd=repo_root(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        env=run_env,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # text mode turns \r into line breaks too
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                log(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        raise DvcFailed(stage, ["dvc", *args], returncode, list(tail))
+
+
+def repro_stage(repo: str | os.PathLike, stage: str, log: Callable[[str], None] = print) -> None:
+    """`dvc repro --single-item <stage>`: callers run stages in `stage_order`."""
+    run_dvc(["repro", "--single-item", stage], repo, log, stage=stage)
+
+
+def _dvc_json(args: list[str], repo: str | os.PathLike) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args, "--json"],
+        cwd=repo_root(repo),
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise StageError(f"dvc {' '.join(args)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    text = out.stdout.strip()
+    return json.loads(text) if text else {}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def metrics(repo: str | os.PathLike = ".") -> dict[str, dict[str, object]]:
+    """Workspace metrics from `dvc metrics show --json`: {metrics file: {dotted key: value}}."""
+    shown = _dvc_json(["metrics", "show"], repo)
+    # {"<rev>": {"data": {"<file>": {"data": {...}} | {"error": ...}}}}
+    workspace = shown.get("workspace", next(iter(shown.values()), {})) if shown else {}
+    result = {}
+    for path, entry in (workspace.get("data") or {}).items():
+        if "data" in entry:
+            result[path] = _flatten(entry["data"])
+    return result
+
+
+def params_changed(repo: str | os.PathLike = ".") -> dict[str, dict[str, object]]:
+    """`dvc params diff --json`: workspace vs the last commit, {file: {key: {old, new}}}."""
+    return _dvc_json(["params", "diff"], repo)
+
+
+def revision(repo: str | os.PathLike = ".") -> dict[str, object]:
+    """Where the result came from: git commit, uncommitted changes, dvc.lock digest, DVC version."""
+    import dvc
+
+    root = repo_root(repo)
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    lock = root / "dvc.lock"
+    return {
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dvc_lock_md5": hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else None,
+        "dvc_version": dvc.__version__,
+    }
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("|", "\\|")
+
+
+def report_markdown(
+    stages: Iterable[str],
+    overrides: list[str],
+    metrics_: dict[str, dict[str, object]],
+    changed: dict[str, dict[str, object]],
+    rev: dict[str, object],
+    experiment: str | None = None,
+) -> str:
+    """The retrain artifact: revision, params changed, metrics (one table each)."""
+    lines = ["# Retrain", ""]
+    lines += ["| revision | |", "|---|---|"]
+    for key, value in rev.items():
+        lines.append(f"| {key} | {_cell(value)} |")
+    if experiment:
+        lines.append(f"| experiment | {_cell(experiment)} |")
+    lines.append(f"| stages | {_cell(', '.join(stages))} |")
+    lines += ["", "## Params changed", ""]
+    if overrides:
+        lines.append("Overrides: " + ", ".join(f"`{o}`" for o in overrides))
+        lines.append("")
+    rows = [(f, k, d) for f, keys in changed.items() for k, d in keys.items()]
+    if rows:
+        lines += ["| file | param | old | new |", "|---|---|---|---|"]
+        lines += [f"| {f} | {k} | {_cell(d.get('old'))} | {_cell(d.get('new'))} |" for f, k, d in rows]
+    else:
+        lines.append("none (params.yaml as committed)")
+    lines += ["", "## Metrics", ""]
+    rows = [(f, k, v) for f, keys in metrics_.items() for k, v in keys.items()]
+    if rows:
+        lines += ["| file | metric | value |", "|---|---|---|"]
+        lines += [f"| {f} | {k} | {_cell(v)} |" for f, k, v in rows]
+    else:
+        lines.append("no metrics declared in dvc.yaml yet")
+    return "\n".join(lines) + "\n"

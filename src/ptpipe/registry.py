@@ -1,0 +1,151 @@
+"""Versioned models: release a trained model to the DVC remote under a GTO version tag, load one back.
+
+A release is two things that must agree: the model files pushed to the DVC remote, and a git
+tag `<artifact>@v<semver>` (GTO's format) on the commit whose `dvc.lock` records their hashes.
+Anyone with the git repo and the remote can then fetch exactly those bytes:
+
+    ptpipe release cifar10-cnn v1.0.0           # refuses a dirty workspace or a stale dvc.lock
+    ptpipe promote cifar10-cnn v1.0.0 prod      # tag cifar10-cnn#prod#1
+    dvc artifacts get <repo-url> cifar10-cnn --rev v1.0.0
+    load_model("cifar10-cnn", "v1.0.0")         # an onnxruntime session, cached locally
+
+Artifacts are declared in dvc.yaml (`artifacts:`); each path is a folder holding the model's
+ONNX file (`model.onnx`, what `load_model` serves) and TorchScript file (`model.ts`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from ptpipe import files
+from ptpipe.stage import StageError
+
+ONNX_FILE = "model.onnx"
+SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
+CACHE_DIR = Path(os.environ.get("PTPIPE_CACHE", Path.home() / ".cache" / "ptpipe" / "models"))
+
+
+def artifacts(repo: str | Path = ".") -> dict:
+    return yaml.safe_load((Path(repo) / "dvc.yaml").read_text()).get("artifacts", {})
+
+
+def _artifact(repo: Path, name: str) -> dict:
+    known = artifacts(repo)
+    if name not in known:
+        raise StageError(f"no artifact {name!r} in dvc.yaml; known: {', '.join(sorted(known)) or 'none'}")
+    return known[name]
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def check_releasable(repo: Path) -> None:
+    """A release must be reproducible: everything committed, and dvc.lock describing the workspace."""
+    from dvc.repo import Repo
+
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").strip()
+    if dirty:
+        raise StageError(f"the workspace has uncommitted changes; commit them first:\n{dirty}")
+    with Repo(str(repo)) as dvc_repo:
+        stale = dvc_repo.status()
+    if stale:
+        raise StageError(f"dvc.lock is stale for {', '.join(sorted(stale))}: run `dvc repro`, commit dvc.lock, "
+                         f"then release")
+
+
+def _outs_under(repo: Path, path: str) -> list[str]:
+    """The DVC outputs that make up an artifact folder (each pushed by its own path)."""
+    from dvc.repo import Repo
+
+    root = (repo / path).resolve()
+    with Repo(str(repo)) as dvc_repo:
+        outs = [Path(out.fs_path) for out in dvc_repo.index.outs]
+    found = [str(o.relative_to(repo.resolve())) for o in outs if o == root or root in o.parents]
+    if not found:
+        raise StageError(f"no DVC output under {path}: does a stage write it?")
+    return sorted(found)
+
+
+def release(name: str, version: str, repo: str | Path = ".", message: str | None = None) -> str:
+    """Push the artifact's files to the DVC remote, then tag the commit `name@version`."""
+    repo = Path(repo)
+    if not SEMVER.match(version):
+        raise StageError(f"version {version!r} is not of the form vMAJOR.MINOR.PATCH (e.g. v1.0.0)")
+    artifact = _artifact(repo, name)
+    tag = f"{name}@{version}"
+    if _git(repo, "tag", "--list", tag).strip():
+        raise StageError(f"{tag} already exists: versions are immutable, release a new one")
+    check_releasable(repo)
+
+    from dvc.repo import Repo
+
+    targets = _outs_under(repo, artifact["path"])
+    with Repo(str(repo)) as dvc_repo:
+        pushed = dvc_repo.push(targets=targets)
+    import gto.api
+
+    gto.api.register(str(repo), name, ref="HEAD", version=version,
+                     message=message or f"Release {name} {version}")
+    print(f"released {tag}: pushed {pushed} file(s) of {', '.join(targets)} to the DVC remote")
+    return tag
+
+
+def promote(name: str, version: str, stage: str, repo: str | Path = ".") -> None:
+    """Assign a registry stage (e.g. prod) to a released version: tag `name#stage#N`."""
+    import gto.api
+
+    _artifact(Path(repo), name)
+    gto.api.assign(str(repo), name, stage, version=version)
+
+
+def versions(name: str, repo: str | Path = ".") -> list[dict]:
+    import gto.api
+
+    return gto.api.show(str(repo), name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_model(name: str, version: str | None = None, stage: str | None = None, repo: str | None = None,
+                cache_dir: Path = CACHE_DIR) -> Path:
+    """Download (once) the ONNX file of `name` at `version` or registry `stage`; return its local path."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    where = repo or "this repository"
+    try:
+        info = dvc.api.artifacts_show(name, version=version, stage=stage, repo=repo)
+    except DvcException as exc:
+        label = version or (f"stage {stage}" if stage else "latest")
+        raise StageError(f"no {label} of {name} in {where} ({exc})") from None
+    path = Path(info["path"]) / ONNX_FILE if not info["path"].endswith(".onnx") else Path(info["path"])
+    # Cached by commit: the same tag always names the same commit, hence the same bytes.
+    local = Path(cache_dir) / name / info["rev"] / path.name
+    if not local.exists():
+        try:
+            with dvc.api.open(str(path), repo=repo, rev=info["rev"], mode="rb") as src:
+                files.write_bytes(local, src.read())
+        except (DvcException, FileNotFoundError) as exc:
+            raise StageError(f"cannot fetch {path} of {name} {version or stage or ''} from {where}'s DVC remote: "
+                             f"{type(exc).__name__}: {exc}. Was it released (pushed) with `ptpipe release`?") from None
+    return local
+
+
+def load_model(name: str, version: str | None = None, stage: str | None = None, repo: str | None = None,
+               cache_dir: Path = CACHE_DIR):
+    """An inference-ready onnxruntime session for `name` at `version` (or `stage`, or the latest)."""
+    from ptpipe import inference
+
+    return inference.session(fetch_model(name, version, stage, repo, cache_dir))

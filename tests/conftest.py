@@ -1,0 +1,20 @@
+import pytest
+
+from fixtures import FixtureServer
+
+
+@pytest.fixture
+def server():
+    srv = FixtureServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder holding a copy of the project's params.yaml (stages read ./params.yaml)."""
+    from fixtures import ROOT
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,217 @@
+"""Tiny data in the official formats, and a loopback HTTP server that can misbehave on purpose.
+
+The tests never touch the internet or ../shared: they build a few hundred CIFAR-10-format
+images (class-dependent colour patches, so a model can learn them) and a few KB of text,
+and serve them from 127.0.0.1 so the real download code runs against a real socket.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import shutil
+import socketserver
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar_images(n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """n images N x 3072 uint8: noise plus a patch whose colour and place depend on the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n)
+    x = rng.integers(0, 80, size=(n, 3, 32, 32), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 5)
+        colour = np.array([(c * 73) % 256, (c * 151) % 256, (c * 29 + 100) % 256], dtype=np.uint8)
+        x[i, :, 4 + r * 14:14 + r * 14, 2 + col * 6:8 + col * 6] = colour[:, None, None]
+    return x.reshape(n, 3072), labels.tolist()
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def cifar_archive(per_batch: int = 60, n_test: int = 100, seed: int = 0, extra=None) -> bytes:
+    """A cifar-10-python.tar.gz with the official member names and pickled dicts (bytes keys)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for b in range(1, 6):
+            data, labels = cifar_images(per_batch, seed + b)
+            batch = {b"batch_label": b"training batch", b"labels": labels, b"data": data,
+                     b"filenames": [b"img%d.png" % i for i in range(per_batch)]}
+            _tar_add(tar, f"cifar-10-batches-py/data_batch_{b}", pickle.dumps(batch, protocol=2))
+        data, labels = cifar_images(n_test, seed + 100)
+        _tar_add(tar, "cifar-10-batches-py/test_batch",
+                 pickle.dumps({b"labels": labels, b"data": data, b"batch_label": b"testing batch"}, protocol=2))
+        meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": per_batch}
+        _tar_add(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+        for name, payload in (extra or {}).items():
+            _tar_add(tar, name, payload)
+    return buf.getvalue()
+
+
+ALICE_BODY = (
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of having\r\n"
+    "nothing to do: once or twice she had peeped into the book her sister was reading, but it had\r\n"
+    "no pictures or conversations in it, 'and what is the use of a book,' thought Alice\r\n"
+    "'without pictures or conversations?'\r\n"
+) * 30
+
+
+def alice_text(markers: bool = True) -> bytes:
+    body = ALICE_BODY
+    if markers:
+        body = ("The Project Gutenberg eBook of Alice's Adventures in Wonderland\r\n\r\n"
+                "*** START OF THE PROJECT GUTENBERG EBOOK ALICE'S ADVENTURES IN WONDERLAND ***\r\n"
+                + body + "*** END OF THE PROJECT GUTENBERG EBOOK ALICE'S ADVENTURES IN WONDERLAND ***\r\n"
+                "Licence text that is not part of the book.\r\n")
+    return body.encode("utf-8")
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+class FixtureServer:
+    """Serves `files` (path -> bytes) on 127.0.0.1 with Range support and scripted faults.
+
+    `fail(path, n, status)` answers the next n requests for path with that status;
+    `drop(path, n, after)` sends only `after` bytes of the next n bodies, then closes the socket.
+    `requests` records (path, Range header) of every request.
+    """
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, list] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                fault = server.faults.get(self.path, [])
+                action = fault.pop(0) if fault else None
+                if isinstance(action, int):
+                    self.send_error(action)
+                    return
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                part = body[start:]
+                self.send_header("Content-Length", str(len(part)))
+                self.end_headers()
+                if isinstance(action, tuple):  # ("drop", after): cut the body short
+                    self.wfile.write(part[:action[1]])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(part)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes) -> str:
+        self.files[path] = body
+        return self.url + path
+
+    def fail(self, path: str, n: int, status: int = 503) -> None:
+        self.faults.setdefault(path, []).extend([status] * n)
+
+    def drop(self, path: str, n: int, after: int) -> None:
+        self.faults.setdefault(path, []).extend([("drop", after)] * n)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_params(repo: Path, **overrides) -> None:
+    """Set dotted keys in repo/params.yaml, e.g. write_params(repo, **{"download.cifar10.md5": "..."})."""
+    path = repo / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def tool_env() -> dict:
+    """The environment for dvc/python subprocesses: this interpreter's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("GIT_AUTHOR_NAME", "test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
+    env.setdefault("GIT_COMMITTER_NAME", "test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def sh(*cmd, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def copy_project(dest: Path) -> Path:
+    """A fresh git repo holding the project's files (tracked + untracked-not-ignored), DVC initialised."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    sh("git", "init", "-q", "-b", "main", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "project", cwd=dest)
+    return dest
+
+
+def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
+    """Put tiny CIFAR + Alice on the server and point repo's params.yaml at them."""
+    cifar = cifar_archive(**archive_kwargs)
+    text = alice_text()
+    write_params(repo, **{
+        "download.cifar10.url": server.add("/cifar-10-python.tar.gz", cifar),
+        "download.cifar10.md5": md5(cifar),
+        "download.alice.url": server.add("/pg11.txt", text),
+        "download.alice.md5": md5(text),
+        "prepare.cifar10.val_size": 50,
+    })

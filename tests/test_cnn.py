@@ -1,0 +1,157 @@
+"""The CIFAR-10 classifier: train_cnn + evaluate_cnn on tiny learnable data (CPU, seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures import CLASSES, cifar_images, tool_env, write_params
+from ptpipe import evaluate_cnn, train_cnn
+from ptpipe.stage import StageError
+
+PREPARED = Path("data/prepared/cifar10")
+
+
+def write_prepared(root: Path, n_train: int = 600, n_val: int = 200, n_test: int = 200) -> Path:
+    """The prepare stage's CIFAR layout, written directly: class-dependent colour patches on noise."""
+    out = root / PREPARED
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
+        x, y = cifar_images(n, seed)
+        np.save(out / f"{split}_images.npy", x.reshape(n, 3, 32, 32))
+        np.save(out / f"{split}_labels.npy", np.asarray(y, dtype=np.uint8))
+    x = np.load(out / "train_images.npy") / 255
+    (out / "card.json").write_text(json.dumps({
+        "classes": CLASSES, "mean": x.mean(axis=(0, 2, 3)).tolist(), "std": x.std(axis=(0, 2, 3)).tolist()}))
+    return out
+
+
+def small(root: Path, recipe: str = "default", **overrides) -> None:
+    """Select `recipe` and shrink it to a seconds-long CPU run; overrides are recipe keys."""
+    shrink = {"default": {"model_args": {"widths": [8, 16, 16], "scale": 0.5}, "epochs": 3, "batch_size": 64,
+                          "tta": 1}}.get(recipe, {})
+    values = {**shrink, **overrides}
+    write_params(root, **{"cnn.recipe": recipe}, **{f"cnn.recipes.{recipe}.{k}": v for k, v in values.items()})
+
+
+@pytest.fixture
+def cnn_dir(in_tmp):
+    write_prepared(in_tmp)
+    return in_tmp
+
+
+def outputs(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for d in ("models", "dvclive", "metrics", "plots")
+                  for p in (root / d).rglob("*") if p.is_file())
+
+
+def test_learns_class_patches_far_above_chance(cnn_dir):
+    small(cnn_dir, lr=0.01)
+    result = train_cnn.main(progress=False)
+    assert result.history[-1]["val/acc"] > 0.6  # chance is 0.1
+    metrics = evaluate_cnn.main()
+    assert metrics["test"]["acc"] > 0.6
+    assert set(metrics["per_class_acc"]) == set(CLASSES)
+    rows = json.loads((cnn_dir / "plots/cnn/confusion.json").read_text())
+    assert len(rows) == 200 and set(rows[0]) == {"actual", "predicted"}
+    assert (cnn_dir / "plots/cnn/predictions.png").read_bytes()[:4] == b"\x89PNG"
+    live = json.loads((cnn_dir / "dvclive/cnn/metrics.json").read_text())
+    assert {"train", "val"} <= set(live)
+
+
+def test_tutorial_recipe_is_lenet_and_learns(cnn_dir):
+    small(cnn_dir, "tutorial", lr=0.01, epochs=3)
+    result = train_cnn.main(progress=False)
+    saved = torch.load("models/cnn/model.pt", weights_only=True)
+    assert saved["config"]["arch"] == "lenet"
+    assert [tuple(v.shape) for k, v in saved["state_dict"].items() if k.endswith("weight")] == [
+        (6, 3, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
+    assert result.history[-1]["val/acc"] > 0.3
+
+
+def test_same_seed_same_metrics(cnn_dir, tmp_path):
+    small(cnn_dir)
+    first = train_cnn.main(progress=False).history
+    second = train_cnn.main(progress=False, model_path=tmp_path / "again.pt", live_dir=None).history
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in h]  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_every_file_loads_with_weights_only(cnn_dir):
+    small(cnn_dir, epochs=1)
+    train_cnn.main(progress=False)
+    saved = torch.load("models/cnn/model.pt", weights_only=True)
+    from ptpipe.cnn import build_model
+
+    model = build_model(saved["config"]["arch"], **saved["config"]["model_args"])
+    model.load_state_dict(saved["state_dict"])  # rebuilt without params.yaml
+    for path in Path("models").rglob("*.pt"):
+        torch.load(path, weights_only=True)
+
+
+def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
+    small(cnn_dir, "tutorial", lr=1e8)
+    with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+"):
+        train_cnn.main(progress=False)
+    assert not Path("models/cnn/model.pt").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cnn.recipes.default.epochs", "ten", "cnn.recipes.default.epochs"),
+    ("cnn.recipes.default.lr", -0.1, "cnn.recipes.default.lr"),
+    ("cnn.recipes.default.optimiser", "sgd", "cnn.recipes.default.optimiser: unknown key"),
+    ("cnn.recipe", "fastest", "recipe 'fastest' is not one of cnn.recipes"),
+    ("cnn.recipes.default.model_args", {"depth": 3}, "model_args: airbench takes no argument 'depth'"),
+])
+def test_bad_cnn_params_name_the_key_and_write_nothing(cnn_dir, key, value, message):
+    write_params(cnn_dir, **{key: value})
+    with pytest.raises(StageError, match=message.replace("(", r"\(")):
+        train_cnn.main(progress=False)
+    assert outputs(cnn_dir) == []
+
+
+def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
+    # the GPU recipe as written (widths, SGD-nesterov, Lookahead, label smoothing, alternating flip,
+    # whitening, TTA), on 600 images: batch 1024 > 600, so one step per epoch
+    small(cnn_dir, "airbench94", epochs=6)
+    result = train_cnn.main(progress=False)
+    losses = [row["train/loss"] for row in result.history]
+    assert losses[-1] < losses[0] - 0.2
+    metrics = evaluate_cnn.main()
+    assert metrics["test"]["tta"] == 2 and metrics["test"]["acc"] > 0.2
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
+    small(cnn_dir, epochs=4)
+    write_prepared(cnn_dir, n_train=2000)  # epochs long enough to be killed inside one
+    reference = train_cnn.main(progress=False, model_path=tmp_path / "ref/model.pt", live_dir=None,
+                               metrics_path=None).history
+
+    cmd = [sys.executable, "-m", "ptpipe.train_cnn"]
+    proc = subprocess.Popen(cmd, cwd=cnn_dir, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoint = cnn_dir / "models/cnn/checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cnn_dir / "models/cnn/model.pt").exists()
+    torch.load(checkpoint, weights_only=True)
+
+    rerun = subprocess.run(cmd, cwd=cnn_dir, env=tool_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    resumed = torch.load(cnn_dir / "models/cnn/model.pt", weights_only=True)
+    ref = torch.load(tmp_path / "ref/model.pt", weights_only=True)
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    final = json.loads((cnn_dir / "metrics/cnn_train.json").read_text())
+    assert final["val_acc"] == reference[-1]["val/acc"] and final["val_loss"] == reference[-1]["val/loss"]
+    assert not checkpoint.exists()

@@ -1,0 +1,470 @@
+"""The Prefect flows against a real `prefect server start` on loopback, a real worker and the real dvc CLI.
+
+One server for the session (temporary PREFECT_HOME, SQLite), one copy of the project as a git
+repo whose params point at the loopback fixture data, deployed from the project's prefect.yaml,
+and one process worker. The copy gets one extra test stage, `summary`, appended to dvc.yaml
+(the flows are not told about it: they find it), which writes a metric and can be held at a
+gate so that a second run provably waits for the first. Waits are bounded polls.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures import ROOT, FixtureServer, copy_project, serve_data, sh, tool_env
+from ptpipe import incidents, pipeline
+from ptpipe.stage import StageError
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def load_flow_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"test_flows_{name}", ROOT / "flows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(predicate, what: str, timeout: float = 180.0, every: float = 0.5):
+    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- the summary stage the tests append to the project's dvc.yaml ---------------------------------
+
+SUMMARY_PY = '''\
+"""Test-only stage: metrics from the prepared data; holds while $GATE_DIR/hold exists."""
+import json, os, pathlib, time
+gate = pathlib.Path(os.environ["GATE_DIR"])
+with open(gate / "stage.log", "a") as log:
+    log.write(f"enter {os.getpid()}\\n")
+deadline = time.monotonic() + 300
+while (gate / "hold").exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+card = json.loads(pathlib.Path("data/prepared/cifar10/card.json").read_text())
+stats = json.loads(pathlib.Path("data/prepared/alice/stats.json").read_text())
+json.dump({"val_images": sum(card["counts"]["val"]), "text": {"vocab_size": stats["vocab_size"]}},
+          open("summary.json", "w"))
+with open(gate / "stage.log", "a") as log:
+    log.write(f"exit {os.getpid()}\\n")
+'''
+
+SUMMARY_STAGE = {
+    "cmd": "python summary.py",
+    "deps": ["summary.py", "data/prepared/cifar10", "data/prepared/alice"],
+    "metrics": [{"summary.json": {"cache": False}}],
+    "always_changed": True,
+}
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on a free loopback port; yields (api_url, env for clients/workers)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = tool_env()
+    env.pop("PREFECT_PROFILE", None)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
+    )
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+    def healthy():
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited ({proc.returncode}):\n{(home / 'server.log').read_text()}")
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, "the Prefect server's /api/health", timeout=120)
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+            yield url, env
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def client(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def project(prefect_server, tmp_path_factory):
+    """The project copied into a git repo with data on a loopback server and the summary stage added."""
+    data_server = FixtureServer()
+    repo = tmp_path_factory.mktemp("flows") / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    serve_data(data_server, repo)
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["summary"] = SUMMARY_STAGE
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    (repo / "summary.py").write_text(SUMMARY_PY)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "loopback data, summary stage", cwd=repo)
+    gate = repo.parent / "gate"
+    gate.mkdir()
+    yield repo, data_server, gate
+    data_server.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(project, prefect_server):
+    """`prefect work-pool create` + `prefect deploy --all` from the repo, as the README says."""
+    repo, _, _ = project
+    _, env = prefect_server
+    for cmd in (
+        [PREFECT, "work-pool", "create", "ptpipe-local", "--type", "process"],
+        [PREFECT, "--no-prompt", "deploy", "--all"],
+    ):
+        out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout}\n{out.stderr}"
+    return repo
+
+
+@pytest.fixture(scope="module")
+def worker(deployed, project, prefect_server):
+    repo, _, gate = project
+    _, env = prefect_server
+    log = open(gate / "worker.log", "wb")
+    proc = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "ptpipe-local"],
+        cwd=repo, env={**env, "GATE_DIR": str(gate)}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield proc
+    stop(proc)
+    log.close()
+
+
+def start_run(client, name: str, parameters: dict | None = None):
+    deployment = client.read_deployment_by_name(name)
+    return client.create_flow_run_from_deployment(deployment.id, parameters=parameters or {})
+
+
+def final_state(client, run_id, timeout: float = 300.0):
+    def done():
+        state = client.read_flow_run(run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return wait_for(done, f"flow run {run_id} to finish", timeout=timeout)
+
+
+def run_logs(client, run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+
+
+def artifacts(client, run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return {a.key: a for a in found}
+
+
+# --- plain functions (no server) --------------------------------------------------------------------
+
+def test_stage_order_puts_dependencies_first_and_finds_new_stages(tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    order = pipeline.stage_order(repo)
+    assert order == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
+    # a stage added later (declared first, depending on the last) is found and ordered after its deps
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"] = {"summary": SUMMARY_STAGE, **dvc_yaml["stages"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    order = pipeline.stage_order(repo)
+    assert order[-1] == "summary" and len(order) == 5
+
+
+def test_bad_overrides_are_refused_naming_the_key(tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    before = (repo / "params.yaml").read_text()
+    with pytest.raises(StageError, match=r"lr: Input should be greater than 0"):
+        pipeline.check_overrides(repo, ["lr=-1"])
+    with pytest.raises(StageError, match=r"override 'prepare.cifar10.val_sise=3'.*keys must already exist"):
+        pipeline.check_overrides(repo, ["prepare.cifar10.val_sise=3"])
+    with pytest.raises(StageError, match=r"expected key=value"):
+        pipeline.check_overrides(repo, ["lr"])
+    with pytest.raises(StageError, match=r"download.retries: Input should be a valid integer"):
+        pipeline.apply_overrides(repo, ["download.retries=many"])
+    assert (repo / "params.yaml").read_text() == before  # nothing written
+    assert pipeline.check_overrides(repo, ["lr=0.01"]).lr == 0.01
+    assert (repo / "params.yaml").read_text() == before  # checked on a copy
+    pipeline.apply_overrides(repo, ["lr=0.01"])
+    text = (repo / "params.yaml").read_text()
+    assert "lr: 0.01\n" in text and "# Learning rate of both trainers" in text  # comments kept, as dvc -S
+    assert list(repo.glob(".params.yaml*")) == []  # no temporary left beside it
+
+
+def test_incident_record_is_written_atomically(tmp_path):
+    path = incidents.write_incident(tmp_path, flow="retrain", stage="download@alice", error="boom",
+                                    flow_run_name="brave-fox")
+    assert path.parent == tmp_path / "incidents" and path.name.endswith("-retrain-brave-fox.json")
+    record = json.loads(path.read_text())
+    assert record["flow"] == "retrain" and record["stage"] == "download@alice" and record["error"] == "boom"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_validation_report_is_tabulated_per_model_and_shape():
+    """Formatting of the report assumed from ptpipe.validate (issue 5); see validate_onnx's docstring."""
+    flows = load_flow_module("validate_onnx")
+    report = {"checks": [
+        {"model": "cnn", "backend": "onnxruntime", "shape": "batch=7", "max_abs_diff": 2e-7, "top1_agreement": 1.0, "ok": True},
+        {"model": "cnn", "backend": "torchscript", "shape": "batch=7", "max_abs_diff": 0.0, "top1_agreement": 1.0, "ok": True},
+        {"model": "lstm", "backend": "onnxruntime", "shape": "batch=5 seq=37", "max_abs_diff": 0.25, "top1_agreement": 0.9, "ok": False},
+    ]}
+    tables = flows.tables(report)
+    assert set(tables) == {("cnn", "batch=7"), ("lstm", "batch=5 seq=37")}
+    assert [r["backend"] for r in tables[("cnn", "batch=7")]] == ["onnxruntime", "torchscript"]
+    assert flows.artifact_key("lstm", "batch=5 seq=37") == "onnx-lstm-batch-5-seq-37"
+    assert flows.failures(report) == ["lstm onnxruntime batch=5 seq=37: max |diff| 0.25, top-1 agreement 0.9"]
+
+
+def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
+    """validate-onnx's `rev`: the models/ of a tagged commit, while the workspace holds newer ones."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("git", "commit", "-qm", "dvc init", cwd=repo)
+    sh("git", "tag", "empty", cwd=repo)
+    (repo / "make.py").write_text(
+        "import pathlib\np = pathlib.Path('models/cnn'); p.mkdir(parents=True, exist_ok=True)\n"
+        "(p / 'model.onnx').write_text(open('version').read())\n"
+    )
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"export": {
+        "cmd": "python make.py", "deps": ["make.py", "version"], "outs": ["models/cnn"]}}}))
+    for version in ("one", "two"):
+        (repo / "version").write_text(version)
+        sh("dvc", "repro", "-q", cwd=repo)
+        sh("git", "add", "-A", cwd=repo)
+        sh("git", "commit", "-qm", version, cwd=repo)
+        if version == "one":
+            sh("git", "tag", "cifar10-cnn@v1.0.0", cwd=repo)
+    flows = load_flow_module("validate_onnx")
+    got = flows.fetch_models(str(repo), "cifar10-cnn@v1.0.0", tmp_path / "out")
+    assert (got / "cnn" / "model.onnx").read_text() == "one"
+    assert (repo / "models" / "cnn" / "model.onnx").read_text() == "two"  # workspace untouched
+    with pytest.raises(StageError, match="'empty' has no models/"):
+        flows.fetch_models(str(repo), "empty", tmp_path / "none")
+
+
+def test_serve_builds_both_deployments_with_the_prefect_yaml_schedules():
+    serve = load_flow_module("serve")
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    built = serve.deployments()
+    assert [d.name for d in built] == [s["name"] for s in spec]
+    for d, s in zip(built, spec):
+        assert [sch.schedule.cron for sch in d.schedules] == [c["cron"] for c in s["schedules"]]
+
+
+# --- against the server -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bad_override_fails_the_flow_before_dvc_runs_and_records_an_incident(project):
+    repo, _, gate = project
+    retrain = load_flow_module("retrain")
+    state = retrain.retrain(
+        request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=-5"]), repo=str(repo), return_state=True
+    )
+    assert state.is_failed()
+    assert not (repo / "dvc.lock").exists() and not (gate / "stage.log").exists()  # DVC never ran
+    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]
+    assert record["flow"] == "retrain" and "prepare.cifar10.val_size" in record["error"]
+    for p in (repo / "incidents").glob("*.json"):
+        p.unlink()
+
+
+@pytest.mark.slow
+def test_deployments_register_with_the_prefect_yaml_schedules(deployed, client):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+
+    spec = {f"{s['entrypoint'].split(':')[1].replace('_', '-')}/{s['name']}": s
+            for s in yaml.safe_load((deployed / "prefect.yaml").read_text())["deployments"]}
+    assert set(spec) == {"retrain/nightly", "validate-onnx/daily"}
+    for name, s in spec.items():
+        deployment = client.read_deployment_by_name(name)
+        assert deployment.work_pool_name == "ptpipe-local"
+        assert [sch.schedule.cron for sch in deployment.schedules] == [c["cron"] for c in s["schedules"]]
+        assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(deployed)
+
+        def scheduled():
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))),
+            )
+
+        runs = wait_for(scheduled, f"the scheduler to create runs of {name}", timeout=120)
+        assert all(r.expected_start_time > r.created for r in runs)
+        # The tests trigger runs by hand: switch the cron schedules off and drop their runs,
+        # so a test session at 02:00 or 06:00 UTC cannot start one of them on the worker.
+        for sch in deployment.schedules:
+            client.update_deployment_schedule(deployment.id, sch.id, active=False)
+        for run in scheduled():
+            client.delete_flow_run(run.id)
+
+
+@pytest.mark.slow
+def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(project, worker, client):
+    repo, data_server, gate = project
+    # The download stage's own retries off, and the next fetch of the text answered 503:
+    # only the flow's task retry can make this run succeed.
+    data_server.fail("/pg11.txt", 1, status=503)
+    run = start_run(client, "retrain/nightly", {"request": {
+        "set_params": ["download.retries=0", "prepare.cifar10.val_size=40"],
+        "experiment": "val-40", "retry_delay_s": 1,
+    }})
+    state = final_state(client, run.id)
+    logs = "\n".join(run_logs(client, run.id))
+    assert state.is_completed(), f"{state}\n{logs}"
+    assert "Running stage 'download@alice'" in logs  # dvc output streamed into the run log
+    assert [p for p, _ in data_server.requests].count("/pg11.txt") == 2  # failed once, retried once
+
+    report = artifacts(client, run.id)["retrain-report"].data
+    assert "| summary.json | val_images | 40 |" in report  # the metric, from the overridden param
+    assert "| summary.json | text.vocab_size |" in report
+    assert "| params.yaml | prepare.cifar10.val_size | 50 | 40 |" in report
+    commit = sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert f"| git_commit | {commit} |" in report
+    assert "val-40" in sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout
+    assert not list((repo / "incidents").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_second_retrain_waits_for_the_first_then_completes(project, worker, client):
+    repo, _, gate = project
+    (gate / "stage.log").unlink(missing_ok=True)
+    (gate / "hold").touch()
+    first = start_run(client, "retrain/nightly")
+    wait_for(lambda: (gate / "stage.log").exists(), "the first run to reach the summary stage")
+    second = start_run(client, "retrain/nightly")
+    wait_for(lambda: any("waiting for the 'dvc-repo' concurrency slot" in m for m in run_logs(client, second.id)),
+             "the second run to ask for the concurrency slot")
+    limit = client.read_global_concurrency_limit_by_name("dvc-repo")
+    assert limit.limit == 1 and limit.active_slots == 1
+    (gate / "hold").unlink()
+    for run in (first, second):
+        state = final_state(client, run.id)
+        assert state.is_completed(), f"{state}\n" + "\n".join(run_logs(client, run.id))
+    events = [line.split()[0] for line in (gate / "stage.log").read_text().splitlines()]
+    assert events == ["enter", "exit", "enter", "exit"]  # one after the other, never overlapping
+    second_logs = run_logs(client, second.id)
+    assert second_logs.index(next(m for m in second_logs if "holding the 'dvc-repo'" in m)) > \
+        second_logs.index(next(m for m in second_logs if "waiting for the 'dvc-repo'" in m))
+    assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
+
+
+@pytest.mark.slow
+def test_failed_stage_ends_the_run_failed_with_an_incident_naming_the_stage(project, worker, client):
+    repo, data_server, _ = project
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    run = start_run(client, "retrain/nightly", {"request": {
+        "set_params": ["download.retries=0", "download.cifar10.url=" + data_server.url + "/gone.tar.gz"],
+        "download_retries": 1, "retry_delay_s": 0,
+    }})
+    state = final_state(client, run.id)
+    assert state.is_failed()
+    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]
+    assert record["flow"] == "retrain" and record["stage"] == "download@cifar10"
+    assert "404" in record["error"] and record["flow_run_id"] == str(run.id)
+
+
+@pytest.mark.slow
+def test_serve_registers_both_deployments_and_runs_a_retrain(project, worker, client, prefect_server):
+    """`python flows/serve.py`: the same deployments, re-registered and executed by that one process."""
+    repo, _, gate = project
+    _, env = prefect_server
+    stop(worker)  # only the serve process may pick the run up
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    sh("dvc", "exp", "apply", "val-40", cwd=repo)  # back to the last good data (the previous test broke the URL)
+    names = ("retrain/nightly", "validate-onnx/daily")
+    # serve or a worker, not both under the same names: a served deployment re-registered over
+    # a prefect.yaml one keeps its storage fields and its runs crash (docs/prefect.md says so).
+    for n in names:
+        client.delete_deployment(client.read_deployment_by_name(n).id)
+    log = open(gate / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "flows/serve.py"], cwd=repo, env={**env, "GATE_DIR": str(gate)},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def served():
+            from prefect.exceptions import ObjectNotFound
+
+            try:
+                return [client.read_deployment_by_name(n) for n in names]
+            except ObjectNotFound:
+                return None
+
+        for d, cron in zip(wait_for(served, "serve.py to register the deployments"), ["0 2 * * *", "0 6 * * *"]):
+            assert [s.schedule.cron for s in d.schedules] == [cron] and all(s.active for s in d.schedules)
+        run = start_run(client, "retrain/nightly")
+        state = final_state(client, run.id)
+        assert state.is_completed(), f"{state}\n" + (gate / "serve.log").read_text()[-3000:]
+        assert "retrain-report" in artifacts(client, run.id)
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.mark.skip(reason="pending: ptpipe.validate (issue 5) is not merged yet; needs an exported, perturbed ONNX model")
+def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_difference():
+    raise NotImplementedError
