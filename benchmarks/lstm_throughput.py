@@ -132,7 +132,7 @@ def main() -> None:
               f"{target['epochs_run']} epochs in {target['total_seconds']:.0f} s")
     result = {
         "command": "python benchmarks/lstm_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not False and v is not None),
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                     f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
