@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--prepared", default="data/prepared/alice", help="prepared Alice text (prepare's layout)")
     ap.add_argument("--params", default="params.yaml", help="params file whose `lstm` section is the default run")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of plain loop / trainer (one epoch each)")
+    ap.add_argument("--chars", type=int, default=None,
+                    help="train on the first N characters in the throughput part (default: the whole split)")
     ap.add_argument("--target", type=float, default=2.0, help="validation bits/char to reach")
     ap.add_argument("--skip-target", action="store_true", help="only the throughput part")
     ap.add_argument("--seed", type=int, default=0)
@@ -101,6 +103,7 @@ def main() -> None:
     args = ap.parse_args()
 
     train_ids, val_ids, vocab = data.load_text(args.prepared)
+    bench_ids = train_ids[: args.chars]
     p = params.load(args.params)
     default_args = dict(embedding_size=p.lstm.embedding_size, hidden_size=p.lstm.hidden_size,
                         num_layers=p.lstm.num_layers, dropout=p.lstm.dropout, tie_weights=p.lstm.tie_weights)
@@ -109,11 +112,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for r in range(args.rounds):
-            rates["plain loop (anchor recipe)"].append(plain_epoch(train_ids, len(vocab), args.seed))
+            rates["plain loop (anchor recipe)"].append(plain_epoch(bench_ids, len(vocab), args.seed))
             rates["ptpipe trainer (anchor recipe)"].append(
-                trainer_epoch(train_ids, val_ids, len(vocab), ANCHOR, 32, 100, 2e-3, args.seed, tmp))
+                trainer_epoch(bench_ids, val_ids, len(vocab), ANCHOR, 32, 100, 2e-3, args.seed, tmp))
             rates["ptpipe trainer (default params)"].append(
-                trainer_epoch(train_ids, val_ids, len(vocab), default_args, p.lstm.batch_size, p.lstm.seq_len,
+                trainer_epoch(bench_ids, val_ids, len(vocab), default_args, p.lstm.batch_size, p.lstm.seq_len,
                               p.lstm.lr or p.lr, args.seed, tmp))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
         target = None if args.skip_target else time_to_target(args.params, args.prepared, args.target, tmp)
@@ -129,7 +132,7 @@ def main() -> None:
               f"{target['epochs_run']} epochs in {target['total_seconds']:.0f} s")
     result = {
         "command": "python benchmarks/lstm_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not False and v is not None),
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                     f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,3 +214,43 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     for m in metrics:
         m["train"].pop("char_per_s")  # wall-clock throughput: the one thing allowed to differ
     assert metrics[0] == metrics[1]
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_train_and_evaluate_then_nothing(tmp_path):
+    """The real dvc CLI on a temp git repo: the stages' cmd/deps/params/outs/metrics are wired right."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
+    write_prepared(repo, PHRASE * 20)
+    write_params(repo, epochs=3)
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    # --single-item: data/prepared/alice is made here, not by the prepare stage.
+    sh(sys.executable, "-m", "dvc", "repro", "--single-item", "train_lstm", "evaluate_lstm")
+    for out in ("models/lstm/model.pt", "metrics/lstm.json", "reports/lstm_samples.txt", "dvclive/lstm/metrics.json"):
+        assert (repo / out).exists(), out
+    shown = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "show", "--json"))
+    assert "val_bits_per_char" in json.dumps(shown)
+    again = sh(sys.executable, "-m", "dvc", "repro", "--single-item", "train_lstm", "evaluate_lstm")
+    assert "Running stage" not in again, again
+
+
+def test_section_lr_null_falls_back_to_the_top_level_lr(tmp_path):
+    from ptpipe import params, trainer
+
+    write_prepared(tmp_path, PHRASE * 10)
+    p = params.load(write_params(tmp_path, lr=None))
+    *_, optimizer, _, config = train_lstm.setup(p, tmp_path / "data/prepared/alice", trainer.Distributed(),
+                                                torch.device("cpu"))
+    assert config["params"]["lr"] == p.lr == optimizer.param_groups[0]["initial_lr"]

@@ -58,10 +58,6 @@ def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
         raise StageError(f"{path}: onnxruntime cannot load it ({exc})") from None
 
 
-# The name ptpipe.registry.load_model calls: an inference-ready session with these options.
-session = open_session
-
-
 def read_metadata(session: ort.InferenceSession) -> dict:
     """The file's metadata_props, JSON-decoded (see ptpipe.export)."""
     props = session.get_modelmeta().custom_metadata_map

@@ -96,7 +96,7 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
     config = {
         "model_args": model_args,
         "vocab": vocab,
-        "params": {"lr": lr, **cfg.model_dump(exclude={"sample"}), "device": p.train.device},
+        "params": {**cfg.model_dump(exclude={"sample"}), "lr": lr, "device": p.train.device},  # lr resolved
     }
     return model, task, optimizer, scheduler, config
 

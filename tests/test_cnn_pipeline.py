@@ -1,0 +1,53 @@
+"""`dvc repro` through download -> prepare -> train_cnn -> evaluate_cnn on the loopback fixture, then experiments."""
+import json
+
+import pytest
+
+from fixtures import copy_project, serve_data, sh, write_params
+
+
+@pytest.mark.slow
+def test_dvc_repro_cnn_end_to_end_then_experiments(server, tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    serve_data(server, repo)
+    write_params(repo, **{"cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
+                          "cnn.recipes.default.epochs": 2, "cnn.recipes.default.batch_size": 64,
+                          "cnn.recipes.default.tta": 1})
+    sh("git", "commit", "-qam", "tiny cnn", cwd=repo)
+    first = sh("dvc", "repro", "evaluate_cnn", cwd=repo)
+    for stage in ("prepare@cifar10", "train_cnn", "evaluate_cnn"):
+        assert f"Running stage '{stage}'" in first.stdout
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    assert "metrics/cnn.json" in json.dumps(metrics)
+    rows = json.loads((repo / "plots/cnn/confusion.json").read_text())
+    assert len(rows) == 100  # the fixture's test batch
+    assert "Running stage" not in sh("dvc", "repro", "evaluate_cnn", cwd=repo).stdout
+
+    # an experiment as users type it: the top-level lr reaches the default recipe
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "baseline", cwd=repo)
+    exp = sh("dvc", "exp", "run", "-S", "lr=0.01", "evaluate_cnn", cwd=repo)
+    assert "Running stage 'train_cnn'" in exp.stdout and "Running stage 'download" not in exp.stdout
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    assert "0.01" in json.dumps(shown)
+    import torch
+
+    assert torch.load(repo / "models/cnn/model.pt", weights_only=True)["config"]["lr"] == 0.01
+
+    # the queue: three experiments, two workers
+    for lr in ("0.002", "0.003", "0.004"):
+        sh("dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "evaluate_cnn", cwd=repo)
+    sh("dvc", "queue", "start", "-j", "2", cwd=repo)
+    sh("dvc", "queue", "status", cwd=repo)
+    import time
+
+    deadline = time.monotonic() + 500
+    while time.monotonic() < deadline:
+        status = sh("dvc", "queue", "status", cwd=repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 3, status
+    table = sh("dvc", "exp", "show", "--csv", cwd=repo).stdout
+    for lr in ("0.002", "0.003", "0.004"):
+        assert lr in table
