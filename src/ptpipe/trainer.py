@@ -301,7 +301,7 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     steps, items = 0, 0
     show = spec.progress and ddp.is_main
     batches = task.train_batches(epoch)
-    # miniters: the bar redraws at most once per sync, not per step
+    # the postfix (loss, throughput) changes once per sync; mininterval caps redraws at 2 per second
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", leave=False,
                disable=not show, dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
