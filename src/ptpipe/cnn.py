@@ -9,6 +9,7 @@
   permutation, random translate (reflect padding) and flip as batched tensor ops over the whole set,
   normalised once; batches are contiguous slices of that tensor (views, no per-step gather).
 - `normalize`, `predict` (with test-time augmentation): the same ops at evaluation and inference.
+- `set_threads`: the CPU thread count a recipe asks for (1 on a shared 2-core CPU, measured).
 """
 from __future__ import annotations
 
@@ -140,6 +141,15 @@ def build_model(arch: str, **model_args) -> nn.Module:
     return cls(**model_args)
 
 
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for torch ops (0: torch's default, one per core). The recipes
+    for a 2-core CPU use 1: LeNet's ops at batch 32 are too small to split across threads, and
+    with a second busy process on the machine a 2-thread op waits for the descheduled thread at
+    every barrier (measured 4-10x slower per step, benchmarks/README.md)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 # -- data as tensor ops ----------------------------------------------------------------------
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float], dtype=torch.float32) -> torch.Tensor:
@@ -188,9 +198,15 @@ class EpochImages:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # CPU RNG: same on every device
         perm = torch.randperm(len(self.images), generator=gen)
         if self.translate == 0 and self.flip == "none":
+            # nothing to augment: normalise once, gather each batch from that (a 50,000-image
+            # float gather per epoch costs about as much as 200 LeNet steps)
             if self._plain is None:
                 self._plain = self._finish(self.images)
-            x = self._plain[perm.to(device)]
+            perm = perm.to(device)
+            for i in range(0, len(perm), self.batch_size):
+                idx = perm[i: i + self.batch_size]
+                yield self._plain[idx], self.labels[idx]  # B x 3 x 32 x 32 (keeps channels_last), B
+            return
         else:
             x = self.images[perm.to(device)]  # uint8: augment before the 4x larger float copy
             if self.translate > 0:
@@ -231,7 +247,7 @@ def _tta_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
     return 0.5 * logits + 0.5 * translated
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
 def predict(model: nn.Module, images: torch.Tensor, *, tta: int = 0, batch_size: int = 1000) -> torch.Tensor:
     """Logits (float32, N x classes) of normalised images N x 3 x 32 x 32, in eval mode."""
     was_training = model.training

@@ -95,8 +95,11 @@ class CnnRecipe(Section):
     whiten_bias_epochs: int = Field(ge=0)
     translate: int = Field(ge=0, le=8)
     flip: Literal["none", "random", "alternate"]
+    mean: Optional[list[Annotated[float, Field(ge=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
+    std: Optional[list[Annotated[float, Field(gt=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
     tta: int = Field(ge=0, le=2)
     compile: Literal["auto", "always", "never"]
+    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
     seed: int
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptpipe import data, files, params as params_mod, stage, trainer
-from ptpipe.cnn import EpochImages, build_model, normalize, predict
+from ptpipe.cnn import EpochImages, build_model, normalize, predict, set_threads
 from ptpipe.params import CnnRecipe
 from ptpipe.stage import StageError
 
@@ -132,7 +132,9 @@ def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: i
         opt = cls(groups, lr=lr, betas=(r.momentum, 0.999), fused=device_ok or None)
     else:
         opt = torch.optim.RMSprop(groups, lr=lr, momentum=r.momentum, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    # a constant lr without a whitening group needs no scheduler: its per-step call would be pure overhead
+    constant = r.schedule == "constant" and not whiten
+    scheduler = None if constant else torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     wrapped = Lookahead(opt, model, total) if r.lookahead else opt
     return wrapped, scheduler
 
@@ -162,6 +164,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
          metrics_path: str | Path = "metrics/cnn_train.json", progress: bool = True) -> trainer.FitResult:
     p = params_mod.load(params_file)  # before anything is written
     r = p.cnn.selected
+    set_threads(r.threads)
     lr = r.lr if r.lr is not None else p.lr
     model_path = Path(model_path)
 
@@ -169,14 +172,17 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     ddp = trainer.setup_distributed(p.train.device)
     device = trainer.resolve_device(p.train.device, ddp)
     card = data.load_card(prepared_dir)
-    classes, mean, std = card["classes"], card["mean"], card["std"]
+    classes = card["classes"]
+    mean, std = r.mean or card["mean"], r.std or card["std"]  # the recipe's own, e.g. the tutorial's 0.5
     train_x, train_y = data.load_cifar(prepared_dir, "train")
     val_x, val_y = data.load_cifar(prepared_dir, "val")
     if r.train_split == "train+val":
         train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    channels_last = on_gpu or r.arch == "airbench"  # lenet's 6-channel convs are faster NCHW on CPU
+    # channels_last: mkldnn's convs and max-pools run ~10% faster on it on CPU too, LeNet included
+    # (measured at batch 32, benchmarks/README.md)
+    channels_last = True
 
     model_args = {**r.model_args, "num_classes": len(classes)}
     trainer.seed_everything(r.seed)

@@ -289,24 +289,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# Steps between host<->device syncs (loss check, progress bar). Per step the loop only keeps a
+# reference to the detached loss: no tensor allocation, no .item(), no device sync.
+SYNC_EVERY = 50
+
+
 def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Distributed, epoch: int) -> dict:
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    pending: list[torch.Tensor] = []  # detached scalar losses since the last sync, in step order
     steps, items = 0, 0
-    # A .item() forces the host to wait for the device: on a GPU, check and report every 50 steps.
-    sync_every = 1 if device.type == "cpu" else 50
+    show = spec.progress and ddp.is_main
     batches = task.train_batches(epoch)
+    # the postfix (loss, throughput) changes once per sync; mininterval caps redraws at 2 per second
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", leave=False,
-               disable=not (spec.progress and ddp.is_main), dynamic_ncols=True)
+               disable=not show, dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
     for batch in bar:
         # forward -> loss
         with _autocast(device, spec.autocast_dtype):
             loss, n = task.loss(model, batch)
-        # non-finite guard: remember the first bad step without forcing a sync
-        bad = ~torch.isfinite(loss.detach())
-        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.tensor(steps, device=device), first_bad_step)
         # backward -> clip -> step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -315,20 +317,21 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
         optimizer.step()
         if scheduler is not None and spec.scheduler_per_step:
             scheduler.step()
-        loss_sum += loss.detach().float()
+        pending.append(loss.detach())
         steps += 1
         items += n
-        # log
-        if steps % sync_every == 0:
-            _raise_if_bad(first_bad_step, epoch, loss)
-            if bar.disable is False:
+        # non-finite guard + log, once per SYNC_EVERY steps: the step that is reported is still the
+        # exact first bad one (its loss is in `pending`); at most SYNC_EVERY - 1 more steps ran after it
+        if steps % SYNC_EVERY == 0:
+            loss_sum = _sync(pending, loss_sum, steps, epoch)
+            if show:
                 rate = items * ddp.world_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
-    if scheduler is not None and not spec.scheduler_per_step:
-        scheduler.step()
     if steps == 0:
         raise StageError(f"epoch {epoch + 1} had no training batches: the training split is smaller than one batch")
-    _raise_if_bad(first_bad_step, epoch, None)
+    loss_sum = _sync(pending, loss_sum, steps, epoch)
+    if scheduler is not None and not spec.scheduler_per_step:
+        scheduler.step()
     train_loss = loss_sum / steps
     if ddp.world_size > 1:
         dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
@@ -336,12 +339,21 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     return {"train/loss": train_loss.item(), f"train/{task.unit}_per_s": items * ddp.world_size / seconds}
 
 
-def _raise_if_bad(first_bad_step: torch.Tensor, epoch: int, loss: torch.Tensor | None) -> None:
-    step = int(first_bad_step.item())
-    if step >= 0:
+def _sync(pending: list[torch.Tensor], loss_sum: torch.Tensor, steps: int, epoch: int) -> torch.Tensor:
+    """Add the pending losses (one stack, one host sync) to `loss_sum`; a non-finite one is a StageError
+    naming its step (1-based, within the epoch). Empties `pending`."""
+    if not pending:
+        return loss_sum
+    losses = torch.stack(pending).float()  # k = len(pending): the losses of steps steps-k+1 .. steps
+    pending.clear()
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        step = steps - len(losses) + first
         raise StageError(
             f"non-finite training loss at epoch {epoch + 1}, step {step + 1}: training stopped and no model "
             f"file was written; lower the learning rate (lr) or set a gradient clip")
+    return loss_sum + losses.sum()
 
 
 def _log_epoch(live, row: dict) -> None:

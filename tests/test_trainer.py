@@ -1,0 +1,62 @@
+"""The shared loop's non-finite guard: it syncs with the device only every SYNC_EVERY steps, yet
+names the exact first bad step, and writes neither a model nor a checkpoint."""
+import pytest
+import torch
+from torch import nn
+
+from ptpipe import trainer
+from ptpipe.stage import StageError
+
+
+class NanAtStep:
+    """A linear-regression task whose loss is NaN from step `bad` (1-based, epoch 1) on."""
+
+    unit = "item"
+
+    def __init__(self, bad: int, steps: int = 130):
+        self.bad, self.steps, self.seen = bad, steps, 0
+
+    def train_batches(self, epoch):
+        g = torch.Generator().manual_seed(epoch)
+        for _ in range(self.steps):
+            yield torch.randn(4, 3, generator=g)
+
+    def loss(self, model, batch):
+        self.seen += 1
+        loss = model(batch).pow(2).mean()
+        return (loss * float("nan") if self.seen >= self.bad else loss), len(batch)
+
+    def validate(self, model):
+        return {"val/loss": 0.0}
+
+
+@pytest.mark.parametrize("bad", [1, 7, trainer.SYNC_EVERY, trainer.SYNC_EVERY + 1, 2 * trainer.SYNC_EVERY + 13, 130])
+def test_non_finite_guard_names_the_exact_first_bad_step(tmp_path, bad):
+    model = nn.Linear(3, 1)
+    spec = trainer.Fit(epochs=1, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                       config={}, progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(StageError, match=rf"non-finite training loss at epoch 1, step {bad}: "):
+        trainer.fit(model, NanAtStep(bad), opt, None, spec, torch.device("cpu"))
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_train_loss_is_the_mean_over_all_steps(tmp_path):
+    # the losses are summed in chunks of SYNC_EVERY: the epoch's mean must still be over every step
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    spec = trainer.Fit(epochs=1, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                       config={}, progress=False)
+    task = NanAtStep(bad=10**9, steps=123)
+    reference = []
+    ref_model = nn.Linear(3, 1)
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01)
+    for x in task.train_batches(0):
+        loss = ref_model(x).pow(2).mean()
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        reference.append(loss.item())
+    result = trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec, torch.device("cpu"))
+    assert result.history[0]["train/loss"] == pytest.approx(sum(reference) / len(reference), rel=1e-6)
