@@ -7,11 +7,12 @@ one row per backend (max |difference|, top-1 agreement, ok). The flow ends Faile
 model, backend, shape and difference, when a tolerance is exceeded; `ptpipe.incidents`
 records it under `incidents/`.
 
-Contract assumed of ptpipe.validate (issue 5):
-    validate_models(models_dir: Path, data_dir: Path) -> dict
+Contract of ptpipe.validate (issue 5):
+    validate_models(models_dir, prepared_dir, atol, models, cnn_batches, lstm_batches, lstm_seq_lens) -> dict
         report = {"tolerance": {...}, "checks": [{"model": "cnn", "backend": "onnxruntime",
-                  "shape": "batch=7", "max_abs_diff": 3e-07, "top1_agreement": 1.0, "ok": True}, ...]}
-    On a tolerance excess it raises a StageError whose `.report` is that report.
+                  "shape": "batch=7", "max_abs_diff": 3e-07, "top1_agreement": 1.0, "ok": True}, ...], ...}
+    On a tolerance excess it raises ValidationFailed (a StageError) whose `.report` is that report.
+The tolerance and shapes come from the `validate` section of the repository's params.yaml.
 """
 from __future__ import annotations
 
@@ -66,15 +67,19 @@ def artifact_key(model: str, shape: str) -> str:
 
 
 @task(name="validate-models")
-def run_validation(models_dir: str, data_dir: str) -> dict:
+def run_validation(models_dir: str, data_dir: str, params_file: str) -> dict:
     try:
         from ptpipe.validate import validate_models  # the validate stage's function (issue 5)
     except ImportError as err:
         raise StageError(f"ptpipe.validate is not available ({err}): this checkout has no validate stage yet") from None
     if not Path(models_dir).is_dir():
         raise StageError(f"no models in {models_dir}: run the pipeline (`dvc repro`) first, or pass `rev`")
+    from ptpipe import params
+
+    v = params.load(params_file).validation
     try:
-        return validate_models(Path(models_dir), Path(data_dir))
+        return validate_models(Path(models_dir), Path(data_dir), v.atol, ("cnn", "lstm"),
+                               v.cnn_batches, v.lstm_batches, v.lstm_seq_lens)
     except StageError as err:
         report = getattr(err, "report", None)
         if report is None:
@@ -89,7 +94,7 @@ def validate_onnx(repo: str = ".", rev: str | None = None) -> dict:
     root = pipeline.repo_root(repo)
     with tempfile.TemporaryDirectory(prefix="ptpipe-models-") as tmp:
         models_dir = fetch_models(str(root), rev, Path(tmp)) if rev else root / "models"
-        report = run_validation(str(models_dir), str(root / "data" / "prepared"))
+        report = run_validation(str(models_dir), str(root / "data" / "prepared"), str(root / "params.yaml"))
     for (model, shape), rows in tables(report).items():
         create_table_artifact(
             table=rows,

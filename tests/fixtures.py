@@ -215,3 +215,58 @@ def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
         "download.alice.md5": md5(text),
         "prepare.cifar10.val_size": 50,
     })
+
+
+# -- tiny trained-model files, for export / validate / inference tests --------------------------
+
+def write_prepared(prepared_dir: Path, n_test: int = 64) -> Path:
+    """The prepared layout (ptpipe.data) with a few CIFAR-format test images and the Alice text."""
+    import json
+
+    cifar = prepared_dir / "cifar10"
+    cifar.mkdir(parents=True, exist_ok=True)
+    images, labels = cifar_images(n_test, seed=7)
+    for split in ("train", "val", "test"):
+        np.save(cifar / f"{split}_images.npy", images.reshape(-1, 3, 32, 32))
+        np.save(cifar / f"{split}_labels.npy", np.asarray(labels, dtype=np.uint8))
+    (cifar / "card.json").write_text(json.dumps({"classes": CLASSES}))
+    alice = prepared_dir / "alice"
+    alice.mkdir(parents=True, exist_ok=True)
+    text = ALICE_BODY.replace("\r\n", "\n")
+    vocab = sorted(set(text))
+    ids = np.asarray([vocab.index(ch) for ch in text], dtype=np.uint8)
+    cut = int(len(ids) * 0.9)
+    np.save(alice / "train_ids.npy", ids[:cut])
+    np.save(alice / "val_ids.npy", ids[cut:])
+    (alice / "vocab.json").write_text(json.dumps({"chars": vocab}))
+    return prepared_dir
+
+
+def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Path:
+    """models/{cnn,lstm}/model.pt as the trainers save them ({state_dict, config}), untrained but
+    with random (seeded) weights, and BatchNorm statistics moved off their defaults."""
+    import torch
+
+    from ptpipe.cnn import build_model as build_cnn
+    from ptpipe.lstm import build_model as build_lstm
+
+    torch.manual_seed(seed)
+    model_args = {"lenet": {}, "airbench": {"widths": [8, 16, 16]}}[cnn_arch]
+    cnn = build_cnn(cnn_arch, **model_args)
+    for module in cnn.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    (models_dir / "cnn").mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": cnn.state_dict(), "config": {
+        "arch": cnn_arch, "model_args": model_args, "classes": CLASSES,
+        "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "params": {"seed": seed}}},
+        models_dir / "cnn" / "model.pt")
+    vocab = sorted(set(ALICE_BODY.replace("\r\n", "\n")))
+    lstm_args = dict(vocab_size=len(vocab), embedding_size=16, hidden_size=16, num_layers=2,
+                     dropout=0.1, tie_weights=True)
+    lstm = build_lstm(**lstm_args)
+    (models_dir / "lstm").mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": lstm.state_dict(), "config": {
+        "model_args": lstm_args, "vocab": vocab, "params": {"seed": seed}}}, models_dir / "lstm" / "model.pt")
+    return models_dir

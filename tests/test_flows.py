@@ -227,13 +227,20 @@ def artifacts(client, run_id) -> dict:
 def test_stage_order_puts_dependencies_first_and_finds_new_stages(tmp_path):
     repo = copy_project(tmp_path / "repo")
     order = pipeline.stage_order(repo)
-    assert order == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
-    # a stage added later (declared first, depending on the last) is found and ordered after its deps
+    assert order[:4] == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
+    # (each branch adds its stages; whatever they are, each comes after what it depends on)
+    before = [("prepare@cifar10", "train_cnn"), ("train_cnn", "evaluate_cnn"), ("prepare@alice", "train_lstm"),
+              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export"), ("train_lstm", "export"), ("export", "validate")]
+    for first, then in before:
+        if first in order and then in order:
+            assert order.index(first) < order.index(then), (first, then, order)
+    # a stage added later (declared first, depending on prepared data) is found and ordered after its deps
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc_yaml["stages"] = {"summary": SUMMARY_STAGE, **dvc_yaml["stages"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    order = pipeline.stage_order(repo)
-    assert order[-1] == "summary" and len(order) == 5
+    new_order = pipeline.stage_order(repo)
+    assert len(new_order) == len(order) + 1
+    assert new_order.index("summary") > max(new_order.index("prepare@cifar10"), new_order.index("prepare@alice"))
 
 
 def test_bad_overrides_are_refused_naming_the_key(tmp_path):
@@ -465,6 +472,44 @@ def test_serve_registers_both_deployments_and_runs_a_retrain(project, worker, cl
         log.close()
 
 
-@pytest.mark.skip(reason="pending: ptpipe.validate (issue 5) is not merged yet; needs an exported, perturbed ONNX model")
-def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_difference():
-    raise NotImplementedError
+def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_difference(
+        prefect_server, client, tmp_path):
+    """validate-onnx on exported tiny models whose ONNX CNN has one weight changed: Failed, the
+    error names model, backend, shape and difference, the artifacts hold the per-shape tables."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from fixtures import write_models, write_prepared
+    from ptpipe import export
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    write_prepared(repo / "data/prepared")
+    write_models(repo / "models")
+    for kind in ("cnn", "lstm"):
+        export.export_model(kind, repo / "models" / kind, opset=17, revision="test")
+    path = repo / "models/cnn/model.onnx"
+    model = onnx.load(path)
+    bias = next(i for i in model.graph.initializer if i.name == "model.fc3.bias")  # LeNet's last layer
+    array = numpy_helper.to_array(bias).copy()
+    array[3] += 0.01  # logit 3 of every image moves by 0.01
+    bias.CopyFrom(numpy_helper.from_array(array, bias.name))
+    onnx.save(model, path)
+
+    flows = load_flow_module("validate_onnx")
+    state = flows.validate_onnx(repo=str(repo), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "cnn onnxruntime batch=1: max |diff| 0.01" in message
+    found = artifacts(client, state.state_details.flow_run_id)
+    assert {"onnx-cnn-batch-1", "onnx-cnn-batch-64", "onnx-lstm-batch-5-seq-37-state-carried"} <= set(found)
+    data = found["onnx-cnn-batch-7"].data
+    table = json.loads(data) if isinstance(data, str) else data
+    rows = {row["backend"]: row for row in table}
+    assert rows["onnxruntime"]["ok"] is False and rows["torchscript"]["ok"] is True
+    incident = json.loads(next((repo / "incidents").glob("*.json")).read_text())
+    assert incident["flow"] == "validate-onnx" and "cnn onnxruntime batch=1" in incident["error"]

@@ -1,6 +1,10 @@
 """The `ptpipe` command: a thin dispatcher over the modules that do the work.
 
-    ptpipe generate --prompt "Alice" --length 300 --temperature 0.8 --seed 1
+    ptpipe generate --prompt "Alice" --length 300 --temperature 0.8 --seed 1 [--backend onnx]
+    ptpipe predict cat.jpg dog.png [--top-k 3] [--json]
+    ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn
+
+`predict` and `generate --backend onnx` run on onnxruntime and never import torch.
 """
 from __future__ import annotations
 
@@ -13,7 +17,36 @@ from ptpipe.stage import StageError
 def _generate(args: argparse.Namespace) -> None:
     from ptpipe import generate
 
-    generate.main(args.prompt, args.length, args.temperature, args.seed, args.model)
+    generate.main(args.prompt, args.length, args.temperature, args.seed, args.model, args.backend)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ptpipe import inference
+
+    return inference.predict_main(args.images, args.model, args.top_k, args.json)
+
+
+def _release(args: argparse.Namespace) -> None:
+    from ptpipe import registry
+
+    registry.release(args.name, args.version, message=args.message)
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from ptpipe import registry
+
+    registry.promote(args.name, args.version, args.stage)
+    print(f"{args.name} {args.version} -> {args.stage}")
+
+
+def _versions(args: argparse.Namespace) -> None:
+    from ptpipe import registry
+
+    rows = registry.versions(args.name)
+    if not rows:
+        print(f"{args.name}: no released versions")
+    for row in rows:
+        print(f"{row['version']:<10} {row['commit'][:8]}  {row['created_at']:%Y-%m-%d %H:%M}  {', '.join(row['stages'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,19 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8,
                      help="softmax temperature; 0 = greedy, <1 safer, >1 wilder (default 0.8)")
     gen.add_argument("--seed", type=int, default=1, help="sampling seed: same seed, same text (default 1)")
-    gen.add_argument("--model", default="models/lstm/model.pt", help="model file (default models/lstm/model.pt)")
+    gen.add_argument("--backend", choices=("torch", "torchscript", "onnx"), default="torch",
+                     help="torch: eager from model.pt; torchscript: model.ts; onnx: model.onnx via onnxruntime "
+                          "(same text for the same seed on all three)")
+    gen.add_argument("--model", default=None,
+                     help="model file (default models/lstm/model.pt, .ts or .onnx after --backend)")
     gen.set_defaults(func=_generate)
+
+    pred = sub.add_parser("predict", help="classify images with the exported CNN (onnxruntime)")
+    pred.add_argument("images", nargs="+", help="PNG/JPEG files of any size (centre square, resized to 32x32)")
+    pred.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
+    pred.add_argument("--json", action="store_true", help="print JSON {predictions, errors} instead of text")
+    pred.add_argument("--model", default="models/cnn/model.onnx", help="ONNX file (default models/cnn/model.onnx)")
+    pred.set_defaults(func=_predict)
+
+    rel = sub.add_parser("release", help="push a model's files to the DVC remote and tag the version (GTO)")
+    rel.add_argument("name", help="artifact name from dvc.yaml, e.g. cifar10-cnn or alice-lstm")
+    rel.add_argument("version", help="vMAJOR.MINOR.PATCH, e.g. v1.0.0")
+    rel.add_argument("--message", default=None, help="tag message (default: 'Release NAME VERSION')")
+    rel.set_defaults(func=_release)
+
+    pro = sub.add_parser("promote", help="assign a registry stage (e.g. prod) to a released version")
+    pro.add_argument("name")
+    pro.add_argument("version")
+    pro.add_argument("stage", help="e.g. dev, staging, prod")
+    pro.set_defaults(func=_promote)
+
+    ver = sub.add_parser("versions", help="list a model's released versions and stages")
+    ver.add_argument("name")
+    ver.set_defaults(func=_versions)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0  # predict: 1 when some file was not an image
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

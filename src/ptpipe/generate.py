@@ -4,23 +4,39 @@ The sampling loop only sees a step function `(ids [1, T] int64, h, c) -> (logits
 on numpy arrays, so the same loop (and the same seeded numpy RNG) drives the eager model here
 and an exported TorchScript/ONNX model later. The prompt is fed in one call to warm the state;
 then one character at a time is sampled and fed back with the state carried.
+
+Backends (`ptpipe generate --backend`): `torch` (eager, from models/lstm/model.pt), `torchscript`
+(models/lstm/model.ts) and `onnx` (models/lstm/model.onnx through onnxruntime: this module
+imports torch only for the first two, so the ONNX path runs where torch is not installed). Only
+the step function differs; the loop and its RNG are shared, so the same seed, prompt and
+temperature give the same text on every backend (tests check it).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
-from ptpipe.lstm import CharLSTM, build_model
 from ptpipe.stage import StageError
+
+if TYPE_CHECKING:
+    from ptpipe.lstm import CharLSTM
+
+BACKENDS = ("torch", "torchscript", "onnx")
+DEFAULT_MODELS = {"torch": "models/lstm/model.pt", "torchscript": "models/lstm/model.ts",
+                  "onnx": "models/lstm/model.onnx"}
 
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def load_model(path: str | Path) -> tuple[CharLSTM, list[str]]:
     """(eval-mode CPU model, vocabulary) from a models/lstm/model.pt, without reading params.yaml."""
+    import torch
+
+    from ptpipe.lstm import build_model
+
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path} is missing: train it first (`dvc repro train_lstm`) or pass --model")
@@ -31,7 +47,8 @@ def load_model(path: str | Path) -> tuple[CharLSTM, list[str]]:
 
 
 def torch_step(model: CharLSTM) -> Step:
-    """The eager model as a numpy step function."""
+    """The eager model (or a TorchScript module with the same signature) as a numpy step function."""
+    import torch
 
     @torch.no_grad()
     def step(ids, h, c):
@@ -74,18 +91,57 @@ def sample(step: Step, prompt_ids: list[int], length: int, temperature: float, s
     return out
 
 
-def generate(model: CharLSTM, vocab: list[str], prompt: str, length: int, temperature: float, seed: int) -> str:
-    """The prompt followed by `length` generated characters (eager PyTorch backend)."""
+def generate_with(step: Step, state: tuple[np.ndarray, np.ndarray], vocab: list[str], prompt: str,
+                  length: int, temperature: float, seed: int) -> str:
+    """The prompt followed by `length` generated characters, from any backend's step function."""
     if temperature < 0:
         raise StageError(f"--temperature must be >= 0 (got {temperature}); 0 = greedy")
     ids = encode(prompt, vocab)
+    return prompt + "".join(vocab[i] for i in sample(step, ids, length, temperature, seed, state))
+
+
+def generate(model: CharLSTM, vocab: list[str], prompt: str, length: int, temperature: float, seed: int) -> str:
+    """The prompt followed by `length` generated characters (eager PyTorch backend)."""
     h, c = (t.numpy() for t in model.init_state(1))
-    return prompt + "".join(vocab[i] for i in sample(torch_step(model), ids, length, temperature, seed, (h, c)))
+    return generate_with(torch_step(model), (h, c), vocab, prompt, length, temperature, seed)
+
+
+def _zeros(num_layers: int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
+    shape = (num_layers, 1, hidden_size)
+    return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+
+def load_backend(backend: str, path: str | Path | None = None
+                 ) -> tuple[Step, tuple[np.ndarray, np.ndarray], list[str]]:
+    """(step function, zero state for batch 1, vocabulary) of one backend's model file."""
+    if backend not in BACKENDS:
+        raise StageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    path = Path(path or DEFAULT_MODELS[backend])
+    if backend == "torch":
+        model, vocab = load_model(path)
+        return torch_step(model), tuple(t.numpy() for t in model.init_state(1)), vocab
+    if backend == "onnx":
+        from ptpipe.inference import OnnxLstm
+
+        lstm = OnnxLstm(path)
+        return lstm.step, lstm.init_state(1), lstm.vocab
+    import warnings
+
+    import torch
+
+    if not path.exists():
+        raise StageError(f"{path} is missing: run `dvc repro export` or pass --model")
+    extra = {"config.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+    meta = json.loads(extra["config.json"])  # written by ptpipe.export
+    return torch_step(module), _zeros(meta["num_layers"], meta["hidden_size"]), meta["vocab"]
 
 
 def main(prompt: str, length: int = 300, temperature: float = 0.8, seed: int = 1,
-         model_path: str | Path = "models/lstm/model.pt") -> str:
-    model, vocab = load_model(model_path)
-    text = generate(model, vocab, prompt, length, temperature, seed)
+         model_path: str | Path | None = None, backend: str = "torch") -> str:
+    step, state, vocab = load_backend(backend, model_path)
+    text = generate_with(step, state, vocab, prompt, length, temperature, seed)
     print(text)
     return text

@@ -114,6 +114,7 @@ class Cnn(Section):
     def selected(self) -> CnnRecipe:
         return self.recipes[self.recipe]
 
+
 class LstmSample(Section):
     """Text the `evaluate_lstm` stage generates from the trained model."""
 
@@ -152,14 +153,28 @@ class Lstm(Section):
         return self
 
 
+class Export(Section):
+    # 17: the issue's floor, and what onnxruntime >= 1.14 runs; the legacy exporter stops at 20.
+    opset: int = Field(ge=17, le=20)
+
+
+class Validate(Section):
+    atol: Annotated[float, Field(gt=0, le=1, strict=False)]
+    cnn_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    lstm_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    lstm_seq_lens: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+
+
 class Params(Section):
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]
     download: Download
     prepare: Prepare
     train: Train
     cnn: Cnn
-
     lstm: Lstm
+    export: Export
+    # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
+    validation: Validate = Field(alias="validate")
 
 
 def _describe(err: dict) -> str:

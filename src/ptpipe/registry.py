@@ -105,9 +105,17 @@ def promote(name: str, version: str, stage: str, repo: str | Path = ".") -> None
 
 
 def versions(name: str, repo: str | Path = ".") -> list[dict]:
+    """[{version, commit, created_at, stages}] of the released versions, newest first."""
     import gto.api
+    from gto.exceptions import ArtifactNotFound
 
-    return gto.api.show(str(repo), name)
+    _artifact(Path(repo), name)
+    try:
+        rows = gto.api.show(str(repo), name)
+    except ArtifactNotFound:  # declared in dvc.yaml but never released
+        return []
+    return [{"version": r["version"], "commit": r["commit_hexsha"], "created_at": r["created_at"],
+             "stages": [s["stage"] for s in r["stages"]]} for r in rows]
 
 
 def _sha256(path: Path) -> str:
@@ -148,4 +156,4 @@ def load_model(name: str, version: str | None = None, stage: str | None = None, 
     """An inference-ready onnxruntime session for `name` at `version` (or `stage`, or the latest)."""
     from ptpipe import inference
 
-    return inference.session(fetch_model(name, version, stage, repo, cache_dir))
+    return inference.open_session(fetch_model(name, version, stage, repo, cache_dir))

@@ -1,0 +1,211 @@
+"""CPU inference speed: eager PyTorch vs TorchScript vs onnxruntime, side by side in one run.
+
+    python benchmarks/inference.py [--runs 300] [--out benchmarks/results/inference.json]
+
+For each model: latency at batch 1 (median of `--runs` calls after warm-up), throughput at
+batch 256 (median of `--runs // 10` calls), and for the LSTM generation speed (characters/s
+over 1,000 sampled characters through ptpipe.generate's shared sampling loop, the real CLI
+path: 1 / the median time per character). Models: the tutorial's LeNet (the issue's anchor), the default CNN (params.yaml's
+default recipe: airbench, widths 32/64/128) and the default LSTM (2 x 256, tied, vocabulary
+of 72). Weights are random (seeded): speed does not depend on them; pass --models-dir to time
+trained files instead. Exports go through ptpipe.export exactly as the stage does, and
+sessions use ptpipe.inference's options (1 intra-op thread at batch 1; onnxruntime's
+default, one per core, at batch 256: `ort(1t)` is also shown there). torch runs with its
+default threads. The machine's load average is printed and recorded: the numbers are only
+comparable within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ptpipe import export, files, generate
+from ptpipe.cnn import build_model as build_cnn
+from ptpipe.inference import open_session
+from ptpipe.lstm import build_model as build_lstm
+
+VOCAB = 72
+CNN_MODELS = {"lenet": ("lenet", {}), "airbench": ("airbench", {"widths": [32, 64, 128], "scale": 0.5})}
+LSTM_ARGS = dict(vocab_size=VOCAB, embedding_size=256, hidden_size=256, num_layers=2, dropout=0.3, tie_weights=True)
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def median_seconds(fn, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class torch_threads:
+    """Run a block with torch limited to n intra-op threads (restored after)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def timed(fns: dict, n: int) -> dict:
+    """Median seconds per call of each function; "eager(1t)" re-runs eager on one torch thread."""
+    with torch.inference_mode():
+        secs = {k: median_seconds(f, n, warmup=max(5, n // 10)) for k, f in fns.items()}
+        with torch_threads(1):
+            secs["eager(1t)"] = median_seconds(fns["eager"], n, warmup=max(5, n // 10))
+    return secs
+
+
+def export_both(kind: str, model: torch.nn.Module, folder: Path):
+    """(TorchScript module loaded back from its file, path of the ONNX file), as the stage writes them."""
+    meta = {"ptpipe.kind": kind, "vocab": [chr(32 + i) for i in range(VOCAB)], "num_layers": 2, "hidden_size": 256,
+            "classes": [str(i) for i in range(10)]}
+    proto = export.to_onnx(kind, model, 17, meta)
+    files.write_bytes(folder / f"{kind}.onnx", proto.SerializeToString())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(export.to_torchscript(model), str(folder / f"{kind}.ts"))
+        scripted = torch.jit.load(str(folder / f"{kind}.ts")).eval()
+    return scripted, folder / f"{kind}.onnx"
+
+
+def bench_cnn(name: str, model: torch.nn.Module, folder: Path, runs: int) -> dict:
+    scripted, onnx_path = export_both("cnn", model, folder)
+    one, many = open_session(onnx_path, threads=1), open_session(onnx_path, threads=0)
+    result = {}
+    for batch, label, n, sessions in ((1, "latency_us_b1", runs, {"ort": one}),
+                                      (256, "throughput_img_s_b256", max(10, runs // 10), {"ort": many, "ort(1t)": one})):
+        x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+        xn = x.numpy()
+        fns = {"eager": lambda: model(x), "torchscript": lambda: scripted(x)}
+        fns.update({k: (lambda s=s: s.run(None, {"images": xn})) for k, s in sessions.items()})
+        secs = timed(fns, n)
+        result[label] = {k: (s * 1e6 if batch == 1 else batch / s) for k, s in secs.items()}
+    return result
+
+
+def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
+    scripted, onnx_path = export_both("lstm", model, folder)
+    one, many = open_session(onnx_path, threads=1), open_session(onnx_path, threads=0)
+    result = {}
+    for batch, seq, label, n, sessions in ((1, 1, "step_latency_us_b1", runs, {"ort": one}),
+                                           (256, 32, "throughput_chars_s_b256x32", max(10, runs // 30),
+                                            {"ort": many, "ort(1t)": one})):
+        ids = torch.randint(0, VOCAB, (batch, seq))
+        h, c = model.init_state(batch)
+        feed = {"ids": ids.numpy(), "h0": h.numpy(), "c0": c.numpy()}
+        fns = {"eager": lambda: model(ids, h, c), "torchscript": lambda: scripted(ids, h, c)}
+        fns.update({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()})
+        secs = timed(fns, n)
+        result[label] = {k: (s * 1e6 if batch == 1 else batch * seq / s) for k, s in secs.items()}
+    # generation: 1,000 characters through the shared sampler (numpy in, numpy out, state carried)
+    steps = {"eager": generate.torch_step(model), "eager(1t)": generate.torch_step(model),
+             "torchscript": generate.torch_step(scripted),
+             "ort": lambda i, hh, cc: one.run(None, {"ids": i, "h0": hh, "c0": cc})}
+    gen = {}
+    texts = {}
+    for name, step in steps.items():
+        threads = torch_threads(1) if name == "eager(1t)" else torch_threads(torch.get_num_threads())
+        with threads:
+            gen[name], texts[name] = _generate_speed(step, model)
+    result["generate_chars_s"] = gen
+    result["generated_text_identical"] = len({tuple(t) for t in texts.values()}) == 1
+    return result
+
+
+def _generate_speed(step, model) -> tuple[float, list[int]]:
+    """(characters/s, the 1,000 sampled ids): one character = one sampling draw + one step call;
+    the median interval between consecutive step calls over 1,000 characters, after a warm-up."""
+    state = tuple(t.numpy() for t in model.init_state(1))
+    generate.sample(step, [1, 2, 3], 50, 0.8, 0, state)  # warm-up
+    stamps = []
+
+    def stamped(ids, h, c):
+        stamps.append(time.perf_counter())
+        return step(ids, h, c)
+
+    ids = generate.sample(stamped, [1, 2, 3, 4, 5], 1000, 0.8, 1, state)
+    intervals = np.diff(stamps[1:])  # stamps[0] is the prompt call
+    return 1 / float(np.median(intervals)), ids
+
+
+COLUMNS = ("eager", "eager(1t)", "torchscript", "ort", "ort(1t)")
+
+
+def table(results: dict) -> str:
+    """One row per measure; the ratio is the best onnxruntime column over the BEST eager column."""
+    lines = [f"{'model':<9} {'measure':<27}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'ort/eager':>11}"]
+    for model, measures in results.items():
+        for measure, row in measures.items():
+            if not isinstance(row, dict):
+                continue
+            latency = "latency" in measure
+            best = min if latency else max
+            eager, onnx = best(row["eager"], row["eager(1t)"]), best(v for k, v in row.items() if k.startswith("ort"))
+            ratio = eager / onnx if latency else onnx / eager
+            cells = "".join(f"{row[c]:>12,.0f}" if c in row else f"{'':>12}" for c in COLUMNS)
+            lines.append(f"{model:<9} {measure:<27}{cells}{ratio:>10.1f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300, help="timed calls at batch 1 (fewer at batch 256)")
+    parser.add_argument("--out", default="benchmarks/results/inference.json")
+    parser.add_argument("--models-dir", help="time models/cnn/model.pt and models/lstm/model.pt instead")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.models_dir:
+            cnn, _ = export.load_cnn(Path(args.models_dir) / "cnn/model.pt")
+            results["cnn"] = bench_cnn("cnn", cnn, tmp, args.runs)
+            lstm, _ = export.load_lstm(Path(args.models_dir) / "lstm/model.pt")
+        else:
+            for name, (arch, model_args) in CNN_MODELS.items():
+                model = export.RawImageClassifier(build_cnn(arch, **model_args), MEAN, STD).eval()
+                results[name] = bench_cnn(name, model, tmp, args.runs)
+                print(f"{name}: done", file=sys.stderr)
+            lstm = build_lstm(**LSTM_ARGS).eval()
+        results["lstm"] = bench_lstm(lstm, tmp, args.runs)
+    report = {
+        "results": results,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "onnxruntime": ort.__version__, "python": platform.python_version()},
+        "command": " ".join(["python", *sys.argv]),
+        "runs": args.runs,
+    }
+    print(table(results))
+    print(f"LSTM generation identical across backends: {results['lstm']['generated_text_identical']}")
+    print(f"load average before/after: {load_before[0]:.2f} / {report['machine']['loadavg_after'][0]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    files.write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

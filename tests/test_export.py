@@ -1,0 +1,336 @@
+"""Stages `export` and `validate`, and onnxruntime-only inference, on tiny seeded models.
+
+The models are built untrained from the project's classes (random seeded weights, BatchNorm
+statistics off their defaults) and saved the way the trainers save them; the data is a few
+CIFAR-format images and the fixture text in the prepared layout.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from PIL import Image
+
+from fixtures import CLASSES, ROOT, tool_env, write_models, write_prepared
+from ptpipe import export, validate
+from ptpipe.inference import Classifier, OnnxLstm, load_image
+from ptpipe.stage import StageError
+
+
+def make_workdir(root: Path, cnn_arch: str) -> Path:
+    """A folder with params.yaml, data/prepared, models/*/model.pt and the exported files."""
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_prepared(root / "data/prepared")
+    write_models(root / "models", cnn_arch=cnn_arch)
+    for kind in ("cnn", "lstm"):
+        export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("export"), "lenet")
+
+
+def test_airbench_with_batchnorm_exports_and_validates(tmp_path):
+    root = make_workdir(tmp_path, "airbench")
+    report = validate.validate_models(root / "models", root / "data/prepared", atol=1e-4, models=("cnn",))
+    assert report["passed"] and 0 < report["max_abs_diff"]["cnn"] <= 1e-4
+    meta = {p.key: json.loads(p.value) for p in onnx.load(root / "models/cnn/model.onnx").metadata_props}
+    assert meta["arch"] == "airbench" and meta["model_args"] == {"widths": [8, 16, 16]}
+
+
+def run_module(*args, cwd, check=False):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=tool_env(), capture_output=True, text=True,
+                          timeout=300, check=check)
+
+
+def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
+    for kind, inputs in (("cnn", ["images"]), ("lstm", ["ids", "h0", "c0"])):
+        model = onnx.load(workdir / "models" / kind / "model.onnx")
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.domain: o.version for o in model.opset_import}[""] >= 17
+        assert [i.name for i in model.graph.input] == inputs  # weights are initializers, not inputs
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+        assert meta["ptpipe.kind"] == kind and meta["git_revision"] == "abc123"
+        assert meta["source_md5"] == export.md5_file(workdir / "models" / kind / "model.pt")
+        assert meta["params"] == {"seed": 0}
+    cnn_meta = {p.key: json.loads(p.value) for p in onnx.load(workdir / "models/cnn/model.onnx").metadata_props}
+    assert cnn_meta["classes"] == CLASSES and cnn_meta["mean"] == [0.49, 0.48, 0.45]
+    lstm = onnx.load(workdir / "models/lstm/model.onnx")
+    lstm_meta = {p.key: json.loads(p.value) for p in lstm.metadata_props}
+    assert lstm_meta["vocab"] == json.loads((workdir / "data/prepared/alice/vocab.json").read_text())["chars"]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in list(lstm.graph.input) + list(lstm.graph.output)}
+    assert dims["ids"] == ["batch", "seq"] and dims["logits"][:2] == ["batch", "seq"]
+    assert dims["h0"] == [2, "batch", 16] and dims["c"] == [2, "batch", 16]
+    # no stray sidecar or temporary files
+    assert sorted(p.name for p in (workdir / "models/cnn").iterdir()) == ["model.onnx", "model.pt", "model.ts"]
+
+
+def test_validate_passes_at_shapes_the_export_never_saw(workdir):
+    # the export ran batch 2 (and length 5); these are all different
+    report = validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4)
+    assert report["passed"]
+    assert set(report["cnn"]["onnxruntime"]) == {"b1", "b7", "b64"}
+    assert len(report["lstm"]["onnxruntime"]) == 2 * 3 * 2  # batches x lengths x (zero, carried)
+    for model in ("cnn", "lstm"):
+        for backend in ("torchscript", "onnxruntime"):
+            for diffs in report[model][backend].values():
+                assert diffs["top1"] == 1.0
+                assert all(v <= 1e-4 for k, v in diffs.items() if k != "top1")
+    assert 0 < report["max_abs_diff"]["lstm"] <= 1e-4
+
+
+def _perturb_onnx(path: Path, name_part: str, delta: float) -> None:
+    """Add `delta` to one element of the first initializer whose name contains name_part."""
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if name_part in init.name and init.data_type == onnx.TensorProto.FLOAT:
+            array = numpy_helper.to_array(init).copy()
+            array.flat[0] += delta
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+            onnx.save(model, path)
+            return
+    raise AssertionError(f"no float initializer named like {name_part!r}: {[i.name for i in model.graph.initializer]}")
+
+
+def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_difference(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    onnx_cnn = onnx.load(work / "models/cnn/model.onnx")
+    weights = {i.name for i in onnx_cnn.graph.initializer}
+    last = [name for node in onnx_cnn.graph.node for name in node.input if name in weights][-1]  # the head's
+    _perturb_onnx(work / "models/cnn/model.onnx", last, 0.5)
+
+    with pytest.raises(validate.ValidationFailed) as exc:
+        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("cnn",))
+    message = str(exc.value)
+    match = re.search(r"cnn onnxruntime shape (\d+)x3x32x32: max \|logits difference\| = ([0-9.e+-]+) > atol 0.0001",
+                      message)
+    assert match, message
+    report = exc.value.report
+    assert report["passed"] is False
+    assert float(match.group(2)) == pytest.approx(report["cnn"]["onnxruntime"][f"b{match.group(1)}"]["logits"], rel=1e-2)
+    assert all(d["logits"] <= 1e-4 for d in report["cnn"]["torchscript"].values())  # only the ONNX file is wrong
+    assert report["cnn"]["onnxruntime"]["b64"]["logits"] > 1e-3
+
+    # the stage: exit 2, the same one-line message, and no metrics file that looks like a pass
+    result = run_module("-m", "ptpipe.validate", cwd=work)
+    assert result.returncode == 2, result.stderr
+    assert "error: exported model disagrees with PyTorch: cnn onnxruntime shape 1x3x32x32" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (work / "metrics/validate.json").exists()
+
+
+def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    model = onnx.load(work / "models/lstm/model.onnx")
+    lstm_weight = next(i.name for i in model.graph.initializer
+                       if len(numpy_helper.to_array(i).shape) == 3)  # an ONNX LSTM W/R/B tensor
+    _perturb_onnx(work / "models/lstm/model.onnx", lstm_weight, 0.05)
+    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(zero state\): max \|\w+ "
+                                                        r"difference\| = [0-9.e-]+ > atol"):
+        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("lstm",))
+
+
+def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_models(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    result = run_module("-m", "ptpipe.validate", cwd=work)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((work / "metrics/validate.json").read_text())
+    assert report["passed"] is True and set(report["max_abs_diff"]) == {"cnn", "lstm"}
+
+    (work / "models/lstm/model.pt").unlink()
+    (work / "models/lstm/model.onnx").unlink()
+    result = run_module("-m", "ptpipe.export", "lstm", cwd=work)
+    assert result.returncode == 2
+    assert "models/lstm/model.pt is missing" in result.stderr
+    assert not (work / "models/lstm/model.onnx").exists()
+    assert [p.name for p in (work / "models/lstm").iterdir()] == ["model.ts"]  # no temporaries left
+
+
+def test_export_stage_runs_from_params(workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work)
+    for f in work.glob("models/*/model.[ot]*"):
+        f.unlink()
+    text = (work / "params.yaml").read_text().replace("opset: 17", "opset: 18")
+    (work / "params.yaml").write_text(text)
+    result = run_module("-m", "ptpipe.export", cwd=work)
+    assert result.returncode == 0, result.stderr
+    for kind in ("cnn", "lstm"):
+        model = onnx.load(work / "models" / kind / "model.onnx")
+        assert {o.domain: o.version for o in model.opset_import}[""] == 18
+        assert (work / "models" / kind / "model.ts").stat().st_size > 0
+    (work / "params.yaml").write_text(text.replace("opset: 18", "opset: 12"))
+    result = run_module("-m", "ptpipe.export", cwd=work)
+    assert result.returncode == 2 and "export.opset" in result.stderr
+
+
+NO_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'onnx'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_exported_files_run_in_a_fresh_process_with_onnxruntime_alone(workdir):
+    script = NO_TORCH + """
+import json, numpy as np
+from ptpipe.inference import Classifier, OnnxLstm
+cnn = Classifier('models/cnn/model.onnx')
+images = np.load('data/prepared/cifar10/test_images.npy')[:3]
+lstm = OnnxLstm('models/lstm/model.onnx')
+h, c = lstm.init_state(3)
+logits, h, c = lstm.step(np.zeros((3, 11), np.int64), h, c)
+assert 'torch' not in sys.modules and 'onnx' not in sys.modules
+print(json.dumps({'cnn': cnn.logits(images).tolist(), 'lstm': logits.shape, 'top': cnn.top_k(images, 2)}))
+"""
+    result = run_module("-c", script, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    eager, _ = export.load_cnn(workdir / "models/cnn/model.pt")
+    images = torch.from_numpy(np.load(workdir / "data/prepared/cifar10/test_images.npy")[:3])
+    with torch.no_grad():
+        np.testing.assert_allclose(out["cnn"], eager(images).numpy(), atol=1e-5)
+    assert out["lstm"] == [3, 11, len(OnnxLstm(workdir / "models/lstm/model.onnx").vocab)]
+    assert all(label in CLASSES for row in out["top"] for label, _ in row)
+
+
+def _write_images(folder: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, size, mode in (("wide.png", (53, 17), "RGB"), ("tall.jpg", (31, 480), "RGB"),
+                             ("grey.jpeg", (100, 100), "L"), ("alpha.png", (7, 9), "RGBA")):
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+        Image.fromarray(pixels, mode).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def test_load_image_maps_any_size_and_mode_to_32x32_rgb(tmp_path):
+    for path in _write_images(tmp_path):
+        x = load_image(path)
+        assert x.shape == (3, 32, 32) and x.dtype == np.uint8
+    # a 32x32 image passes through unchanged (what CIFAR images are)
+    cifar = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(cifar).save(tmp_path / "c.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "c.png"), cifar.transpose(2, 0, 1))
+    (tmp_path / "fake.jpg").write_text("not an image")
+    with pytest.raises(StageError, match="fake.jpg: not a readable image"):
+        load_image(tmp_path / "fake.jpg")
+
+
+def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):
+    images = _write_images(tmp_path / "img")
+    bad = tmp_path / "img" / "notes.png"
+    bad.write_text("this is text")
+    args = [str(images[0]), str(bad), *map(str, images[1:]), "--model", str(workdir / "models/cnn/model.onnx")]
+    result = run_module("-m", "ptpipe.cli", "predict", *args, "--json", "--top-k", "3", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"error: {bad}: not a readable image" in result.stderr
+    out = json.loads(result.stdout)
+    assert set(out["predictions"]) == set(map(str, images)) and set(out["errors"]) == {str(bad)}
+    classifier = Classifier(workdir / "models/cnn/model.onnx")
+    for path in images:
+        ranked = out["predictions"][str(path)]
+        assert len(ranked) == 3 and ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
+        assert ranked[0]["label"] == classifier.top_k(load_image(path)[None], 1)[0][0][0]
+
+    text = run_module("-m", "ptpipe.cli", "predict", str(images[1]), "--model",
+                      str(workdir / "models/cnn/model.onnx"), cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith(f"{images[1]}: ") and text.stdout.count("%") == 3
+
+    missing = run_module("-m", "ptpipe.cli", "predict", str(images[0]), "--model", str(tmp_path / "nope.onnx"),
+                         cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.onnx is missing" in missing.stderr
+
+
+def test_generate_backends_give_the_same_text(workdir):
+    from ptpipe import generate
+
+    models = workdir / "models/lstm"
+    for temperature in (0.0, 0.8):
+        texts = {backend: generate.main("Alice was ", 120, temperature, 3, models / f"model.{ext}", backend)
+                 for backend, ext in (("torch", "pt"), ("torchscript", "ts"), ("onnx", "onnx"))}
+        assert len(set(texts.values())) == 1, texts
+        assert texts["onnx"].startswith("Alice was ") and len(texts["onnx"]) == 130
+    with pytest.raises(StageError, match="prompt characters not in the model's vocabulary: 'Z'"):
+        generate.main("Zebra", 5, 0.8, 1, models / "model.onnx", "onnx")
+
+
+def test_generate_cli_onnx_backend_runs_without_torch(workdir):
+    script = NO_TORCH + """
+from ptpipe import cli
+code = cli.main(['generate', '--backend', 'onnx', '--prompt', 'Alice', '--length', '50', '--seed', '5',
+                 '--model', 'models/lstm/model.onnx'])
+assert 'torch' not in sys.modules, 'torch was imported'
+sys.exit(code)
+"""
+    result = run_module("-c", script, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    ts = run_module("-m", "ptpipe.cli", "generate", "--backend", "torchscript", "--prompt", "Alice", "--length", "50",
+                    "--seed", "5", "--model", "models/lstm/model.ts", cwd=workdir)
+    assert ts.returncode == 0, ts.stderr
+    assert result.stdout == ts.stdout and len(result.stdout.strip()) == 55
+
+
+def test_predict_runs_without_torch(workdir, tmp_path):
+    images = _write_images(tmp_path)
+    script = NO_TORCH + f"""
+from ptpipe import cli
+code = cli.main(['predict', {str(images[0])!r}, {str(images[1])!r}, '--model', 'models/cnn/model.onnx'])
+assert 'torch' not in sys.modules, 'torch was imported'
+sys.exit(code)
+"""
+    result = run_module("-c", script, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 2
+
+
+@pytest.mark.slow
+def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path):
+    """The real dvc CLI: download -> prepare -> train -> export -> validate; metrics show the report;
+    a second repro runs nothing; the exported CNN predicts."""
+    from fixtures import copy_project, serve_data, sh, write_params
+
+    repo = copy_project(tmp_path / "repo")
+    serve_data(server, repo)
+    write_params(repo, **{
+        "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
+        "cnn.recipes.default.tta": 0,
+        "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
+        "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
+    })
+    first = sh("dvc", "repro", "validate", cwd=repo)
+    for stage in ("train_cnn", "train_lstm", "export", "validate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    report = json.loads((repo / "metrics/validate.json").read_text())
+    assert report["passed"] and set(report["max_abs_diff"]) == {"cnn", "lstm"}
+    shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
+    assert "metrics/validate.json" in shown and "max_abs_diff" in shown
+    again = sh("dvc", "repro", "validate", cwd=repo)
+    assert "Running stage" not in again.stdout
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)
+    result = run_module("-m", "ptpipe.cli", "predict", str(img), "--json", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["predictions"][str(img)][0]["label"] in CLASSES
