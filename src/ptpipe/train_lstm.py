@@ -5,7 +5,7 @@ walks them in windows of `seq_len`, carrying the (detached) state from window to
 resetting it at the epoch start. The loop itself is `ptpipe.trainer.fit` (checkpoint/resume,
 non-finite guard, early stopping on val loss with the best weights kept, DVCLive).
 
-    python -m ptpipe.train_lstm      # reads params.yaml (lr, lstm.*, train.device)
+    python -m ptpipe.train_lstm      # reads params.yaml: lr, train.device, lstm.* but lstm.sample
 
 Writes models/lstm/model.pt = {state_dict, config: {model_args, vocab, params}} and dvclive/lstm/.
 """
