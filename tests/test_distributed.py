@@ -1,4 +1,5 @@
 """torchrun + DistributedDataParallel through the shared loop: 2 CPU processes (gloo) on loopback."""
+import json
 import re
 import subprocess
 import sys
@@ -49,3 +50,25 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert "boom on rank 1" in run.stdout + run.stderr
     assert time.monotonic() - t0 < 200
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_lstm_stage_under_train_nproc_2(tmp_path):
+    """`train.nproc: 2` makes the stage command launch torchrun itself; only rank 0 writes."""
+    import torch
+
+    from test_lstm import PHRASE, write_params, write_prepared
+
+    write_prepared(tmp_path, PHRASE * 40)
+    params = write_params(tmp_path, epochs=3)
+    text = params.read_text().replace("nproc: 1", "nproc: 2")
+    assert "nproc: 2" in text
+    params.write_text(text)
+    run = subprocess.run([sys.executable, "-m", "ptpipe.train_lstm"], cwd=tmp_path, env=tool_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("best epoch") == 1  # rank 0 alone reports
+    saved = torch.load(tmp_path / "models/lstm/model.pt", weights_only=True)
+    assert saved["config"]["model_args"]["hidden_size"] == 32
+    assert sorted(p.name for p in (tmp_path / "models/lstm").iterdir()) == ["model.pt"]
+    assert len(json.loads((tmp_path / "dvclive/lstm/metrics.json").read_text())) > 0

@@ -5,7 +5,7 @@ walks them in windows of `seq_len`, carrying the (detached) state from window to
 resetting it at the epoch start. The loop itself is `ptpipe.trainer.fit` (checkpoint/resume,
 non-finite guard, early stopping on val loss with the best weights kept, DVCLive).
 
-    python -m ptpipe.train_lstm      # reads params.yaml: lr, train.device, lstm.* but lstm.sample
+    python -m ptpipe.train_lstm      # reads params.yaml: lr, train.device, train.nproc, lstm.* but lstm.sample
 
 Writes models/lstm/model.pt = {state_dict, config: {model_args, vocab, params}} and dvclive/lstm/.
 """
@@ -130,4 +130,4 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
 
 
 if __name__ == "__main__":
-    stage.run(main)
+    stage.run(trainer.run_stage, "ptpipe.train_lstm", main)

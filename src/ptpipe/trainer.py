@@ -89,6 +89,14 @@ def relaunch_under_torchrun(nproc: int, module: str, argv: list[str] | None = No
     return True
 
 
+def run_stage(module: str, main) -> None:
+    """The `python -m ptpipe.train_*` entry point: under torchrun when `train.nproc` > 1, else in-process."""
+    from ptpipe import params
+
+    if not relaunch_under_torchrun(params.load().train.nproc, module, argv=[]):
+        main()
+
+
 def shard(indices: torch.Tensor, ddp: Distributed) -> torch.Tensor:
     """This rank's part of an epoch's order (torch's DistributedSampler semantics, without padding:
     the tail that does not divide evenly is dropped so every rank takes the same number of steps)."""
