@@ -72,3 +72,20 @@ def test_lstm_stage_under_train_nproc_2(tmp_path):
     assert saved["config"]["model_args"]["hidden_size"] == 32
     assert sorted(p.name for p in (tmp_path / "models/lstm").iterdir()) == ["model.pt"]
     assert len(json.loads((tmp_path / "dvclive/lstm/metrics.json").read_text())) > 0
+
+
+@pytest.mark.slow
+def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(in_tmp):
+    from fixtures import write_params
+    from test_cnn import small, write_prepared
+
+    write_prepared(in_tmp)
+    small(in_tmp, lr=0.01)
+    write_params(in_tmp, **{"train.nproc": 2, "train.device": "cpu"})
+    run = subprocess.run([sys.executable, "-m", "ptpipe.train_cnn"], cwd=in_tmp, env=tool_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("val/acc=") == 3  # one line per epoch, from rank 0 alone
+    metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
+    assert metrics["val_acc"] > 0.6  # the class patches are learnt with half-batches on two ranks
+    assert sorted(p.name for p in (in_tmp / "models/cnn").iterdir()) == ["model.pt"]

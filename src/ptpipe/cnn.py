@@ -177,21 +177,34 @@ class EpochImages:
     a seeded random half is flipped in even epochs, the other half in odd epochs, so every image
     is seen both ways in any two consecutive epochs). `translate`: max shift in pixels (reflect
     padding), 0 = none.
+
+    Under DistributedDataParallel (`world_size` > 1) every rank builds the same epoch and takes
+    every `world_size`-th image of each global batch of `batch_size`: the ranks' half-batches are
+    disjoint and together are the single-process batch, so the global batch, and the averaged
+    gradient, stay the same. The last incomplete global batch is dropped so all ranks take the
+    same number of steps.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
                  mean: list[float], std: list[float], flip: str, translate: int,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels  # uint8 N x 3 x 32 x 32 and int64 N, on the device
         self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.mean, self.std, self.flip, self.translate = mean, std, flip, translate
         self.dtype, self.channels_last = dtype, channels_last
         base = torch.Generator().manual_seed(seed)
         self.base_flip = torch.rand(len(images), generator=base) < 0.5  # for "alternate"
         self._plain = None  # normalised un-augmented set, reused when there is no augmentation
 
-    def __len__(self) -> int:  # batches per epoch; the last one may be smaller
+    def __len__(self) -> int:  # batches per epoch; the last one may be smaller (single process)
+        if self.world_size > 1:
+            return len(self.images) // self.batch_size
         return -(-len(self.images) // self.batch_size)
+
+    def _batch_starts(self) -> range:
+        return range(0, len(self) * self.batch_size, self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
@@ -203,8 +216,8 @@ class EpochImages:
             if self._plain is None:
                 self._plain = self._finish(self.images)
             perm = perm.to(device)
-            for i in range(0, len(perm), self.batch_size):
-                idx = perm[i: i + self.batch_size]
+            for i in self._batch_starts():
+                idx = perm[i: i + self.batch_size][self.rank::self.world_size]
                 yield self._plain[idx], self.labels[idx]  # B x 3 x 32 x 32 (keeps channels_last), B
             return
         else:
@@ -222,8 +235,9 @@ class EpochImages:
                 x = torch.where(mask.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
             x = self._finish(x)
         y = self.labels[perm.to(device)]
-        for i in range(0, len(x), self.batch_size):
-            yield x[i: i + self.batch_size], y[i: i + self.batch_size]  # views: no copy per step
+        r, w = self.rank, self.world_size
+        for i in self._batch_starts():
+            yield x[i: i + self.batch_size][r::w], y[i: i + self.batch_size][r::w]  # views: no copy per step
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(x, self.mean, self.std, self.dtype)

@@ -10,6 +10,7 @@ timed apart from training).
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import time
 from pathlib import Path
@@ -195,7 +196,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         model = model.to(memory_format=torch.channels_last)
     train_set = EpochImages(train_x.to(device), train_y.to(device), batch_size=r.batch_size, seed=r.seed,
                             mean=mean, std=std, flip=r.flip, translate=r.translate, dtype=dtype,
-                            channels_last=channels_last)
+                            channels_last=channels_last, rank=ddp.rank, world_size=ddp.world_size)
     val_norm = normalize(val_x.to(device), mean, std, dtype)
     if channels_last:
         val_norm = val_norm.contiguous(memory_format=torch.channels_last)
@@ -243,7 +244,9 @@ def _cli() -> None:
     ap.add_argument("--live", default="dvclive/cnn", help="DVCLive directory (default: %(default)s)")
     ap.add_argument("--metrics", default="metrics/cnn_train.json", help="timing metrics (default: %(default)s)")
     args = ap.parse_args()
-    stage.run(main, args.params, args.prepared, args.model, args.live, args.metrics)
+    stage.run(trainer.run_stage, "ptpipe.train_cnn",
+              lambda: main(args.params, args.prepared, args.model, args.live, args.metrics),
+              args.params, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -89,11 +89,11 @@ def relaunch_under_torchrun(nproc: int, module: str, argv: list[str] | None = No
     return True
 
 
-def run_stage(module: str, main) -> None:
+def run_stage(module: str, main, params_file: str = "params.yaml", argv: list[str] | None = None) -> None:
     """The `python -m ptpipe.train_*` entry point: under torchrun when `train.nproc` > 1, else in-process."""
     from ptpipe import params
 
-    if not relaunch_under_torchrun(params.load().train.nproc, module, argv=[]):
+    if not relaunch_under_torchrun(params.load(params_file).train.nproc, module, argv=argv or []):
         main()
 
 
