@@ -17,7 +17,6 @@ comparable within one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

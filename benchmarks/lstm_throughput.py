@@ -122,7 +122,7 @@ def main() -> None:
         target = None if args.skip_target else time_to_target(args.params, args.prepared, args.target, tmp)
 
     plain = statistics.median(rates["plain loop (anchor recipe)"])
-    print(f"\n| path | median chars/s | ratio to plain loop | runs |\n|---|---|---|---|")
+    print("\n| path | median chars/s | ratio to plain loop | runs |\n|---|---|---|---|")
     for name, values in rates.items():
         m = statistics.median(values)
         print(f"| {name} | {m:,.0f} | {m / plain:.2f} | {', '.join(f'{v:,.0f}' for v in values)} |")

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from fixtures import CLASSES, ROOT, tool_env, write_models, write_prepared
-from ptpipe import export, validate
+from ptpipe import export, files, validate
 from ptpipe.inference import Classifier, OnnxLstm, load_image
 from ptpipe.stage import StageError
 
@@ -61,7 +61,7 @@ def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         meta = {p.key: json.loads(p.value) for p in model.metadata_props}
         assert meta["ptpipe.kind"] == kind and meta["git_revision"] == "abc123"
-        assert meta["source_md5"] == export.md5_file(workdir / "models" / kind / "model.pt")
+        assert meta["source_md5"] == files.digest(workdir / "models" / kind / "model.pt", "md5")
         assert meta["params"] == {"seed": 0}
     cnn_meta = {p.key: json.loads(p.value) for p in onnx.load(workdir / "models/cnn/model.onnx").metadata_props}
     assert cnn_meta["classes"] == CLASSES and cnn_meta["mean"] == [0.49, 0.48, 0.45]

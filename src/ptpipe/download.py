@@ -16,7 +16,6 @@ folder appears in one rename: after any failure it does not exist.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import tarfile
 import tempfile
@@ -35,14 +34,6 @@ from ptpipe.stage import StageError, run
 RAW_DIR = Path("data/raw")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CHUNK = 1 << 16  # a cut-off read loses at most this much of what arrived
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Transient(Exception):
@@ -141,7 +132,7 @@ def fetch(url: str, md5: str, out_dir: Path, *, retries: int, timeout_s: float, 
             _fetch_file(url, partial, key)
         else:
             _fetch_http(url, partial, retries=retries, timeout_s=timeout_s, key=key)
-        actual = md5sum(partial)
+        actual = files.digest(partial, "md5")
         if md5 and actual != md5:
             raise StageError(f"checksum mismatch for {url}: expected md5 {md5}, got {actual}. "
                              f"Nothing was kept. If this is a mirror, set {key}.md5={actual}")

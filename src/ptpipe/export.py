@@ -32,7 +32,6 @@ in its extra files. Files are written through a temporary name and renamed (ptpi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import subprocess
@@ -128,14 +127,6 @@ def git_revision(cwd: str | Path = ".") -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def metadata(kind: str, cfg: dict, source: Path, revision: str) -> dict:
     """What inference needs to use the file, and where it came from."""
     meta = {"ptpipe.kind": kind}
@@ -148,7 +139,7 @@ def metadata(kind: str, cfg: dict, source: Path, revision: str) -> dict:
                     input="ids int64 [batch, seq], h0/c0 float32 [num_layers, batch, hidden_size]")
     # training params: the LSTM saves them under "params", the CNN beside its model keys
     training = cfg.get("params", {k: v for k, v in cfg.items() if k not in (*CNN_KEYS, *LSTM_KEYS)})
-    meta.update(model_args=cfg["model_args"], params=training, git_revision=revision, source_md5=md5_file(source))
+    meta.update(model_args=cfg["model_args"], params=training, git_revision=revision, source_md5=files.digest(source, "md5"))
     return meta
 
 

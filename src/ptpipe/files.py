@@ -6,6 +6,7 @@ nothing, never a truncated file that looks complete to DVC or to the next stage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -70,3 +71,12 @@ def save_numpy(dest: str | os.PathLike, array) -> None:
     with atomic_path(dest, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (archives are hundreds of MB)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

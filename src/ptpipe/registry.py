@@ -14,7 +14,6 @@ ONNX file (`model.onnx`, what `load_model` serves) and TorchScript file (`model.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -116,14 +115,6 @@ def versions(name: str, repo: str | Path = ".") -> list[dict]:
         return []
     return [{"version": r["version"], "commit": r["commit_hexsha"], "created_at": r["created_at"],
              "stages": [s["stage"] for s in r["stages"]]} for r in rows]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_model(name: str, version: str | None = None, stage: str | None = None, repo: str | None = None,
