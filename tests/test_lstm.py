@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 import ptpipe
+from fixtures import tool_env
 from ptpipe import cli, evaluate_lstm, generate, train_lstm
 from ptpipe.lstm import batchify, build_model, stream_loss
 from ptpipe.stage import StageError
@@ -226,7 +227,7 @@ def test_dvc_repro_runs_train_and_evaluate_then_nothing(tmp_path):
         shutil.copy(REPO / name, repo / name)
     write_prepared(repo, PHRASE * 20)
     write_params(repo, epochs=3)
-    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    env = {**tool_env(), "PYTHONPATH": str(repo / "src")}  # this interpreter's `python` on PATH
 
     def sh(*cmd):
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
