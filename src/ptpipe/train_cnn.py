@@ -36,6 +36,10 @@ class CnnTask:
         self.train, self.val_x, self.val_y = train, val_x, val_y
         self.label_smoothing = label_smoothing
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
     def train_batches(self, epoch: int):
         return self.train.epoch(epoch)
 

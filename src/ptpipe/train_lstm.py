@@ -34,6 +34,11 @@ class LstmTask:
         self.device, self.ddp = device, ddp
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def steps_per_epoch(self) -> int:  # at most; an epoch's random phase can make it one shorter
+        per_stream = self.train_ids.numel() // (self.batch_size * self.ddp.world_size)
+        return math.ceil((per_stream - 1) / self.seq_len)
+
     def train_batches(self, epoch: int):
         # A different window phase each epoch (a function of seed and epoch, so resume is exact):
         # the model does not always see the same characters at a window's cold first steps.

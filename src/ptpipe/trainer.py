@@ -37,6 +37,7 @@ class Task(Protocol):
     """What a trainer supplies: its data, its loss and its validation metrics."""
 
     unit: str  # what the throughput counts: "img", "char"
+    # optional: `steps_per_epoch` (int), the progress bar's length
 
     def train_batches(self, epoch: int) -> Iterable[Any]:
         """This rank's training batches for `epoch`; the order is a function of (seed, epoch)."""
@@ -311,6 +312,7 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     batches = task.train_batches(epoch)
     # the postfix (loss, throughput) changes once per sync; mininterval caps redraws at 2 per second
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", leave=False,
+               total=getattr(task, "steps_per_epoch", None),  # a bar with an end and an ETA when known
                disable=not show, dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
     for batch in bar:
