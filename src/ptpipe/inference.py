@@ -64,9 +64,13 @@ def read_metadata(session: ort.InferenceSession) -> dict:
     return {key: json.loads(value) for key, value in props.items()}
 
 
-def _expect(meta: dict, kind: str, path) -> None:
+def _open_kind(path: str | Path, kind: str, threads: int) -> tuple[ort.InferenceSession, dict]:
+    """A session on `path` and its metadata, refusing a file exported for another kind of model."""
+    session = open_session(path, threads)
+    meta = read_metadata(session)
     if meta.get("ptpipe.kind") != kind:
         raise StageError(f"{path} is not a ptpipe {kind} model (its metadata says {meta.get('ptpipe.kind')!r})")
+    return session, meta
 
 
 # -- images ---------------------------------------------------------------------------------
@@ -101,9 +105,7 @@ class Classifier:
     """An exported CIFAR CNN: raw uint8 images -> class probabilities."""
 
     def __init__(self, path: str | Path = CNN_ONNX, threads: int = 1):
-        self.session = open_session(path, threads)
-        self.meta = read_metadata(self.session)
-        _expect(self.meta, "cnn", path)
+        self.session, self.meta = _open_kind(path, "cnn", threads)
         self.classes: list[str] = self.meta["classes"]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -156,9 +158,7 @@ class OnnxLstm:
     """An exported CharLSTM as a numpy step function `(ids, h, c) -> (logits, h, c)`."""
 
     def __init__(self, path: str | Path = LSTM_ONNX, threads: int = 1):
-        self.session = open_session(path, threads)
-        self.meta = read_metadata(self.session)
-        _expect(self.meta, "lstm", path)
+        self.session, self.meta = _open_kind(path, "lstm", threads)
         self.vocab: list[str] = self.meta["vocab"]
         self.num_layers, self.hidden_size = self.meta["num_layers"], self.meta["hidden_size"]
 

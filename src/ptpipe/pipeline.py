@@ -248,17 +248,19 @@ def report_markdown(
     if overrides:
         lines.append("Overrides: " + ", ".join(f"`{o}`" for o in overrides))
         lines.append("")
-    rows = [(f, k, d) for f, keys in changed.items() for k, d in keys.items()]
-    if rows:
-        lines += ["| file | param | old | new |", "|---|---|---|---|"]
-        lines += [f"| {f} | {k} | {_cell(d.get('old'))} | {_cell(d.get('new'))} |" for f, k, d in rows]
-    else:
-        lines.append("none (params.yaml as committed)")
+    lines += _table(["file", "param", "old", "new"],
+                    [(f, k, d.get("old"), d.get("new")) for f, keys in changed.items() for k, d in keys.items()],
+                    "none (params.yaml as committed)")
     lines += ["", "## Metrics", ""]
-    rows = [(f, k, v) for f, keys in metrics_.items() for k, v in keys.items()]
-    if rows:
-        lines += ["| file | metric | value |", "|---|---|---|"]
-        lines += [f"| {f} | {k} | {_cell(v)} |" for f, k, v in rows]
-    else:
-        lines.append("no metrics declared in dvc.yaml yet")
+    lines += _table(["file", "metric", "value"],
+                    [(f, k, v) for f, keys in metrics_.items() for k, v in keys.items()],
+                    "no metrics declared in dvc.yaml yet")
     return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[tuple], empty: str) -> list[str]:
+    """Markdown table lines for `rows` (cells through `_cell`), or the one line `empty`."""
+    if not rows:
+        return [empty]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
