@@ -5,14 +5,15 @@
 For each model: latency at batch 1 (median of `--runs` calls after warm-up), throughput at
 batch 256 (median of `--runs // 10` calls), and for the LSTM generation speed (characters/s
 over 1,000 sampled characters through ptpipe.generate's shared sampling loop, the real CLI
-path: 1 / the median time per character). Models: the tutorial's LeNet (the issue's anchor), the default CNN (params.yaml's
-default recipe: airbench, widths 32/64/128) and the default LSTM (2 x 256, tied, vocabulary
-of 72). Weights are random (seeded): speed does not depend on them; pass --models-dir to time
-trained files instead. Exports go through ptpipe.export exactly as the stage does, and
-sessions use ptpipe.inference's options (1 intra-op thread at batch 1; onnxruntime's
-default, one per core, at batch 256: `ort(1t)` is also shown there). torch runs with its
-default threads. The machine's load average is printed and recorded: the numbers are only
-comparable within one run.
+path: 1 / the median time per character). Models: the tutorial's LeNet (the issue's anchor), the default CNN
+(params.yaml's `cnn.recipes.default`: its arch and model_args) and the default LSTM (params.yaml's `lstm`
+section; vocabulary of 72). Weights are random (seeded): speed does not depend on them; pass --models-dir to time
+trained files instead. Exports go through ptpipe.export exactly as the stage does. `ort` is the
+project's inference path (ptpipe.inference's session options, its default thread count); `ort(1t)`
+the same options with one intra-op thread (what `--threads 1` gives on a shared machine).
+torch runs with its default threads (`eager`) and with one (`eager(1t)`); each ratio is `ort`
+against the BETTER eager column. The machine's load average is printed and recorded: the numbers
+are only comparable within one run.
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ptpipe import export, files, generate
+from ptpipe import export, files, generate, params as params_mod
 from ptpipe.cnn import build_model as build_cnn
-from ptpipe.inference import open_session
+from ptpipe.inference import DEFAULT_THREADS, open_session
 from ptpipe.lstm import build_model as build_lstm
 
 VOCAB = 72
-CNN_MODELS = {"lenet": ("lenet", {}), "airbench": ("airbench", {"widths": [32, 64, 128], "scale": 0.5})}
-LSTM_ARGS = dict(vocab_size=VOCAB, embedding_size=256, hidden_size=256, num_layers=2, dropout=0.3, tie_weights=True)
+PARAMS = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")
+DEFAULT_CNN = PARAMS.cnn.recipes["default"]
+CNN_MODELS = {"lenet": ("lenet", {}), "default": (DEFAULT_CNN.arch, DEFAULT_CNN.model_args)}
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
 
@@ -90,10 +92,9 @@ def export_both(kind: str, model: torch.nn.Module, folder: Path):
 
 def bench_cnn(name: str, model: torch.nn.Module, folder: Path, runs: int) -> dict:
     scripted, onnx_path = export_both("cnn", model, folder)
-    one, many = open_session(onnx_path, threads=1), open_session(onnx_path, threads=0)
+    sessions = {"ort": open_session(onnx_path, DEFAULT_THREADS), "ort(1t)": open_session(onnx_path, threads=1)}
     result = {}
-    for batch, label, n, sessions in ((1, "latency_us_b1", runs, {"ort": one}),
-                                      (256, "throughput_img_s_b256", max(10, runs // 10), {"ort": many, "ort(1t)": one})):
+    for batch, label, n in ((1, "latency_us_b1", runs), (256, "throughput_img_s_b256", max(10, runs // 10))):
         x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
         xn = x.numpy()
         fns = {"eager": lambda: model(x), "torchscript": lambda: scripted(x)}
@@ -105,11 +106,10 @@ def bench_cnn(name: str, model: torch.nn.Module, folder: Path, runs: int) -> dic
 
 def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
     scripted, onnx_path = export_both("lstm", model, folder)
-    one, many = open_session(onnx_path, threads=1), open_session(onnx_path, threads=0)
+    sessions = {"ort": open_session(onnx_path, DEFAULT_THREADS), "ort(1t)": open_session(onnx_path, threads=1)}
     result = {}
-    for batch, seq, label, n, sessions in ((1, 1, "step_latency_us_b1", runs, {"ort": one}),
-                                           (256, 32, "throughput_chars_s_b256x32", max(10, runs // 30),
-                                            {"ort": many, "ort(1t)": one})):
+    for batch, seq, label, n in ((1, 1, "step_latency_us_b1", runs),
+                                 (256, 32, "throughput_chars_s_b256x32", max(10, runs // 30))):
         ids = torch.randint(0, VOCAB, (batch, seq))
         h, c = model.init_state(batch)
         feed = {"ids": ids.numpy(), "h0": h.numpy(), "c0": c.numpy()}
@@ -120,7 +120,7 @@ def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
     # generation: 1,000 characters through the shared sampler (numpy in, numpy out, state carried)
     steps = {"eager": generate.torch_step(model), "eager(1t)": generate.torch_step(model),
              "torchscript": generate.torch_step(scripted),
-             "ort": lambda i, hh, cc: one.run(None, {"ids": i, "h0": hh, "c0": cc})}
+             **{k: (lambda i, hh, cc, s=s: s.run(None, {"ids": i, "h0": hh, "c0": cc})) for k, s in sessions.items()}}
     gen = {}
     texts = {}
     for name, step in steps.items():
@@ -152,7 +152,7 @@ COLUMNS = ("eager", "eager(1t)", "torchscript", "ort", "ort(1t)")
 
 
 def table(results: dict) -> str:
-    """One row per measure; the ratio is the best onnxruntime column over the BEST eager column."""
+    """One row per measure; the ratio is the project's onnxruntime path (`ort`) over the BETTER eager column."""
     lines = [f"{'model':<9} {'measure':<27}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'ort/eager':>11}"]
     for model, measures in results.items():
         for measure, row in measures.items():
@@ -160,21 +160,16 @@ def table(results: dict) -> str:
                 continue
             latency = "latency" in measure
             best = min if latency else max
-            eager, onnx = best(row["eager"], row["eager(1t)"]), best(v for k, v in row.items() if k.startswith("ort"))
+            eager, onnx = best(row["eager"], row["eager(1t)"]), row["ort"]
             ratio = eager / onnx if latency else onnx / eager
             cells = "".join(f"{row[c]:>12,.0f}" if c in row else f"{'':>12}" for c in COLUMNS)
             lines.append(f"{model:<9} {measure:<27}{cells}{ratio:>10.1f}x")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300, help="timed calls at batch 1 (fewer at batch 256)")
-    parser.add_argument("--out", default="benchmarks/results/inference.json")
-    parser.add_argument("--models-dir", help="time models/cnn/model.pt and models/lstm/model.pt instead")
-    args = parser.parse_args()
+def one_round(args) -> dict:
+    """Every model, every backend, once (fresh exports and sessions)."""
     torch.manual_seed(0)
-    load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -186,17 +181,49 @@ def main() -> None:
             for name, (arch, model_args) in CNN_MODELS.items():
                 model = export.RawImageClassifier(build_cnn(arch, **model_args), MEAN, STD).eval()
                 results[name] = bench_cnn(name, model, tmp, args.runs)
-                print(f"{name}: done", file=sys.stderr)
-            lstm = build_lstm(**LSTM_ARGS).eval()
+            la = PARAMS.lstm
+            lstm = build_lstm(vocab_size=VOCAB, embedding_size=la.embedding_size, hidden_size=la.hidden_size,
+                              num_layers=la.num_layers, dropout=la.dropout, tie_weights=la.tie_weights).eval()
         results["lstm"] = bench_lstm(lstm, tmp, args.runs)
+    print(f"round done (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
+    return results
+
+
+def combine(rounds: list[dict]) -> dict:
+    """Each cell: the median over rounds; the text check must hold in every round."""
+    out = {}
+    for model, measures in rounds[0].items():
+        out[model] = {}
+        for measure, row in measures.items():
+            if isinstance(row, dict):
+                out[model][measure] = {k: statistics.median(r[model][measure][k] for r in rounds) for k in row}
+            else:
+                out[model][measure] = all(r[model][measure] for r in rounds)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300, help="timed calls at batch 1 (fewer at batch 256)")
+    parser.add_argument("--out", default="benchmarks/results/inference.json")
+    parser.add_argument("--models-dir", help="time models/cnn/model.pt and models/lstm/model.pt instead")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="whole benchmark repeated; each cell is the median over rounds (default 3)")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    rounds = [one_round(args) for _ in range(args.rounds)]
+    results = combine(rounds)
     report = {
         "results": results,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "onnxruntime": ort.__version__, "python": platform.python_version()},
+                    "onnxruntime": ort.__version__, "ort_default_threads": DEFAULT_THREADS,
+                    "python": platform.python_version()},
+        "default_cnn": {"arch": DEFAULT_CNN.arch, "model_args": DEFAULT_CNN.model_args},
         "command": " ".join(["python", *sys.argv]),
         "runs": args.runs,
+        "rounds": rounds,
     }
     print(table(results))
     print(f"LSTM generation identical across backends: {results['lstm']['generated_text_identical']}")

@@ -263,6 +263,17 @@ def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):
     assert missing.returncode == 2 and "nope.onnx is missing" in missing.stderr
 
 
+def test_thread_count_changes_speed_only(workdir, tmp_path):
+    images = np.stack([load_image(p) for p in _write_images(tmp_path / "img")])
+    path = workdir / "models/cnn/model.onnx"
+    one, per_core = Classifier(path, threads=1), Classifier(path)  # default: one per core
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    assert per_core.session.get_session_options().intra_op_num_threads == 0
+    np.testing.assert_allclose(one.logits(images), per_core.logits(images), rtol=0, atol=1e-5)
+    bad = run_module("-m", "ptpipe.cli", "predict", "x.png", "--threads", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--threads must be 0 (one per core) or more, got -1" in bad.stderr
+
+
 def test_generate_backends_give_the_same_text(workdir):
     from ptpipe import generate
 

@@ -14,16 +14,23 @@ import sys
 from ptpipe.stage import StageError
 
 
+def _threads(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be 0 (one per core) or more, got {value}")
+    return value
+
+
 def _generate(args: argparse.Namespace) -> None:
     from ptpipe import generate
 
-    generate.main(args.prompt, args.length, args.temperature, args.seed, args.model, args.backend)
+    generate.main(args.prompt, args.length, args.temperature, args.seed, args.model, args.backend, args.threads)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from ptpipe import inference
 
-    return inference.predict_main(args.images, args.model, args.top_k, args.json)
+    return inference.predict_main(args.images, args.model, args.top_k, args.json, args.threads)
 
 
 def _release(args: argparse.Namespace) -> None:
@@ -64,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(same text for the same seed on all three)")
     gen.add_argument("--model", default=None,
                      help="model file (default models/lstm/model.pt, .ts or .onnx after --backend)")
+    gen.add_argument("--threads", type=_threads, default=0,
+                     help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     gen.set_defaults(func=_generate)
 
     pred = sub.add_parser("predict", help="classify images with the exported CNN (onnxruntime)")
@@ -71,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
     pred.add_argument("--json", action="store_true", help="print JSON {predictions, errors} instead of text")
     pred.add_argument("--model", default="models/cnn/model.onnx", help="ONNX file (default models/cnn/model.onnx)")
+    pred.add_argument("--threads", type=_threads, default=0,
+                      help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     pred.set_defaults(func=_predict)
 
     rel = sub.add_parser("release", help="push a model's files to the DVC remote and tag the version (GTO)")

@@ -111,19 +111,24 @@ def _zeros(num_layers: int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
 
-def load_backend(backend: str, path: str | Path | None = None
+def load_backend(backend: str, path: str | Path | None = None, threads: int = 0
                  ) -> tuple[Step, tuple[np.ndarray, np.ndarray], list[str]]:
-    """(step function, zero state for batch 1, vocabulary) of one backend's model file."""
+    """(step function, zero state for batch 1, vocabulary) of one backend's model file;
+    `threads`: intra-op threads of the onnx backend (0 = one per core)."""
     if backend not in BACKENDS:
         raise StageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     path = Path(path or DEFAULT_MODELS[backend])
+    if backend != "onnx" and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     if backend == "torch":
         model, vocab = load_model(path)
         return torch_step(model), tuple(t.numpy() for t in model.init_state(1)), vocab
     if backend == "onnx":
         from ptpipe.inference import OnnxLstm
 
-        lstm = OnnxLstm(path)
+        lstm = OnnxLstm(path, threads)
         return lstm.step, lstm.init_state(1), lstm.vocab
     import warnings
 
@@ -140,8 +145,8 @@ def load_backend(backend: str, path: str | Path | None = None
 
 
 def main(prompt: str, length: int = 300, temperature: float = 0.8, seed: int = 1,
-         model_path: str | Path | None = None, backend: str = "torch") -> str:
-    step, state, vocab = load_backend(backend, model_path)
+         model_path: str | Path | None = None, backend: str = "torch", threads: int = 0) -> str:
+    step, state, vocab = load_backend(backend, model_path, threads)
     text = generate_with(step, state, vocab, prompt, length, temperature, seed)
     print(text)
     return text

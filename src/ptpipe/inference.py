@@ -10,12 +10,12 @@ read from their `metadata_props` (written by `ptpipe.export`).
 Session options, chosen on purpose (benchmarks/inference.py measures them):
 - `graph_optimization_level = ORT_ENABLE_ALL`: constant folding plus the fusions that matter
   here (Conv+BatchNorm, Conv+activation, GELU, MatMul+Add) and CPU layout optimisations.
-- `intra_op_num_threads = 1` by default: at batch 1 (one image, one generated character) the
-  ops are far too small to split across threads, and waking a second thread costs more than
-  it saves; it also leaves the other core to the caller. On the shared 2-core machine one
-  thread was faster even at batch 256 (benchmarks/README.md: `ort(1t)` vs `ort`), so `predict`
-  and `generate` always use one; `threads=0` (onnxruntime's default, one per core) is there
-  for an otherwise idle machine with large batches.
+- `intra_op_num_threads = 0` by default (`DEFAULT_THREADS`): onnxruntime's own default, one
+  thread per physical core. Even at batch 1 (one image, one generated character) the second core
+  pays on an otherwise idle machine: measured 1.6x for the default CNN and 1.35x for an LSTM step
+  over one thread (benchmarks/README.md, `ort` vs `ort(1t)`). On a machine whose cores are busy
+  with other work, a thread that is descheduled stalls every op: pass `threads=1`
+  (`ptpipe predict/generate --threads 1`).
 - `inter_op_num_threads = 1`, `execution_mode = ORT_SEQUENTIAL`: both graphs are chains with
   no independent branches to run in parallel.
 - `enable_cpu_mem_arena` / `enable_mem_pattern` left on (defaults): repeated equal shapes
@@ -35,10 +35,11 @@ from ptpipe.stage import StageError
 CNN_ONNX = Path("models/cnn/model.onnx")
 LSTM_ONNX = Path("models/lstm/model.onnx")
 IMAGE_SIZE = 32
+DEFAULT_THREADS = 0  # intra-op threads: 0 = onnxruntime's default, one per physical core
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
-    """The options above; `threads=0` lets onnxruntime use one thread per core."""
+def session_options(threads: int = DEFAULT_THREADS) -> ort.SessionOptions:
+    """The options above; `threads` intra-op threads (0: one per physical core)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -48,7 +49,7 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
-def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+def open_session(path: str | Path, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro export` (or pass the model's path)")
@@ -104,7 +105,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Classifier:
     """An exported CIFAR CNN: raw uint8 images -> class probabilities."""
 
-    def __init__(self, path: str | Path = CNN_ONNX, threads: int = 1):
+    def __init__(self, path: str | Path = CNN_ONNX, threads: int = DEFAULT_THREADS):
         self.session, self.meta = _open_kind(path, "cnn", threads)
         self.classes: list[str] = self.meta["classes"]
 
@@ -118,7 +119,7 @@ class Classifier:
         return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
 
 
-def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3,
+def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3, threads: int = DEFAULT_THREADS,
                   ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, str]]:
     """({path: [(class, probability)] best first}, {path: error}) — one bad file spoils nothing else."""
     images, good, errors = [], [], {}
@@ -130,15 +131,16 @@ def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3
             errors[path] = str(err)
     results = {}
     if good:
-        classifier = Classifier(model)
+        classifier = Classifier(model, threads)
         k = max(1, min(top_k, len(classifier.classes)))
         results = dict(zip(good, classifier.top_k(np.stack(images), k)))
     return results, errors
 
 
-def predict_main(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3, as_json: bool = False) -> int:
+def predict_main(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3, as_json: bool = False,
+                 threads: int = DEFAULT_THREADS) -> int:
     """`ptpipe predict`: prints predictions (text or JSON), errors to stderr; 1 if any file failed."""
-    results, errors = predict_files(paths, model, top_k)
+    results, errors = predict_files(paths, model, top_k, threads)
     if as_json:
         print(json.dumps({
             "predictions": {p: [{"label": c, "probability": round(q, 6)} for c, q in r] for p, r in results.items()},
@@ -157,7 +159,7 @@ def predict_main(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3,
 class OnnxLstm:
     """An exported CharLSTM as a numpy step function `(ids, h, c) -> (logits, h, c)`."""
 
-    def __init__(self, path: str | Path = LSTM_ONNX, threads: int = 1):
+    def __init__(self, path: str | Path = LSTM_ONNX, threads: int = DEFAULT_THREADS):
         self.session, self.meta = _open_kind(path, "lstm", threads)
         self.vocab: list[str] = self.meta["vocab"]
         self.num_layers, self.hidden_size = self.meta["num_layers"], self.meta["hidden_size"]
