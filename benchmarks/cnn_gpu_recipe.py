@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="seeds 0..runs-1 (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="train.device (default: %(default)s)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke check on synthetic data, 2 epochs")
-    ap.add_argument("--out", default="benchmarks/cnn_gpu_recipe.json", help="JSON results")
+    ap.add_argument("--out", default="benchmarks/results/cnn_gpu_recipe.json", help="JSON results")
     args = ap.parse_args()
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

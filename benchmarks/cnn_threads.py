@@ -1,6 +1,6 @@
 """CPU threads for the CNN recipes: time one training step at 1 vs 2 torch threads, side by side.
 
-    python benchmarks/cnn_threads.py --out benchmarks/cnn_threads.json
+    python benchmarks/cnn_threads.py --out benchmarks/results/cnn_threads.json
 
 Random data (the speed of these ops does not depend on the values), channels_last as train_cnn.
 Workloads: LeNet at batch 32 with SGD (the tutorial recipe) and the default recipe's airbench net
@@ -49,7 +49,7 @@ WORKLOADS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/cnn_threads.json")
+    ap.add_argument("--out", default="benchmarks/results/cnn_threads.json")
     args = ap.parse_args()
     results = {"loadavg_before": os.getloadavg(), "cores": os.cpu_count(), "torch": torch.__version__}
     for name, (make_model, make_opt, batch, steps) in WORKLOADS.items():

@@ -1,17 +1,23 @@
-"""The tutorial recipe (LeNet, SGD lr 0.001 momentum 0.9, batch 32, 2 epochs), two ways, one run:
+"""The tutorial recipe (LeNet, SGD lr 0.001 momentum 0.9, batch 32, 2 epochs), three ways, per seed:
 
-  tutorial  the tutorial's own loop: torchvision `CIFAR10` + `DataLoader` (num_workers=2),
-            per-image `ToTensor` + `Normalize((0.5,)*3, (0.5,)*3)`, all 50,000 training images
-  tutorial_1thread  the same code with torch.set_num_threads(1), the project's thread count
+  tutorial  the tutorial's own code as written in it (shared/seed): torchvision `CIFAR10` +
+            `DataLoader(batch_size=32, shuffle=True)` (no worker processes: the tutorial sets none),
+            per-image `ToTensor` + `Normalize((0.5,)*3, (0.5,)*3)`, `running_loss += loss.item()`
+            every step and a print every 2,000 mini-batches; all 50,000 training images
+  plain     the issue's second anchor: the same recipe as a plain loop over one in-memory float
+            tensor (normalised once), batches by index, nothing else
   project   the stages themselves: `train_cnn.main` (the shared `ptpipe.trainer.fit` loop) with the
-            `tutorial` recipe of params.yaml (train_split train+val = the same 50,000 images, checked):
-            one uint8 tensor, normalised once, batches as slices; then `evaluate_cnn.main`
+            `tutorial` recipe of params.yaml (train_split train+val = the same 50,000 images, checked),
+            then `evaluate_cnn.main` on the test split
 
-Prints wall time per epoch, training wall time (the epochs' training steps on both sides) and test
-accuracy side by side, the speed-up, the machine's load average, and writes JSON.
+All three use the same CPU thread count (the recipe's `threads`; 0 = torch's default, which the
+tutorial runs with). The seeds run one after another, the three variants alternating within a
+seed, so a change of machine load hits all of them. Prints per-seed rows and a summary (mean
+s/epoch, mean training wall, accuracy mean and spread, ratios), the machine's load average, and
+writes JSON.
 
     python benchmarks/cnn_tutorial_vs_project.py --archive /tmp/mirror/cifar-10-python.tar.gz \
-        --prepared data/prepared/cifar10 --out benchmarks/cnn_tutorial_vs_project.json
+        --prepared data/prepared/cifar10 --seeds 0 1 2 --out benchmarks/results/cnn_tutorial_vs_project.json
 
 torchvision's CIFAR10 checks each extracted file against the official md5 list and refuses the
 loopback mirror's (JPEG re-encoded) files: `MirrorCIFAR10` skips that check and nothing else.
@@ -23,21 +29,22 @@ import json
 import os
 import pickle
 import platform
+import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as transforms
 import yaml
 
 from ptpipe import data, evaluate_cnn, train_cnn
-from ptpipe.cnn import LeNet
+from ptpipe.cnn import LeNet, set_threads
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-SEED = 0
 
 
 class MirrorCIFAR10(torchvision.datasets.CIFAR10):
@@ -50,29 +57,32 @@ class MirrorCIFAR10(torchvision.datasets.CIFAR10):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def tutorial(root: str, epochs: int, threads: int | None) -> dict:
-    """The tutorial's code, as written there (plus timing); `threads` None = torch's default."""
-    default_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
+def tutorial(root: str, epochs: int, seed: int) -> dict:
+    """The tutorial's code as written there (plus a seed and timing), at the current thread count."""
+    torch.manual_seed(seed)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     trainset = MirrorCIFAR10(root=root, train=True, download=False, transform=transform)
-    trainloader = torch.utils.data.DataLoader(trainset, batch_size=32, shuffle=True, num_workers=2)
+    trainloader = torch.utils.data.DataLoader(trainset, batch_size=32, shuffle=True)
     testset = MirrorCIFAR10(root=root, train=False, download=False, transform=transform)
-    testloader = torch.utils.data.DataLoader(testset, batch_size=32, shuffle=False, num_workers=2)
+    testloader = torch.utils.data.DataLoader(testset, batch_size=32, shuffle=False)
     net = LeNet()
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     epoch_seconds = []
     t_all = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         t0 = time.perf_counter()
-        for inputs, labels in trainloader:
+        running_loss = 0.0
+        for i, (inputs, labels) in enumerate(trainloader, 0):
             optimizer.zero_grad()
-            loss = criterion(net(inputs), labels)
+            outputs = net(inputs)
+            loss = criterion(outputs, labels)
             loss.backward()
             optimizer.step()
+            running_loss += loss.item()
+            if i % 2000 == 1999:
+                print("[%d, %5d] loss: %.3f" % (epoch + 1, i + 1, running_loss / 2000))
+                running_loss = 0.0
         epoch_seconds.append(time.perf_counter() - t0)
     train_wall = time.perf_counter() - t_all
     correct = total = 0
@@ -80,13 +90,38 @@ def tutorial(root: str, epochs: int, threads: int | None) -> dict:
         for images, labels in testloader:
             correct += (net(images).argmax(1) == labels).sum().item()
             total += labels.size(0)
-    used = torch.get_num_threads()
-    torch.set_num_threads(default_threads)
     return {"epoch_seconds": epoch_seconds, "train_wall_s": train_wall, "test_acc": correct / total,
-            "threads": used, "train_images": len(trainset)}
+            "train_images": len(trainset)}
 
 
-def project(prepared: str, epochs: int, work: Path) -> dict:
+def plain(prepared: str, epochs: int, seed: int) -> dict:
+    """The recipe as the plainest fast loop: one normalised float tensor, a permutation per epoch,
+    batches by index, zero_grad/forward/backward/step (the issue's second anchor)."""
+    torch.manual_seed(seed)
+    x = torch.cat([data.load_cifar(prepared, s)[0] for s in ("train", "val")]).float().div_(255).sub_(0.5).div_(0.5)
+    y = torch.cat([data.load_cifar(prepared, s)[1] for s in ("train", "val")])
+    test_x, test_y = data.load_cifar(prepared, "test")
+    net = LeNet()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    epoch_seconds = []
+    t_all = time.perf_counter()
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 32):
+            idx = perm[i: i + 32]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+        epoch_seconds.append(time.perf_counter() - t0)
+    train_wall = time.perf_counter() - t_all
+    with torch.no_grad():
+        acc = (net(test_x.float().div_(255).sub_(0.5).div_(0.5)).argmax(1) == test_y).float().mean().item()
+    return {"epoch_seconds": epoch_seconds, "train_wall_s": train_wall, "test_acc": acc, "train_images": len(x)}
+
+
+def project(prepared: str, epochs: int, seed: int, work: Path) -> dict:
     """The same recipe through the project's stages: `train_cnn.main` with the `tutorial` recipe of
     params.yaml (LeNet, SGD 0.001/0.9, batch 32, train+val = the same 50,000 images, its `threads`),
     then `evaluate_cnn.main` on the test split. Timed: the training steps of the epochs (the trainer's
@@ -94,21 +129,18 @@ def project(prepared: str, epochs: int, work: Path) -> dict:
     per-epoch validation and checkpoints included)."""
     params = yaml.safe_load(PARAMS.read_text())
     params["cnn"]["recipe"] = "tutorial"
-    params["cnn"]["recipes"]["tutorial"]["epochs"] = epochs
     recipe = params["cnn"]["recipes"]["tutorial"]
+    recipe.update(epochs=epochs, seed=seed)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    default_threads = torch.get_num_threads()
     t0 = time.perf_counter()
     result = train_cnn.main(work / "params.yaml", prepared, work / "model.pt", live_dir=None,
                             metrics_path=None, progress=False)
     stage_wall = time.perf_counter() - t0
     metrics = evaluate_cnn.main(work / "params.yaml", prepared, work / "model.pt", work / "cnn.json", work / "plots")
-    torch.set_num_threads(default_threads)
     n_train = sum(len(data.load_cifar(prepared, s)[1]) for s in ("train", "val"))
     return {"epoch_seconds": [n_train / r["train/img_per_s"] for r in result.history],
             "train_wall_s": result.train_seconds, "train_cnn_wall_s": stage_wall,
-            "test_acc": metrics["test"]["acc"], "threads": recipe["threads"], "train_images": n_train,
-            "recipe": recipe}
+            "test_acc": metrics["test"]["acc"], "train_images": n_train}
 
 
 def same_images(root: str, prepared: str) -> bool:
@@ -120,37 +152,58 @@ def same_images(root: str, prepared: str) -> bool:
     return len(a) == len(b) and torch.equal(a, b)
 
 
+VARIANTS = ("tutorial", "plain", "project")
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    out = {}
+    for name, rs in runs.items():
+        accs = [r["test_acc"] for r in rs]
+        out[name] = {"s_per_epoch": statistics.mean(s for r in rs for s in r["epoch_seconds"]),
+                     "train_wall_s": statistics.mean(r["train_wall_s"] for r in rs),
+                     "acc_mean": statistics.mean(accs), "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+    t = out["tutorial"]
+    for row in out.values():
+        row["speedup"] = t["train_wall_s"] / row["train_wall_s"]
+        row["acc_diff_points"] = 100 * (row["acc_mean"] - t["acc_mean"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", required=True, help="cifar-10-python.tar.gz (official or the mirror's)")
     ap.add_argument("--prepared", default="data/prepared/cifar10", help="the prepare stage's output")
     ap.add_argument("--epochs", type=int, default=2, help="the tutorial's 2")
-    ap.add_argument("--out", default="benchmarks/cnn_tutorial_vs_project.json", help="JSON results")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of each variant per seed")
+    ap.add_argument("--out", default="benchmarks/results/cnn_tutorial_vs_project.json", help="JSON results")
     args = ap.parse_args()
+    threads = yaml.safe_load(PARAMS.read_text())["cnn"]["recipes"]["tutorial"]["threads"]
+    set_threads(threads)  # every variant at the recipe's thread count (0: torch's default, as the tutorial)
     load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(args.archive) as tar:
             tar.extractall(tmp, filter="data")
         assert same_images(tmp, args.prepared), "prepared train+val is not the archive's training set"
-        work = Path(tmp) / "project"
-        work.mkdir()
-        results = {
-            "tutorial": tutorial(tmp, args.epochs, None),  # as written: torch's default threads
-            "tutorial_1thread": tutorial(tmp, args.epochs, 1),  # the tutorial at the project's thread count
-            "project": project(args.prepared, args.epochs, work),
-        }
-    t, p = results["tutorial"], results["project"]
-    print(f"{'':17} {'threads':>7} {'s/epoch':>8} {'train s':>8} {'test acc':>9} {'speed-up':>9}")
-    for name, r in results.items():
-        print(f"{name:17} {r['threads']:7d} {sum(r['epoch_seconds']) / len(r['epoch_seconds']):8.2f} "
-              f"{r['train_wall_s']:8.1f} {r['test_acc']:9.4f} {t['train_wall_s'] / r['train_wall_s']:8.2f}x")
-    ratio = t["train_wall_s"] / p["train_wall_s"]
-    print(f"training wall time tutorial/project: {ratio:.2f}x (vs the 1-thread tutorial: "
-          f"{results['tutorial_1thread']['train_wall_s'] / p['train_wall_s']:.2f}x); accuracy difference "
-          f"{100 * (p['test_acc'] - t['test_acc']):+.2f} points; project train_cnn call {p['train_cnn_wall_s']:.1f} s")
-    results.update(ratio=ratio, ratio_vs_1thread=results["tutorial_1thread"]["train_wall_s"] / p["train_wall_s"],
-                   torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                   cores=os.cpu_count(), seed=SEED, loadavg_before=load_before, loadavg_after=os.getloadavg())
+        for seed in args.seeds:
+            work = Path(tmp) / f"project-{seed}"
+            work.mkdir()
+            runs["tutorial"].append(tutorial(tmp, args.epochs, seed))
+            runs["plain"].append(plain(args.prepared, args.epochs, seed))
+            runs["project"].append(project(args.prepared, args.epochs, seed, work))
+            print(f"seed {seed}: " + ", ".join(
+                f"{n} {runs[n][-1]['train_wall_s']:.1f} s {runs[n][-1]['test_acc']:.4f}" for n in VARIANTS)
+                + f" (load {os.getloadavg()[0]:.2f})", flush=True)
+    summary = summarise(runs)
+    print(f"\n{len(args.seeds)} seeds, {torch.get_num_threads()} threads")
+    print(f"{'':9} {'s/epoch':>8} {'train s':>8} {'test acc':>9} {'sd':>6} {'vs tutorial':>12} {'acc diff':>9}")
+    for name, r in summary.items():
+        print(f"{name:9} {r['s_per_epoch']:8.2f} {r['train_wall_s']:8.1f} {r['acc_mean']:9.4f} {r['acc_sd']:6.4f} "
+              f"{r['speedup']:11.2f}x {r['acc_diff_points']:+8.2f}")
+    results = {"runs": runs, "summary": summary, "seeds": args.seeds, "epochs": args.epochs,
+               "threads": torch.get_num_threads(), "recipe_threads": threads, "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     print(f"load average before {load_before}, after {results['loadavg_after']}")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """Char-LSTM training speed: the project's trainer vs a plain loop, and time to 2.0 bits/char.
 
-    python benchmarks/lstm_throughput.py --prepared data/prepared/alice --out benchmarks/lstm_throughput.json
+    python benchmarks/lstm_throughput.py --prepared data/prepared/alice --out benchmarks/results/lstm_throughput.json
 
 1. Throughput (training characters per second, validation excluded) of the same model and
    batches (the issue's anchor recipe: 2 x 256 LSTM, batch 32, window 100, Adam 2e-3, dropout 0.2)
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=2.0, help="validation bits/char to reach")
     ap.add_argument("--skip-target", action="store_true", help="only the throughput part")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/lstm_throughput.json", help="JSON results")
+    ap.add_argument("--out", default="benchmarks/results/lstm_throughput.json", help="JSON results")
     args = ap.parse_args()
 
     train_ids, val_ids, vocab = data.load_text(args.prepared)
