@@ -28,7 +28,7 @@ PHRASE = "the quick brown fox jumps over the lazy dog. "
 
 TINY = dict(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, tie_weights=True, seq_len=16,
             batch_size=4, epochs=30, clip=1.0, lr=0.02, optimizer="adam", weight_decay=0.0, schedule="cosine",
-            patience=None, seed=0, eval_streams=2,
+            patience=None, seed=0, threads=1, eval_streams=2,
             sample={"prompt": "the", "length": 40, "seed": 1, "temperatures": [0.0, 1.0]})
 
 
@@ -70,23 +70,25 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("repetitive")
     write_prepared(root, PHRASE * 40)
     params = write_params(root)
+    torch.set_num_threads(2)  # the stage must set its own (lstm.threads: 1 in TINY)
     result = train_lstm.main(params, root / "data/prepared/alice", root / "models/lstm/model.pt",
                              root / "dvclive/lstm", progress=False)
-    return root, result
+    return root, result, torch.get_num_threads()
 
 
 def test_learns_repetitive_text_to_near_zero_loss(trained):
-    root, result = trained
+    root, result, threads_after = trained
     assert result.history[-1]["train/loss"] < 0.05
     assert result.best["val/bits_per_char"] < 0.1
     assert (root / "models/lstm/model.pt").exists()
     assert not (root / "models/lstm/checkpoint.pt").exists()
     logged = json.loads((root / "dvclive/lstm/metrics.json").read_text())
     assert {"train", "val"} <= logged.keys() and "bits_per_char" in logged["val"]
+    assert threads_after == 1  # lstm.threads
 
 
 def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained):
-    root, _ = trained
+    root, _, _ = trained
     saved = torch.load(root / "models/lstm/model.pt", map_location="cpu", weights_only=True)
     assert saved["config"]["vocab"] == sorted(set(PHRASE))
     model = build_model(**saved["config"]["model_args"])
@@ -95,7 +97,7 @@ def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained)
 
 
 def test_greedy_generation_reproduces_the_repetitive_text(trained):
-    root, _ = trained
+    root, _, _ = trained
     model, vocab = generate.load_model(root / "models/lstm/model.pt")
     text = generate.generate(model, vocab, "the quick", 3 * len(PHRASE), temperature=0.0, seed=0)
     expected = (PHRASE * 5)[: len(text)]
@@ -134,7 +136,7 @@ def test_streaming_evaluation_with_carried_state_equals_one_pass():
 
 
 def test_evaluate_writes_metrics_and_samples(trained):
-    root, _ = trained
+    root, _, _ = trained
     metrics = evaluate_lstm.main(root / "params.yaml", root / "data/prepared/alice", root / "models/lstm/model.pt",
                                  root / "metrics/lstm.json", root / "reports/lstm_samples.txt")
     assert json.loads((root / "metrics/lstm.json").read_text()) == metrics
@@ -145,7 +147,7 @@ def test_evaluate_writes_metrics_and_samples(trained):
 
 
 def test_cli_generate_prints_text_and_rejects_unknown_prompt_characters(trained, capsys):
-    root, _ = trained
+    root, _, _ = trained
     model = str(root / "models/lstm/model.pt")
     assert cli.main(["generate", "--prompt", "the", "--length", "20", "--temperature", "0", "--model", model]) == 0
     assert capsys.readouterr().out.startswith("the quick brown fox")

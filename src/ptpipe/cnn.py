@@ -9,7 +9,6 @@
   permutation, random translate (reflect padding) and flip as batched tensor ops over the whole set,
   normalised once; batches are contiguous slices of that tensor (views, no per-step gather).
 - `normalize`, `predict` (with test-time augmentation): the same ops at evaluation and inference.
-- `set_threads`: the CPU thread count a recipe asks for (1 on a shared 2-core CPU, measured).
 """
 from __future__ import annotations
 
@@ -19,6 +18,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptpipe.trainer import epoch_generator
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -141,15 +142,6 @@ def build_model(arch: str, **model_args) -> nn.Module:
     return cls(**model_args)
 
 
-def set_threads(threads: int) -> None:
-    """Use `threads` CPU threads for torch ops (0: torch's default, one per core). The recipes
-    for a 2-core CPU use 1: LeNet's ops at batch 32 are too small to split across threads, and
-    with a second busy process on the machine a 2-thread op waits for the descheduled thread at
-    every barrier (measured 4-10x slower per step, benchmarks/README.md)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
 # -- data as tensor ops ----------------------------------------------------------------------
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float], dtype=torch.float32) -> torch.Tensor:
@@ -208,7 +200,7 @@ class EpochImages:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # CPU RNG: same on every device
+        gen = epoch_generator(self.seed, epoch)  # CPU RNG: same on every device, rank and resume
         perm = torch.randperm(len(self.images), generator=gen)
         if self.translate == 0 and self.flip == "none":
             # nothing to augment: normalise once, gather each batch from that (a 50,000-image

@@ -1,6 +1,6 @@
 """Stage `evaluate_lstm`: how well the trained LSTM predicts the validation text, and samples of its text.
 
-    python -m ptpipe.evaluate_lstm   # reads params.yaml (lstm.eval_streams, lstm.seq_len, lstm.sample)
+    python -m ptpipe.evaluate_lstm   # reads params.yaml (lstm.eval_streams, lstm.seq_len, lstm.threads, lstm.sample)
 
 Writes metrics/lstm.json (val loss in nats/char, perplexity, bits/char beside the unigram
 baseline from prepare's stats.json) and reports/lstm_samples.txt (one sample per temperature,
@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from ptpipe import data, files, params, stage
+from ptpipe import data, files, params, stage, trainer
 from ptpipe.generate import generate, load_model
 from ptpipe.lstm import bits, stream_loss
 from ptpipe.stage import StageError
@@ -23,6 +23,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
          samples_path: str | Path = "reports/lstm_samples.txt") -> dict:
     p = params.load(params_file)  # before anything is written
     cfg = p.lstm
+    trainer.set_threads(cfg.threads)
     model, vocab = load_model(model_path)
     _, val_ids, data_vocab = data.load_text(prepared_dir)
     if vocab != data_vocab:

@@ -145,6 +145,7 @@ class Lstm(Section):
     schedule: Literal["constant", "cosine"]
     patience: Optional[int] = Field(ge=1)
     seed: int
+    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
     eval_streams: int = Field(ge=1)
     sample: LstmSample
 

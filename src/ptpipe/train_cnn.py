@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptpipe import data, files, params as params_mod, stage, trainer
-from ptpipe.cnn import EpochImages, build_model, normalize, predict, set_threads
+from ptpipe.cnn import EpochImages, build_model, normalize, predict
 from ptpipe.params import CnnRecipe
 from ptpipe.stage import StageError
 
@@ -169,7 +169,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
          metrics_path: str | Path = "metrics/cnn_train.json", progress: bool = True) -> trainer.FitResult:
     p = params_mod.load(params_file)  # before anything is written
     r = p.cnn.selected
-    set_threads(r.threads)
+    trainer.set_threads(r.threads)
     lr = r.lr if r.lr is not None else p.lr
     model_path = Path(model_path)
 

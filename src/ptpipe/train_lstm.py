@@ -110,6 +110,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
          model_path: str | Path = "models/lstm/model.pt", live_dir: str | Path | None = "dvclive/lstm",
          progress: bool = True) -> trainer.FitResult:
     p = params.load(params_file)  # before anything is written
+    trainer.set_threads(p.lstm.threads)
     ddp = trainer.setup_distributed(p.train.device)
     device = trainer.resolve_device(p.train.device, ddp)
     model, task, optimizer, scheduler, config = setup(p, prepared_dir, ddp, device)

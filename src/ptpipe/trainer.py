@@ -105,11 +105,15 @@ def shard(indices: torch.Tensor, ddp: Distributed) -> torch.Tensor:
     return indices[ddp.rank:usable:ddp.world_size]
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of epoch `epoch` (data order, augmentation): a function of (seed, epoch)
+    alone, so every rank, every device and a resumed run draw the same numbers."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The order of epoch `epoch`: a function of (seed, epoch) alone, identical on every rank and
-    after a resume."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).to(device)
+    """The order of epoch `epoch` (see `epoch_generator`)."""
+    return torch.randperm(n, generator=epoch_generator(seed, epoch)).to(device)
 
 
 def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
@@ -128,6 +132,15 @@ def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise StageError("train.device is 'mps' but MPS is not available: set train.device=auto or cpu")
     return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for torch ops (0: torch's default, one per core). On a 2-core CPU
+    shared with another busy process a 2-thread op waits for its descheduled thread at every
+    barrier (measured 4-10x slower per step, benchmarks/README.md): recipes meant to run side by
+    side use 1."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
