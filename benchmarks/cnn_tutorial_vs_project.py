@@ -156,6 +156,25 @@ def same_images(root: str, prepared: str) -> bool:
 VARIANTS = ("tutorial", "plain", "project")
 
 
+def conv_floor(n_images: int, steps: int = 400) -> dict:
+    """A lower bound for any float32 eager implementation of the recipe: per step only LeNet's
+    convolutions, ReLUs and max-pools, forward and backward (oneDNN's kernels, channels_last, as the
+    project runs them) — no data, no linear layers, no loss, no optimizer. Extrapolated to an epoch."""
+    net = LeNet().to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        net.pool(F.relu(net.conv2(net.pool(F.relu(net.conv1(x)))))).sum().backward()
+
+    for _ in range(50):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    per_step = (time.perf_counter() - t0) / steps
+    return {"step_ms": 1e3 * per_step, "s_per_epoch": per_step * -(-n_images // 32)}
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict:
     out = {}
     for name, rs in runs.items():
@@ -196,12 +215,16 @@ def main() -> None:
                 f"{n} {runs[n][-1]['train_wall_s']:.1f} s {runs[n][-1]['test_acc']:.4f}" for n in VARIANTS)
                 + f" (load {os.getloadavg()[0]:.2f})", flush=True)
     summary = summarise(runs)
+    floor = conv_floor(runs["tutorial"][0]["train_images"])
+    floor["max_speedup"] = summary["tutorial"]["s_per_epoch"] / floor["s_per_epoch"]
     print(f"\n{len(args.seeds)} seeds, {torch.get_num_threads()} threads")
     print(f"{'':9} {'s/epoch':>8} {'train s':>8} {'test acc':>9} {'sd':>6} {'vs tutorial':>12} {'acc diff':>9}")
     for name, r in summary.items():
         print(f"{name:9} {r['s_per_epoch']:8.2f} {r['train_wall_s']:8.1f} {r['acc_mean']:9.4f} {r['acc_sd']:6.4f} "
               f"{r['speedup']:11.2f}x {r['acc_diff_points']:+8.2f}")
-    results = {"runs": runs, "summary": summary, "seeds": args.seeds, "epochs": args.epochs,
+    print(f"conv/pool floor: {floor['step_ms']:.2f} ms/step = {floor['s_per_epoch']:.2f} s/epoch -> no float32 "
+          f"eager loop on these kernels can beat the tutorial by more than {floor['max_speedup']:.2f}x")
+    results = {"runs": runs, "summary": summary, "conv_floor": floor, "seeds": args.seeds, "epochs": args.epochs,
                "threads": torch.get_num_threads(), "recipe_threads": threads, "torch": torch.__version__,
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
