@@ -56,7 +56,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     p = params_mod.load(params_file)  # validated before anything is written
     device = trainer.resolve_device(p.train.device)
     model, config = load_model(model_path, device)
-    trainer.set_threads(config.get("recipe.threads", 0))  # as in training: 1 on a shared 2-core CPU
+    trainer.set_threads(config.get("recipe.threads", 0))  # as the recipe trained
     images, labels = data.load_cifar(prepared_dir, "test")
     classes = config["classes"]
 

@@ -114,7 +114,7 @@ def _zeros(num_layers: int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
 def load_backend(backend: str, path: str | Path | None = None, threads: int = 0
                  ) -> tuple[Step, tuple[np.ndarray, np.ndarray], list[str]]:
     """(step function, zero state for batch 1, vocabulary) of one backend's model file;
-    `threads`: intra-op threads of the onnx backend (0 = one per core)."""
+    `threads`: CPU threads of the backend (0 = its default, one per core)."""
     if backend not in BACKENDS:
         raise StageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     path = Path(path or DEFAULT_MODELS[backend])
