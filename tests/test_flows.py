@@ -431,7 +431,9 @@ def test_failed_stage_ends_the_run_failed_with_an_incident_naming_the_stage(proj
     }})
     state = final_state(client, run.id)
     assert state.is_failed()
-    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]
+    # the on_failure hook runs in the worker's process AFTER the run's Failed state reached the API
+    (path,) = wait_for(lambda: list((repo / "incidents").glob("*.json")), "the incident record")
+    record = json.loads(path.read_text())
     assert record["flow"] == "retrain" and record["stage"] == "download@cifar10"
     assert "404" in record["error"] and record["flow_run_id"] == str(run.id)
 
