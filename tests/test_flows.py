@@ -133,6 +133,9 @@ def prefect_server(tmp_path_factory):
         wait_for(healthy, "the Prefect server's /api/health", timeout=120)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
             yield url, env
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)  # send the in-process flows' last logs while the server runs
     finally:
         stop(proc)
         log.close()
