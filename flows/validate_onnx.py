@@ -7,8 +7,8 @@ one row per backend (max |difference|, top-1 agreement, ok). The flow ends Faile
 model, backend, shape and difference, when a tolerance is exceeded; `ptpipe.incidents`
 records it under `incidents/`.
 
-Contract of ptpipe.validate (issue 5):
-    validate_models(models_dir, prepared_dir, atol, models, cnn_batches, lstm_batches, lstm_seq_lens) -> dict
+Contract of ptpipe.validate (issue 5), the validate stage's own function:
+    validate_models(models_dir, prepared_dir, ..., params_file) -> dict
         report = {"tolerance": {...}, "checks": [{"model": "cnn", "backend": "onnxruntime",
                   "shape": "batch=7", "max_abs_diff": 3e-07, "top1_agreement": 1.0, "ok": True}, ...], ...}
     On a tolerance excess it raises ValidationFailed (a StageError) whose `.report` is that report.
@@ -68,23 +68,14 @@ def artifact_key(model: str, shape: str) -> str:
 
 @task(name="validate-models")
 def run_validation(models_dir: str, data_dir: str, params_file: str) -> dict:
-    try:
-        from ptpipe.validate import validate_models  # the validate stage's function (issue 5)
-    except ImportError as err:
-        raise StageError(f"ptpipe.validate is not available ({err}): this checkout has no validate stage yet") from None
     if not Path(models_dir).is_dir():
         raise StageError(f"no models in {models_dir}: run the pipeline (`dvc repro`) first, or pass `rev`")
-    from ptpipe import params
+    from ptpipe.validate import ValidationFailed, validate_models  # torch + onnxruntime: at run time only
 
-    v = params.load(params_file).validation
     try:
-        return validate_models(Path(models_dir), Path(data_dir), v.atol, ("cnn", "lstm"),
-                               v.cnn_batches, v.lstm_batches, v.lstm_seq_lens)
-    except StageError as err:
-        report = getattr(err, "report", None)
-        if report is None:
-            raise
-        return report  # tolerance exceeded: tabulate first, fail the flow below
+        return validate_models(Path(models_dir), Path(data_dir), params_file=params_file)
+    except ValidationFailed as err:
+        return err.report  # tolerance exceeded: tabulate first, fail the flow below
 
 
 @flow(name="validate-onnx", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
