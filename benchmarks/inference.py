@@ -34,7 +34,7 @@ import torch
 from ptpipe import export, files, generate, params as params_mod
 from ptpipe.cnn import build_model as build_cnn
 from ptpipe.inference import DEFAULT_THREADS, open_session
-from ptpipe.lstm import build_model as build_lstm
+from ptpipe.lstm import build_model as build_lstm, load_model as load_lstm
 
 VOCAB = 72
 PARAMS = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")
@@ -176,7 +176,7 @@ def one_round(args) -> dict:
         if args.models_dir:
             cnn, _ = export.load_cnn(Path(args.models_dir) / "cnn/model.pt")
             results["cnn"] = bench_cnn("cnn", cnn, tmp, args.runs)
-            lstm, _ = export.load_lstm(Path(args.models_dir) / "lstm/model.pt")
+            lstm, _ = load_lstm(Path(args.models_dir) / "lstm/model.pt")
         else:
             for name, (arch, model_args) in CNN_MODELS.items():
                 model = export.RawImageClassifier(build_cnn(arch, **model_args), MEAN, STD).eval()

@@ -155,7 +155,7 @@ def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_model
     (work / "models/lstm/model.onnx").unlink()
     result = run_module("-m", "ptpipe.export", "lstm", cwd=work)
     assert result.returncode == 2
-    assert "models/lstm/model.pt is missing" in result.stderr
+    assert "models/lstm/model.pt is missing: run `dvc repro train_lstm` first" in result.stderr
     assert not (work / "models/lstm/model.onnx").exists()
     assert [p.name for p in (work / "models/lstm").iterdir()] == ["model.ts"]  # no temporaries left
 

@@ -19,7 +19,7 @@ import yaml
 import ptpipe
 from fixtures import tool_env
 from ptpipe import cli, evaluate_lstm, generate, train_lstm
-from ptpipe.lstm import batchify, build_model, stream_loss
+from ptpipe.lstm import batchify, build_model, load_model, stream_loss
 from ptpipe.stage import StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,8 @@ def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained)
 
 def test_greedy_generation_reproduces_the_repetitive_text(trained):
     root, _, _ = trained
-    model, vocab = generate.load_model(root / "models/lstm/model.pt")
+    model, config = load_model(root / "models/lstm/model.pt")
+    vocab = config["vocab"]
     text = generate.generate(model, vocab, "the quick", 3 * len(PHRASE), temperature=0.0, seed=0)
     expected = (PHRASE * 5)[: len(text)]
     assert text == expected

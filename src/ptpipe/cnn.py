@@ -4,7 +4,8 @@
 - `Airbench`: the airbench94 network (Keller Jordan's CIFAR-10 speedruns) with configurable widths:
   a frozen 2x2 patch-whitening conv, three conv groups (conv, pool, BN, GELU, conv, BN, GELU),
   a max-pool, a linear head and a fixed output scale.
-- `build_model(arch, **model_args)`: the one way to build either from what a model file records.
+- `build_model(arch, **model_args)`: the one way to build either from what a model file records;
+  `load_model(path)`: a trained model back from models/cnn/model.pt.
 - `EpochImages`: the whole training split as one uint8 tensor on the device; each epoch one seeded
   permutation, random translate (reflect padding) and flip as batched tensor ops over the whole set,
   normalised once; batches are contiguous slices of that tensor (views, no per-step gather).
@@ -13,13 +14,14 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptpipe.trainer import epoch_generator
+from ptpipe.trainer import epoch_generator, load_model_file
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ class Airbench(nn.Module):
 
 
 ARCHS = {"lenet": LeNet, "airbench": Airbench}
+CONFIG_KEYS = ("arch", "model_args", "classes", "mean", "std")  # what a model file's config must hold
 
 
 def build_model(arch: str, **model_args) -> nn.Module:
@@ -140,6 +143,15 @@ def build_model(arch: str, **model_args) -> nn.Module:
     if unknown:
         raise ValueError(f"{arch} takes no argument {unknown[0]!r} (it takes {sorted(allowed)})")
     return cls(**model_args)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """(eval-mode model on the CPU, its config) rebuilt from a model file alone, not params.yaml."""
+    saved = load_model_file(path, "train_cnn", CONFIG_KEYS)
+    config = saved["config"]
+    model = build_model(config["arch"], **config["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), config
 
 
 # -- data as tensor ops ----------------------------------------------------------------------

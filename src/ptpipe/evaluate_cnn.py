@@ -15,20 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ptpipe import data, files, params as params_mod, stage, trainer
-from ptpipe.cnn import build_model, normalize, predict
-from ptpipe.stage import StageError
-
-
-def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, its config) from a model file written by train_cnn."""
-    model_path = Path(model_path)
-    if not model_path.exists():
-        raise StageError(f"{model_path} is missing: run `dvc repro train_cnn` first")
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    config = saved["config"]
-    model = build_model(config["arch"], **config["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device).eval(), config
+from ptpipe.cnn import load_model, normalize, predict
 
 
 def save_grid(path: Path, images: torch.Tensor, truth: list[str], predicted: list[str]) -> None:
@@ -55,13 +42,13 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
          plots_dir: str | Path = "plots/cnn") -> dict:
     p = params_mod.load(params_file)  # validated before anything is written
     device = trainer.resolve_device(p.train.device)
-    model, config = load_model(model_path, device)
+    model, config = load_model(model_path)
     trainer.set_threads(config.get("recipe.threads", 0))  # as the recipe trained
     images, labels = data.load_cifar(prepared_dir, "test")
     classes = config["classes"]
 
     # channels_last as in training: mkldnn's faster layout, the same numbers up to float rounding
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     x = normalize(images.to(device), config["mean"], config["std"]).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = predict(model, x, tta=config["tta"]).cpu()

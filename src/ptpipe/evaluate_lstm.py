@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 
 from ptpipe import data, files, params, stage, trainer
-from ptpipe.generate import generate, load_model
-from ptpipe.lstm import bits, stream_loss
+from ptpipe.generate import generate
+from ptpipe.lstm import bits, load_model, stream_loss
 from ptpipe.stage import StageError
 
 
@@ -24,7 +24,8 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     p = params.load(params_file)  # before anything is written
     cfg = p.lstm
     trainer.set_threads(cfg.threads)
-    model, vocab = load_model(model_path)
+    model, config = load_model(model_path)
+    vocab = config["vocab"]
     _, val_ids, data_vocab = data.load_text(prepared_dir)
     if vocab != data_vocab:
         raise StageError(f"{model_path} was trained on another vocabulary than {prepared_dir}: "

@@ -42,13 +42,11 @@ import onnx
 import torch
 from torch import nn
 
-from ptpipe import files, params
-from ptpipe.stage import StageError, run
+from ptpipe import cnn, files, lstm, params
+from ptpipe.stage import run
 
 MODELS_DIR = Path("models")
 MODELS = ("cnn", "lstm")
-CNN_KEYS = ("arch", "model_args", "classes", "mean", "std")
-LSTM_KEYS = ("model_args", "vocab")
 
 
 class RawImageClassifier(nn.Module):
@@ -67,36 +65,10 @@ class RawImageClassifier(nn.Module):
         return self.model((images.float() - self.shift) * self.scale)
 
 
-def _load(path: Path, required: tuple[str, ...]) -> dict:
-    if not path.exists():
-        raise StageError(f"{path} is missing: train it first (`dvc repro {path.parent.name}`)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in required if k not in saved.get("config", {})]
-    if missing:
-        raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe")
-    return saved
-
-
 def load_cnn(path: str | Path) -> tuple[RawImageClassifier, dict]:
     """(eval-mode raw-image CNN on the CPU, config) rebuilt from model.pt alone."""
-    from ptpipe.cnn import build_model
-
-    saved = _load(Path(path), CNN_KEYS)
-    cfg = saved["config"]
-    model = build_model(cfg["arch"], **cfg["model_args"])
-    model.load_state_dict(saved["state_dict"])
+    model, cfg = cnn.load_model(path)
     return RawImageClassifier(model, cfg["mean"], cfg["std"]).eval(), cfg
-
-
-def load_lstm(path: str | Path) -> tuple[nn.Module, dict]:
-    """(eval-mode CharLSTM on the CPU, config) rebuilt from model.pt alone."""
-    from ptpipe.lstm import build_model
-
-    saved = _load(Path(path), LSTM_KEYS)
-    cfg = saved["config"]
-    model = build_model(**cfg["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), cfg
 
 
 def example_inputs(kind: str, model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -138,7 +110,7 @@ def metadata(kind: str, cfg: dict, source: Path, revision: str) -> dict:
         meta.update(vocab=cfg["vocab"], num_layers=args["num_layers"], hidden_size=args["hidden_size"],
                     input="ids int64 [batch, seq], h0/c0 float32 [num_layers, batch, hidden_size]")
     # training params: the LSTM saves them under "params", the CNN beside its model keys
-    training = cfg.get("params", {k: v for k, v in cfg.items() if k not in (*CNN_KEYS, *LSTM_KEYS)})
+    training = cfg.get("params", {k: v for k, v in cfg.items() if k not in (*cnn.CONFIG_KEYS, *lstm.CONFIG_KEYS)})
     meta.update(model_args=cfg["model_args"], params=training, git_revision=revision, source_md5=files.digest(source, "md5"))
     return meta
 
@@ -175,7 +147,7 @@ def export_model(kind: str, model_dir: str | Path, opset: int, revision: str | N
     """models/<kind>/model.pt -> model.ts and model.onnx beside it; returns {ts, onnx} paths."""
     model_dir = Path(model_dir)
     source = model_dir / "model.pt"
-    model, cfg = (load_cnn if kind == "cnn" else load_lstm)(source)
+    model, cfg = (load_cnn if kind == "cnn" else lstm.load_model)(source)
     meta = metadata(kind, cfg, source, revision or git_revision())
     proto = to_onnx(kind, model, opset, meta)
     scripted = to_torchscript(model)

@@ -31,21 +31,6 @@ DEFAULT_MODELS = {"torch": "models/lstm/model.pt", "torchscript": "models/lstm/m
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def load_model(path: str | Path) -> tuple[CharLSTM, list[str]]:
-    """(eval-mode CPU model, vocabulary) from a models/lstm/model.pt, without reading params.yaml."""
-    import torch
-
-    from ptpipe.lstm import build_model
-
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path} is missing: train it first (`dvc repro train_lstm`) or pass --model")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**saved["config"]["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), saved["config"]["vocab"]
-
-
 def torch_step(model: CharLSTM) -> Step:
     """The eager model (or a TorchScript module with the same signature) as a numpy step function."""
     import torch
@@ -123,8 +108,10 @@ def load_backend(backend: str, path: str | Path | None = None, threads: int = 0
 
         torch.set_num_threads(threads)
     if backend == "torch":
-        model, vocab = load_model(path)
-        return torch_step(model), tuple(t.numpy() for t in model.init_state(1)), vocab
+        from ptpipe.lstm import load_model
+
+        model, config = load_model(path)
+        return torch_step(model), tuple(t.numpy() for t in model.init_state(1)), config["vocab"]
     if backend == "onnx":
         from ptpipe.inference import OnnxLstm
 

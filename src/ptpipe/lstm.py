@@ -8,11 +8,16 @@ step one character at a time.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptpipe.trainer import load_model_file
+
+CONFIG_KEYS = ("model_args", "vocab")  # what a model file's config must hold
 
 
 class CharLSTM(nn.Module):
@@ -52,6 +57,14 @@ def build_model(vocab_size: int, embedding_size: int, hidden_size: int, num_laye
                 dropout: float, tie_weights: bool) -> CharLSTM:
     """The model from the `model_args` saved in model.pt (export and inference call this too)."""
     return CharLSTM(vocab_size, embedding_size, hidden_size, num_layers, dropout, tie_weights)
+
+
+def load_model(path: str | Path) -> tuple[CharLSTM, dict]:
+    """(eval-mode model on the CPU, its config, `vocab` included) from models/lstm/model.pt alone."""
+    saved = load_model_file(path, "train_lstm", CONFIG_KEYS)
+    model = build_model(**saved["config"]["model_args"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved["config"]
 
 
 def batchify(ids: torch.Tensor, streams: int) -> torch.Tensor:

@@ -134,6 +134,20 @@ def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
     return torch.device(name)
 
 
+def load_model_file(path: str | Path, stage: str, required: tuple[str, ...] = ()) -> dict:
+    """What `fit` saved at `path` ({state_dict, config, ...}), loaded with weights_only=True. A missing
+    file, or a config without the `required` keys, is a StageError naming the stage to rerun."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} is missing: run `dvc repro {stage}` first")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in required if k not in saved.get("config", {})]
+    if missing:
+        raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe "
+                         f"(`dvc repro {stage}`)")
+    return saved
+
+
 def set_threads(threads: int) -> None:
     """Use `threads` CPU threads for torch ops (0: torch's default, one per core). On a 2-core CPU
     shared with another busy process a 2-thread op waits for its descheduled thread at every

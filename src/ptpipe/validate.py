@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ptpipe import data, files, params
-from ptpipe.export import load_cnn, load_lstm
+from ptpipe import lstm
+from ptpipe.export import load_cnn
 from ptpipe.inference import open_session
 from ptpipe.stage import StageError, run
 
@@ -97,7 +98,7 @@ def _windows(ids: np.ndarray, batch: int, seq_len: int) -> tuple[np.ndarray, np.
 
 def validate_lstm(model_dir: Path, prepared_dir: Path, batches: list[int], seq_lens: list[int]) -> dict:
     """{backend: {"b<B>_t<T>_<zero|carried>": {logits, h, c, top1}}} on the validation text."""
-    eager, _ = load_lstm(model_dir / "model.pt")
+    eager, _ = lstm.load_model(model_dir / "model.pt")
     scripted = _jit_load(model_dir / "model.ts")
     onnx_run = _onnx_runner(model_dir / "model.onnx")
     _, val_ids, _ = data.load_text(prepared_dir)
