@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ptpipe import cnn, files, lstm, params
-from ptpipe.stage import run
+from ptpipe.stage import StageError, run
 
 MODELS_DIR = Path("models")
 MODELS = ("cnn", "lstm")
@@ -135,6 +135,18 @@ def to_onnx(kind: str, model: nn.Module, opset: int, meta: dict) -> onnx.ModelPr
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """(eval-mode module on the CPU, the metadata `export_model` stored in it as config.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} is missing: run `dvc repro export`")
+    extra = {"config.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+    return module, json.loads(extra["config.json"] or "{}")
 
 
 def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:

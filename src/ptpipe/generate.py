@@ -13,7 +13,6 @@ temperature give the same text on every backend (tests check it).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -117,17 +116,9 @@ def load_backend(backend: str, path: str | Path | None = None, threads: int = 0
 
         lstm = OnnxLstm(path, threads)
         return lstm.step, lstm.init_state(1), lstm.vocab
-    import warnings
+    from ptpipe.export import load_torchscript
 
-    import torch
-
-    if not path.exists():
-        raise StageError(f"{path} is missing: run `dvc repro export` or pass --model")
-    extra = {"config.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    meta = json.loads(extra["config.json"])  # written by ptpipe.export
+    module, meta = load_torchscript(path)
     return torch_step(module), _zeros(meta["num_layers"], meta["hidden_size"]), meta["vocab"]
 
 

@@ -21,7 +21,6 @@ metric: `dvc metrics diff` shows drift) only when everything passed.
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ import torch
 
 from ptpipe import data, files, params
 from ptpipe import lstm
-from ptpipe.export import load_cnn
+from ptpipe.export import load_cnn, load_torchscript
 from ptpipe.inference import open_session
 from ptpipe.stage import StageError, run
 
@@ -46,14 +45,6 @@ class ValidationFailed(StageError):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
-
-
-def _jit_load(path: Path) -> torch.jit.ScriptModule:
-    if not path.exists():
-        raise StageError(f"{path} is missing: run `dvc repro export`")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def _onnx_runner(path: Path) -> Callable[..., list[np.ndarray]]:
@@ -72,7 +63,7 @@ def _compare(ref: list[np.ndarray], got: list[np.ndarray], names: list[str]) -> 
 def validate_cnn(model_dir: Path, prepared_dir: Path, batches: list[int]) -> dict:
     """{backend: {"b<N>": {logits, top1}}} on the first N test images."""
     eager, _ = load_cnn(model_dir / "model.pt")
-    scripted = _jit_load(model_dir / "model.ts")
+    scripted, _ = load_torchscript(model_dir / "model.ts")
     onnx_run = _onnx_runner(model_dir / "model.onnx")
     images, _ = data.load_cifar(prepared_dir, "test")
     if len(images) < max(batches):
@@ -99,7 +90,7 @@ def _windows(ids: np.ndarray, batch: int, seq_len: int) -> tuple[np.ndarray, np.
 def validate_lstm(model_dir: Path, prepared_dir: Path, batches: list[int], seq_lens: list[int]) -> dict:
     """{backend: {"b<B>_t<T>_<zero|carried>": {logits, h, c, top1}}} on the validation text."""
     eager, _ = lstm.load_model(model_dir / "model.pt")
-    scripted = _jit_load(model_dir / "model.ts")
+    scripted, _ = load_torchscript(model_dir / "model.ts")
     onnx_run = _onnx_runner(model_dir / "model.onnx")
     _, val_ids, _ = data.load_text(prepared_dir)
     val = val_ids.numpy()
