@@ -181,10 +181,15 @@ def main(models: tuple[str, ...] = MODELS, models_dir: str | Path = MODELS_DIR) 
     return written
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_models(description: str) -> tuple[str, ...]:
+    """The `export` / `validate` command line: which models (default both), unknown names refused."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("models", nargs="*", metavar="{cnn,lstm}", help="default: both")
     chosen = tuple(parser.parse_args().models) or MODELS
     if set(chosen) - set(MODELS):
         parser.error(f"models: choose from cnn, lstm (got {' '.join(chosen)})")
-    run(main, chosen)
+    return chosen
+
+
+if __name__ == "__main__":
+    run(main, parse_models(__doc__.splitlines()[0]))

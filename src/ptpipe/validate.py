@@ -20,7 +20,6 @@ metric: `dvc metrics diff` shows drift) only when everything passed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +28,7 @@ import torch
 
 from ptpipe import data, files, params
 from ptpipe import lstm
-from ptpipe.export import load_cnn, load_torchscript
+from ptpipe.export import load_cnn, load_torchscript, parse_models
 from ptpipe.inference import open_session
 from ptpipe.stage import StageError, run
 
@@ -200,9 +199,4 @@ def main(models: tuple[str, ...] = ("cnn", "lstm"), models_dir: str | Path = MOD
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", metavar="{cnn,lstm}", help="default: both")
-    chosen = tuple(parser.parse_args().models) or ("cnn", "lstm")
-    if set(chosen) - set(("cnn", "lstm")):
-        parser.error(f"models: choose from cnn, lstm (got {' '.join(chosen)})")
-    run(main, chosen)
+    run(main, parse_models(__doc__.splitlines()[0]))
