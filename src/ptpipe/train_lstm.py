@@ -95,9 +95,8 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
                       num_layers=cfg.num_layers, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
     model = build_model(**model_args).to(device)
     optimizer = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil((train_ids.numel() // (cfg.batch_size * ddp.world_size) - 1) / cfg.seq_len)
-    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * steps_per_epoch)
     task = LstmTask(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_streams, cfg.seed, device, ddp)
+    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * task.steps_per_epoch)
     config = {
         "model_args": model_args,
         "vocab": vocab,
