@@ -185,9 +185,6 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    # channels_last: mkldnn's convs and max-pools run ~10% faster on it on CPU too, LeNet included
-    # (measured at batch 32, benchmarks/README.md)
-    channels_last = True
 
     model_args = {**r.model_args, "num_classes": len(classes)}
     trainer.seed_everything(r.seed)
@@ -195,15 +192,13 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         model = build_model(r.arch, **model_args)  # seeded init on the CPU: same weights on every device
     except (TypeError, ValueError) as err:
         raise StageError(f"cnn.recipes.{p.cnn.recipe}.model_args: {err}") from None
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last everywhere: mkldnn's convs and max-pools run ~10% faster on it on CPU too,
+    # LeNet included (measured at batch 32, benchmarks/README.md)
+    model = model.to(device, memory_format=torch.channels_last)
     train_set = EpochImages(train_x.to(device), train_y.to(device), batch_size=r.batch_size, seed=r.seed,
                             mean=mean, std=std, flip=r.flip, translate=r.translate, dtype=dtype,
-                            channels_last=channels_last, rank=ddp.rank, world_size=ddp.world_size)
-    val_norm = normalize(val_x.to(device), mean, std, dtype)
-    if channels_last:
-        val_norm = val_norm.contiguous(memory_format=torch.channels_last)
+                            channels_last=True, rank=ddp.rank, world_size=ddp.world_size)
+    val_norm = normalize(val_x.to(device), mean, std, dtype).contiguous(memory_format=torch.channels_last)
     task = CnnTask(train_set, val_norm, val_y.to(device), r.label_smoothing)
     if hasattr(model, "init_whitening"):  # from the first 5000 training images, as airbench does
         model.init_whitening(normalize(train_x[:5000].to(device), mean, std))
