@@ -42,7 +42,7 @@ class LstmTask:
     def train_batches(self, epoch: int):
         # A different window phase each epoch (a function of seed and epoch, so resume is exact):
         # the model does not always see the same characters at a window's cold first steps.
-        offset = int(torch.randint(self.seq_len, (), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)))
+        offset = int(torch.randint(self.seq_len, (), generator=trainer.epoch_generator(self.seed, epoch)))
         # Each rank takes its own batch_size streams of batch_size * world_size.
         streams = batchify(self.train_ids[offset:], self.batch_size * self.ddp.world_size)
         rows = streams[self.ddp.rank * self.batch_size: (self.ddp.rank + 1) * self.batch_size]
@@ -52,7 +52,7 @@ class LstmTask:
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch  # [B, t] each; y is x shifted by one character
         if self.state is None:
-            self.state = trainer._unwrap(model).init_state(x.size(0), x.device)
+            self.state = trainer.unwrap(model).init_state(x.size(0), x.device)
         logits, h, c = model(x, *self.state)  # logits [B, t, V]
         # Detach: gradients stop at the window boundary (truncated BPTT), the values carry on.
         self.state = (h.detach(), c.detach())

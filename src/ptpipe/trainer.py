@@ -217,7 +217,8 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, inside a DistributedDataParallel wrapper or not: what is saved and evaluated."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -236,7 +237,7 @@ def fit(
     if spec.checkpoint_path.exists():
         ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
         if ckpt.get("config") == spec.config:
-            _unwrap(model).load_state_dict(ckpt["model"])
+            unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
@@ -276,13 +277,13 @@ def fit(
         # -- validate; keep the weights of the best epoch --------------------------------
         model.eval()
         with torch.no_grad(), _autocast(device, spec.autocast_dtype):
-            row.update(task.validate(_unwrap(model)))
+            row.update(task.validate(unwrap(model)))
         model.train()
         row["epoch"] = epoch
         history.append(row)
         if spec.monitor is None or _improved(row[spec.monitor], best_value, spec.monitor_mode):
             best_value = None if spec.monitor is None else row[spec.monitor]
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -293,7 +294,7 @@ def fit(
             files.save_torch(spec.checkpoint_path, {
                 "config": spec.config,
                 "epoch": epoch,
-                "model": _unwrap(model).state_dict(),
+                "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": _rng_state(),
