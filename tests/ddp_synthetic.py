@@ -25,7 +25,8 @@ class SyntheticTask:
     def train_batches(self, epoch):
         if epoch == 1 and self.ddp.rank == self.fail_rank:
             raise RuntimeError(f"boom on rank {self.ddp.rank}")
-        order = trainer.shard(trainer.epoch_permutation(len(self.x), seed=0, epoch=epoch), self.ddp)
+        # Every rank draws the same epoch order and takes every world_size-th item of it.
+        order = torch.randperm(len(self.x), generator=trainer.epoch_generator(0, epoch))[self.ddp.rank::self.ddp.world_size]
         per_rank = GLOBAL_BATCH // self.ddp.world_size
         for i in range(0, len(order) - per_rank + 1, per_rank):
             idx = order[i:i + per_rank]

@@ -19,9 +19,6 @@ import torch
 
 from ptpipe.stage import StageError
 
-CIFAR_SPLITS = ("train", "val", "test")
-
-
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro prepare` first")

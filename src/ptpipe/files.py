@@ -65,14 +65,6 @@ def save_torch(dest: str | os.PathLike, obj) -> None:
         torch.save(obj, tmp)
 
 
-def save_numpy(dest: str | os.PathLike, array) -> None:
-    import numpy as np
-
-    with atomic_path(dest, suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-
 def digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB blocks (archives are hundreds of MB)."""
     h = hashlib.new(algorithm)

@@ -19,6 +19,8 @@ PARAMS_FILE = "params.yaml"
 
 
 class Section(BaseModel):
+    # Strict: `epochs: 2.5` or `epochs: "3"` is an error naming the key, not a silent coercion.
+    # Float fields say `strict=False` because YAML reads `1e-3` as a string and `1` as an int.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -33,10 +35,6 @@ def _md5(value: str) -> str:
         raise ValueError("must be 32 lowercase hex digits, or empty to skip the check")
     return value
 
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-# YAML reads `1e-3` as a string and `1` as an int: accept ints where a float is meant.
-Float = Annotated[float, Field(strict=False)]
 
 
 class Source(Section):

@@ -98,22 +98,10 @@ def run_stage(module: str, main, params_file: str = "params.yaml", argv: list[st
         main()
 
 
-def shard(indices: torch.Tensor, ddp: Distributed) -> torch.Tensor:
-    """This rank's part of an epoch's order (torch's DistributedSampler semantics, without padding:
-    the tail that does not divide evenly is dropped so every rank takes the same number of steps)."""
-    usable = len(indices) - len(indices) % ddp.world_size
-    return indices[ddp.rank:usable:ddp.world_size]
-
-
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator of epoch `epoch` (data order, augmentation): a function of (seed, epoch)
     alone, so every rank, every device and a resumed run draw the same numbers."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The order of epoch `epoch` (see `epoch_generator`)."""
-    return torch.randperm(n, generator=epoch_generator(seed, epoch)).to(device)
 
 
 def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
