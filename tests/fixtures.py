@@ -228,27 +228,52 @@ def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
 
 # -- tiny trained-model files, for export / validate / inference tests --------------------------
 
-def write_prepared(prepared_dir: Path, n_test: int = 64) -> Path:
-    """The prepared layout (ptpipe.data) with a few CIFAR-format test images and the Alice text."""
+PREPARED = Path("data/prepared")
+
+
+def write_prepared_cifar(root: Path, n_train: int = 600, n_val: int = 200, n_test: int = 200) -> Path:
+    """The `prepare` stage's CIFAR layout (ptpipe.data) under `root`, written directly:
+    `cifar_images` (class-dependent colour patches on noise), card with the train split's mean/std."""
     import json
 
-    cifar = prepared_dir / "cifar10"
-    cifar.mkdir(parents=True, exist_ok=True)
-    images, labels = cifar_images(n_test, seed=7)
-    for split in ("train", "val", "test"):
-        np.save(cifar / f"{split}_images.npy", images.reshape(-1, 3, 32, 32))
-        np.save(cifar / f"{split}_labels.npy", np.asarray(labels, dtype=np.uint8))
-    (cifar / "card.json").write_text(json.dumps({"classes": CLASSES}))
-    alice = prepared_dir / "alice"
-    alice.mkdir(parents=True, exist_ok=True)
-    text = ALICE_BODY.replace("\r\n", "\n")
+    out = root / PREPARED / "cifar10"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
+        x, y = cifar_images(n, seed)
+        np.save(out / f"{split}_images.npy", x.reshape(n, 3, 32, 32))
+        np.save(out / f"{split}_labels.npy", np.asarray(y, dtype=np.uint8))
+    x = np.load(out / "train_images.npy") / 255
+    (out / "card.json").write_text(json.dumps({
+        "classes": CLASSES, "mean": x.mean(axis=(0, 2, 3)).tolist(), "std": x.std(axis=(0, 2, 3)).tolist()}))
+    return out
+
+
+def write_prepared_text(root: Path, text: str, val_fraction: float = 0.1) -> Path:
+    """The `prepare` stage's text layout (ptpipe.data) under `root` for `text`: sorted vocabulary,
+    uint8 ids, the last `val_fraction` for validation, unigram stats."""
+    import json
+
+    out = root / PREPARED / "alice"
+    out.mkdir(parents=True, exist_ok=True)
     vocab = sorted(set(text))
-    ids = np.asarray([vocab.index(ch) for ch in text], dtype=np.uint8)
-    cut = int(len(ids) * 0.9)
-    np.save(alice / "train_ids.npy", ids[:cut])
-    np.save(alice / "val_ids.npy", ids[cut:])
-    (alice / "vocab.json").write_text(json.dumps({"chars": vocab}))
-    return prepared_dir
+    ids = np.array([vocab.index(ch) for ch in text], dtype=np.uint8)
+    n_val = int(len(ids) * val_fraction)
+    np.save(out / "train_ids.npy", ids[:-n_val])
+    np.save(out / "val_ids.npy", ids[-n_val:])
+    (out / "vocab.json").write_text(json.dumps({"chars": vocab}), encoding="utf-8")
+    p = np.bincount(ids[:-n_val], minlength=len(vocab)) / (len(ids) - n_val)
+    (out / "stats.json").write_text(json.dumps({
+        "unigram_bits_per_char": float(-(p[p > 0] * np.log2(p[p > 0])).sum()),
+        "unigram_val_bits_per_char": float(-np.log2(p[ids[-n_val:]]).mean())}))
+    return out
+
+
+def write_prepared(root: Path, n_images: int = 64) -> Path:
+    """Both prepared data sets under `root`: `n_images` CIFAR-format images per split and the Alice
+    excerpt (enough for the export / validate / inference tests)."""
+    write_prepared_cifar(root, n_images, n_images, n_images)
+    write_prepared_text(root, ALICE_BODY.replace("\r\n", "\n"))
+    return root / PREPARED
 
 
 def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Path:

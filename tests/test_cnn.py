@@ -7,30 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fixtures import CLASSES, cifar_images, tool_env, write_params
+from fixtures import CLASSES, tool_env, write_params, write_prepared_cifar
 from ptpipe import evaluate_cnn, train_cnn
 from ptpipe.stage import StageError
-
-PREPARED = Path("data/prepared/cifar10")
-
-
-def write_prepared(root: Path, n_train: int = 600, n_val: int = 200, n_test: int = 200) -> Path:
-    """The prepare stage's CIFAR layout, written directly: class-dependent colour patches on noise."""
-    out = root / PREPARED
-    out.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
-        x, y = cifar_images(n, seed)
-        np.save(out / f"{split}_images.npy", x.reshape(n, 3, 32, 32))
-        np.save(out / f"{split}_labels.npy", np.asarray(y, dtype=np.uint8))
-    x = np.load(out / "train_images.npy") / 255
-    (out / "card.json").write_text(json.dumps({
-        "classes": CLASSES, "mean": x.mean(axis=(0, 2, 3)).tolist(), "std": x.std(axis=(0, 2, 3)).tolist()}))
-    return out
-
 
 def small(root: Path, recipe: str = "default", **overrides) -> None:
     """Select `recipe` and shrink it to a seconds-long CPU run; overrides are recipe keys."""
@@ -43,7 +25,7 @@ def small(root: Path, recipe: str = "default", **overrides) -> None:
 
 @pytest.fixture
 def cnn_dir(in_tmp):
-    write_prepared(in_tmp)
+    write_prepared_cifar(in_tmp)
     return in_tmp
 
 
@@ -131,7 +113,7 @@ def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
 @pytest.mark.slow  # three training runs, two of them fresh processes: ~15 s idle, ~50 s under load
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
     small(cnn_dir, epochs=4)
-    write_prepared(cnn_dir, n_train=2000)  # epochs long enough to be killed inside one
+    write_prepared_cifar(cnn_dir, n_train=2000)  # epochs long enough to be killed inside one
     reference = train_cnn.main(progress=False, model_path=tmp_path / "ref/model.pt", live_dir=None,
                                metrics_path=None).history
 

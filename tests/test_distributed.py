@@ -57,9 +57,10 @@ def test_lstm_stage_under_train_nproc_2(tmp_path):
     """`train.nproc: 2` makes the stage command launch torchrun itself; only rank 0 writes."""
     import torch
 
-    from test_lstm import PHRASE, write_params, write_prepared
+    from fixtures import write_prepared_text
+    from test_lstm import PHRASE, write_params
 
-    write_prepared(tmp_path, PHRASE * 40)
+    write_prepared_text(tmp_path, PHRASE * 40)
     params = write_params(tmp_path, epochs=3)
     text = params.read_text().replace("nproc: 1", "nproc: 2")
     assert "nproc: 2" in text
@@ -76,10 +77,10 @@ def test_lstm_stage_under_train_nproc_2(tmp_path):
 
 @pytest.mark.slow
 def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(in_tmp):
-    from fixtures import write_params
-    from test_cnn import small, write_prepared
+    from fixtures import write_params, write_prepared_cifar
+    from test_cnn import small
 
-    write_prepared(in_tmp)
+    write_prepared_cifar(in_tmp)
     small(in_tmp, lr=0.01)
     write_params(in_tmp, **{"train.nproc": 2, "train.device": "cpu"})
     run = subprocess.run([sys.executable, "-m", "ptpipe.train_cnn"], cwd=in_tmp, env=tool_env(),

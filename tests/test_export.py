@@ -27,7 +27,7 @@ from ptpipe.stage import StageError
 def make_workdir(root: Path, cnn_arch: str) -> Path:
     """A folder with params.yaml, data/prepared, models/*/model.pt and the exported files."""
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    write_prepared(root / "data/prepared")
+    write_prepared(root)
     write_models(root / "models", cnn_arch=cnn_arch)
     for kind in ("cnn", "lstm"):
         export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 import ptpipe
-from fixtures import tool_env
+from fixtures import tool_env, write_prepared_text
 from ptpipe import cli, evaluate_lstm, generate, train_lstm
 from ptpipe.lstm import batchify, build_model, load_model, stream_loss
 from ptpipe.stage import StageError
@@ -30,23 +30,6 @@ TINY = dict(embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, tie_we
             batch_size=4, epochs=30, clip=1.0, lr=0.02, optimizer="adam", weight_decay=0.0, schedule="cosine",
             patience=None, seed=0, threads=1, eval_streams=2,
             sample={"prompt": "the", "length": 40, "seed": 1, "temperatures": [0.0, 1.0]})
-
-
-def write_prepared(root: Path, text: str, val_fraction: float = 0.1) -> Path:
-    """The `prepare` layout (see ptpipe.data) for `text`: sorted vocab, uint8 ids, last part for validation."""
-    out = root / "data" / "prepared" / "alice"
-    out.mkdir(parents=True)
-    vocab = sorted(set(text))
-    ids = np.array([vocab.index(ch) for ch in text], dtype=np.uint8)
-    n_val = int(len(ids) * val_fraction)
-    np.save(out / "train_ids.npy", ids[:-n_val])
-    np.save(out / "val_ids.npy", ids[-n_val:])
-    (out / "vocab.json").write_text(json.dumps({"chars": vocab}), encoding="utf-8")
-    p = np.bincount(ids[:-n_val], minlength=len(vocab)) / (len(ids) - n_val)
-    (out / "stats.json").write_text(json.dumps({
-        "unigram_bits_per_char": float(-(p[p > 0] * np.log2(p[p > 0])).sum()),
-        "unigram_val_bits_per_char": float(-np.log2(p[ids[-n_val:]]).mean())}))
-    return out
 
 
 def write_params(root: Path, **lstm) -> Path:
@@ -68,7 +51,7 @@ def run_stage(root: Path, module: str) -> subprocess.Popen:
 def trained(tmp_path_factory):
     """A tiny model trained (in-process, through the real stage) on a repeated sentence."""
     root = tmp_path_factory.mktemp("repetitive")
-    write_prepared(root, PHRASE * 40)
+    write_prepared_text(root, PHRASE * 40)
     params = write_params(root)
     torch.set_num_threads(2)  # the stage must set its own (lstm.threads: 1 in TINY)
     result = train_lstm.main(params, root / "data/prepared/alice", root / "models/lstm/model.pt",
@@ -164,7 +147,7 @@ def test_cli_generate_prints_text_and_rejects_unknown_prompt_characters(trained,
     ({"tie_weights": True, "embedding_size": 16}, "tie_weights"),
 ])
 def test_bad_params_name_the_key_and_write_nothing(tmp_path, change, key):
-    write_prepared(tmp_path, PHRASE * 10)
+    write_prepared_text(tmp_path, PHRASE * 10)
     params = write_params(tmp_path, **change)
     with pytest.raises(StageError, match=key):
         train_lstm.main(params, tmp_path / "data/prepared/alice", tmp_path / "models/lstm/model.pt",
@@ -173,7 +156,7 @@ def test_bad_params_name_the_key_and_write_nothing(tmp_path, change, key):
 
 
 def test_bad_params_exit_2_with_one_line_from_the_command(tmp_path):
-    write_prepared(tmp_path, PHRASE * 10)
+    write_prepared_text(tmp_path, PHRASE * 10)
     write_params(tmp_path, seq_len=0)
     proc = run_stage(tmp_path, "ptpipe.train_lstm")
     out, _ = proc.communicate(timeout=120)
@@ -188,7 +171,7 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     runs = {}
     for name in ("straight", "killed"):
         root = tmp_path / name
-        write_prepared(root, text)
+        write_prepared_text(root, text)
         write_params(root, epochs=4, hidden_size=32, embedding_size=32, num_layers=2, dropout=0.2,
                      seq_len=32, batch_size=8, patience=2)
         runs[name] = root
@@ -228,7 +211,7 @@ def test_dvc_repro_runs_train_and_evaluate_then_nothing(tmp_path):
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, repo / name)
-    write_prepared(repo, PHRASE * 20)
+    write_prepared_text(repo, PHRASE * 20)
     write_params(repo, epochs=3)
     env = {**tool_env(), "PYTHONPATH": str(repo / "src")}  # this interpreter's `python` on PATH
 
@@ -253,7 +236,7 @@ def test_dvc_repro_runs_train_and_evaluate_then_nothing(tmp_path):
 def test_section_lr_null_falls_back_to_the_top_level_lr(tmp_path):
     from ptpipe import params, trainer
 
-    write_prepared(tmp_path, PHRASE * 10)
+    write_prepared_text(tmp_path, PHRASE * 10)
     p = params.load(write_params(tmp_path, lr=None))
     *_, optimizer, _, config = train_lstm.setup(p, tmp_path / "data/prepared/alice", trainer.Distributed(),
                                                 torch.device("cpu"))
