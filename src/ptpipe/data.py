@@ -19,6 +19,7 @@ import torch
 
 from ptpipe.stage import StageError
 
+
 def _load_npy(path: Path) -> np.ndarray:
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro prepare` first")
