@@ -30,6 +30,13 @@ def test_dvc_repro_cnn_end_to_end_then_experiments(server, tmp_path):
     assert "Running stage 'train_cnn'" in exp.stdout and "Running stage 'download" not in exp.stdout
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
     assert "0.01" in json.dumps(shown)
+    # the baseline commit and the experiment both carry their metrics (cache: false outputs live in git)
+    baseline = next(row for row in shown if row.get("name") == "main")
+    experiment = baseline["experiments"][0]["revs"][0]
+    for row in (baseline, experiment):
+        assert row["data"]["metrics"]["metrics/cnn.json"]["data"]["test"]["acc"] >= 0, row
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=repo).stdout)
+    assert "old" in diff["metrics/cnn.json"]["test.acc"], diff  # HEAD's value is readable
     import torch
 
     assert torch.load(repo / "models/cnn/model.pt", weights_only=True)["config"]["lr"] == 0.01
