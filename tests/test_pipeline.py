@@ -1,9 +1,41 @@
 """The real `dvc` CLI on a fresh git repo holding the project: stages run, then nothing re-runs."""
+import ast
 import json
 
 import pytest
+import yaml
 
-from fixtures import copy_project, serve_data, sh
+from fixtures import ROOT, copy_project, serve_data, sh
+
+PLUMBING = {"files", "params", "stage"}  # cannot change a stage's result (see the head of dvc.yaml)
+
+
+def ptpipe_imports(module: str) -> set[str]:
+    """The ptpipe modules `module` imports at module level, directly or through another."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / "src/ptpipe" / f"{name}.py").read_text())
+        for node in tree.body:  # module level only: imports inside functions are optional paths
+            if isinstance(node, ast.ImportFrom) and node.module == "ptpipe":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ptpipe."):
+                todo.append(node.module.split(".")[1])
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to a module a stage imports must re-run the stage: dvc.yaml lists it in `deps`."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert len(stages) == 8
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)  # foreach stages
+        module = stage["cmd"].split("python -m ptpipe.")[1].split()[0]
+        listed = {dep[len("src/ptpipe/"):-3] for dep in stage["deps"] if dep.startswith("src/ptpipe/")}
+        assert listed == ptpipe_imports(module) - PLUMBING, name
 
 
 @pytest.mark.slow
