@@ -27,6 +27,7 @@ def test_project_params_are_valid():
     (lambda d: d["download"]["alice"].update(url="ftp://x"), "download.alice.url: Value error, must start with"),
     (lambda d: d["download"].update(retries="3"), "download.retries: Input should be a valid integer"),
     (lambda d: d["prepare"]["alice"].update(val_fraction=0.9), "prepare.alice.val_fraction: Input should be less"),
+    (lambda d: d["prepare"]["cifar10"].update(val_size=0), "prepare.cifar10.val_size: Input should be greater than or equal to 1"),
     (lambda d: d["train"].update(device="tpu"), "train.device: Input should be 'auto'"),
     (lambda d: d.pop("train"), "train: missing"),
 ])

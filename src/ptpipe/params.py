@@ -50,7 +50,7 @@ class Download(Section):
 
 
 class PrepareCifar(Section):
-    val_size: int = Field(ge=0, le=25000)
+    val_size: int = Field(ge=1, le=25000)  # the CNN trainer validates every epoch
     seed: int
 
 
