@@ -80,7 +80,8 @@ def test_every_file_loads_with_weights_only(cnn_dir):
 
 def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
     small(cnn_dir, "tutorial", lr=1e8)
-    with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+"):
+    with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+: .* "
+                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 1e\+08\)"):
         train_cnn.main(progress=False)
     assert not Path("models/cnn/model.pt").exists()
 

@@ -241,3 +241,14 @@ def test_section_lr_null_falls_back_to_the_top_level_lr(tmp_path):
     *_, optimizer, _, config = train_lstm.setup(p, tmp_path / "data/prepared/alice", trainer.Distributed(),
                                                 torch.device("cpu"))
     assert config["params"]["lr"] == p.lr == optimizer.param_groups[0]["initial_lr"]
+
+
+@pytest.mark.parametrize("lstm, expected", [
+    ({"lr": 0.5, "clip": 2.0}, "lower the learning rate (lstm.lr: 0.5) or lower lstm.clip (2)"),
+    ({"lr": None, "clip": None}, "lower the learning rate (lr: {top}) or set a gradient clip (lstm.clip)"),
+])
+def test_non_finite_hint_names_the_keys_in_effect(tmp_path, lstm, expected):
+    from ptpipe import params
+
+    p = params.load(write_params(tmp_path, **lstm))
+    assert train_lstm.non_finite_hint(p) == expected.format(top=f"{p.lr:g}")

@@ -105,6 +105,13 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
     return model, task, optimizer, scheduler, config
 
 
+def non_finite_hint(p: params.Params) -> str:
+    """What to change when the loss blows up, naming the params keys in effect."""
+    lr_key, lr = ("lr", p.lr) if p.lstm.lr is None else ("lstm.lr", p.lstm.lr)
+    clip = "set a gradient clip (lstm.clip)" if p.lstm.clip is None else f"lower lstm.clip ({p.lstm.clip:g})"
+    return f"lower the learning rate ({lr_key}: {lr:g}) or {clip}"
+
+
 def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
          model_path: str | Path = "models/lstm/model.pt", live_dir: str | Path | None = "dvclive/lstm",
          progress: bool = True) -> trainer.FitResult:
@@ -121,6 +128,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
         config=config,
         live_dir=Path(live_dir) if live_dir is not None else None,
         clip_grad_norm=p.lstm.clip,
+        non_finite_hint=non_finite_hint(p),
         monitor="val/loss",  # early stopping and the kept weights: the best validation loss
         monitor_mode="min",
         patience=p.lstm.patience,

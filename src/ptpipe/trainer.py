@@ -190,6 +190,7 @@ class Fit:
     config: dict  # resolved params + model args: saved in both files; a mismatch means no resume
     live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
     clip_grad_norm: float | None = None
+    non_finite_hint: str = "lower the learning rate"  # what to change if the loss blows up, naming the params keys
     monitor: str | None = None  # validation metric deciding the kept weights, e.g. "val/loss"
     monitor_mode: str = "min"
     patience: int | None = None  # epochs without improvement before stopping early
@@ -349,13 +350,13 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
         # non-finite guard + log, once per SYNC_EVERY steps: the step that is reported is still the
         # exact first bad one (its loss is in `pending`); at most SYNC_EVERY - 1 more steps ran after it
         if steps % SYNC_EVERY == 0:
-            loss_sum = _sync(pending, loss_sum, steps, epoch)
+            loss_sum = _sync(pending, loss_sum, steps, epoch, spec.non_finite_hint)
             if show:
                 rate = items * ddp.world_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
     if steps == 0:
         raise StageError(f"epoch {epoch + 1} had no training batches: the training split is smaller than one batch")
-    loss_sum = _sync(pending, loss_sum, steps, epoch)
+    loss_sum = _sync(pending, loss_sum, steps, epoch, spec.non_finite_hint)
     if scheduler is not None and not spec.scheduler_per_step:
         scheduler.step()
     train_loss = loss_sum / steps
@@ -365,7 +366,7 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     return {"train/loss": train_loss.item(), f"train/{task.unit}_per_s": items * ddp.world_size / seconds}
 
 
-def _sync(pending: list[torch.Tensor], loss_sum: torch.Tensor, steps: int, epoch: int) -> torch.Tensor:
+def _sync(pending: list[torch.Tensor], loss_sum: torch.Tensor, steps: int, epoch: int, hint: str) -> torch.Tensor:
     """Add the pending losses (one stack, one host sync) to `loss_sum`; a non-finite one is a StageError
     naming its step (1-based, within the epoch). Empties `pending`."""
     if not pending:
@@ -378,7 +379,7 @@ def _sync(pending: list[torch.Tensor], loss_sum: torch.Tensor, steps: int, epoch
         step = steps - len(losses) + first
         raise StageError(
             f"non-finite training loss at epoch {epoch + 1}, step {step + 1}: training stopped and no model "
-            f"file was written; lower the learning rate (lr) or set a gradient clip")
+            f"file was written; {hint}")
     return loss_sum + losses.sum()
 
 
