@@ -78,6 +78,13 @@ def test_every_file_loads_with_weights_only(cnn_dir):
         torch.load(path, weights_only=True)
 
 
+def test_unprepared_workspace_says_which_stage_to_run_and_writes_nothing(in_tmp):
+    small(in_tmp)  # params only: no data/prepared
+    with pytest.raises(StageError, match=r"card\.json is missing: run `dvc repro prepare` first"):
+        train_cnn.main(progress=False)
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["params.yaml"]
+
+
 def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
     small(cnn_dir, "tutorial", lr=1e8)
     with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+: .* "

@@ -20,10 +20,14 @@ import torch
 from ptpipe.stage import StageError
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _existing(path: Path) -> Path:
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro prepare` first")
-    return np.load(path, allow_pickle=False)
+    return path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    return np.load(_existing(path), allow_pickle=False)
 
 
 def load_cifar(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +39,7 @@ def load_cifar(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
 
 
 def load_card(prepared_dir: str | Path) -> dict:
-    return json.loads((Path(prepared_dir) / "card.json").read_text())
+    return json.loads(_existing(Path(prepared_dir) / "card.json").read_text())
 
 
 def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -43,5 +47,5 @@ def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, lis
     prepared_dir = Path(prepared_dir)
     train = torch.from_numpy(_load_npy(prepared_dir / "train_ids.npy")).long()
     val = torch.from_numpy(_load_npy(prepared_dir / "val_ids.npy")).long()
-    vocab = json.loads((prepared_dir / "vocab.json").read_text(encoding="utf-8"))["chars"]
+    vocab = json.loads(_existing(prepared_dir / "vocab.json").read_text(encoding="utf-8"))["chars"]
     return train, val, vocab
