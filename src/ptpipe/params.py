@@ -1,7 +1,7 @@
 """The schema of `params.yaml`: every stage validates the whole file here before it writes anything.
 
 Unknown keys, wrong types and out-of-range values raise `StageError` naming the key, e.g.
-`params.yaml: cnn.lr: Input should be greater than 0 (got -0.1)`. Defaults live in
+`params.yaml: lr: Input should be greater than 0 (got -0.1)`. Defaults live in
 params.yaml alone; the models below only say what is allowed.
 """
 from __future__ import annotations

@@ -74,7 +74,8 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
 def make_scheduler(name: str, optimizer, total_steps: int):
     if name == "constant":
         return None
-    # Cosine from lr to 0 over the planned steps; clamped, in case an epoch has one step more.
+    # Cosine from lr to 0 over total_steps (steps_per_epoch x epochs, an upper bound: an epoch whose random
+    # phase makes it one step shorter leaves the last lr a hair above 0); clamped at 0 past the end.
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
 

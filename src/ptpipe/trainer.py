@@ -94,7 +94,7 @@ def run_stage(module: str, main, params_file: str = "params.yaml", argv: list[st
     """The `python -m ptpipe.train_*` entry point: under torchrun when `train.nproc` > 1, else in-process."""
     from ptpipe import params
 
-    if not relaunch_under_torchrun(params.load(params_file).train.nproc, module, argv=argv or []):
+    if not relaunch_under_torchrun(params.load(params_file).train.nproc, module, argv=argv):
         main()
 
 
