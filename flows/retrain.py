@@ -12,8 +12,9 @@ A thin layer over `ptpipe.pipeline` (the same `dvc repro` the command line runs)
 4. with overrides, `dvc exp save` records the result as an experiment (what `dvc exp run -S`
    would do); either way a markdown artifact `retrain-report` holds revision, params changed
    and `dvc metrics show`;
-5. when the pipeline has a `validate` stage, the `validate-onnx` flow runs as a subflow, so
-   every retrain ends with the per-model/per-shape tables.
+5. when the pipeline has a `validate` stage, the `validate-onnx` flow runs as a subflow, still
+   inside the slot, so every retrain ends with the per-model/per-shape tables; when the validate
+   stage fails, the subflow runs before the retrain fails, so the failing shapes are tabulated.
 
 On failure `ptpipe.incidents.on_failure` writes `incidents/<time>-retrain-<run>.json`.
 Run by hand: `python flows/retrain.py` (repo = current directory), or deploy (prefect.yaml).
@@ -25,16 +26,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
-from ptpipe import incidents, pipeline
-
-DVC_LIMIT = "dvc-repo"  # global concurrency limit: one DVC pipeline run at a time on this server
+from ptpipe import incidents, pipeline, repo_slot
 
 
 class RetrainRequest(BaseModel):
@@ -48,18 +43,6 @@ class RetrainRequest(BaseModel):
     download_retries: int = Field(3, ge=0, le=10, description="Extra attempts of a failed download stage")
     retry_delay_s: float = Field(10.0, ge=0, description="First retry delay in seconds; doubles each attempt")
     validate_after: bool = Field(True, description="Run validate-onnx when the pipeline has a validate stage")
-
-
-def ensure_limit(name: str = DVC_LIMIT, slots: int = 1) -> None:
-    """Create the global concurrency limit if missing (an absent limit would not limit at all)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            except ObjectAlreadyExists:  # another run created it meanwhile
-                pass
 
 
 @task(name="check-params")
@@ -109,6 +92,10 @@ def _is_download(stage: str) -> bool:
     return name == "download" or name.startswith("download@")
 
 
+def _is_validate(stage: str) -> bool:
+    return stage.rsplit(":", 1)[-1] == "validate"
+
+
 @flow(name="retrain", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
 def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict:
     """Run the DVC pipeline (see module docstring); returns metrics and the stages run."""
@@ -117,11 +104,9 @@ def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict
     overrides = list(request.set_params)
     check_params(repo, overrides)
 
-    ensure_limit()
-    logger.info("waiting for the %r concurrency slot", DVC_LIMIT)
-    with concurrency(DVC_LIMIT, occupy=1):
-        logger.info("holding the %r concurrency slot", DVC_LIMIT)
+    with repo_slot.hold(logger):
         stages = find_stages(repo)
+        tabulate = request.validate_after and any(_is_validate(s) for s in stages)
         apply_overrides(repo, overrides)
         for stage in stages:
             options: dict = {"name": f"stage {stage}"}
@@ -132,17 +117,20 @@ def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict
                     if request.retry_delay_s > 0
                     else 0,
                 )
-            run_stage.with_options(**options)(repo, stage)
+            try:
+                run_stage.with_options(**options)(repo, stage)
+            except pipeline.DvcFailed:
+                if tabulate and _is_validate(stage):  # the failing shapes as tables, then the run fails
+                    _load_sibling("validate_onnx").validate_onnx(repo=repo, slot_held=True)
+                raise
         experiment = None
         if overrides:
             experiment = request.experiment
             save_experiment(repo, experiment)
         report(repo, stages, overrides, experiment)
         result = {"stages": stages, "metrics": pipeline.metrics(repo)}
-
-    if request.validate_after and any(s.rsplit(":", 1)[-1] == "validate" for s in stages):
-        validate_onnx = _load_sibling("validate_onnx").validate_onnx
-        validate_onnx(repo=repo)
+        if tabulate:  # still holding the slot: the next retrain must not replace the models meanwhile
+            _load_sibling("validate_onnx").validate_onnx(repo=repo, slot_held=True)
     return result
 
 

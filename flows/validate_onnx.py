@@ -5,7 +5,8 @@ the workspace models or on the models of a given git revision / experiment (`rev
 from the DVC cache). Each (model, shape) gets a table artifact `onnx-<model>-<shape>` with
 one row per backend (max |difference|, top-1 agreement, ok). The flow ends Failed, naming
 model, backend, shape and difference, when a tolerance is exceeded; `ptpipe.incidents`
-records it under `incidents/`.
+records it under `incidents/`. It holds the `dvc-repo` slot (`ptpipe.repo_slot`) while it
+reads the workspace, so it never sees a retrain's half-replaced models.
 
 Contract of ptpipe.validate (issue 5), the validate stage's own function:
     validate_models(models_dir, prepared_dir, ..., params_file) -> dict
@@ -16,6 +17,7 @@ The tolerance and shapes come from the `validate` section of the repository's pa
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from ptpipe import incidents, pipeline
+from ptpipe import incidents, pipeline, repo_slot
 from ptpipe.stage import StageError
 
 COLUMNS = ["model", "shape", "backend", "max_abs_diff", "top1_agreement", "ok"]
@@ -38,8 +40,10 @@ def fetch_models(repo: str, rev: str, dest: Path) -> Path:
     from dvc.api import DVCFileSystem
 
     fs = DVCFileSystem(repo, rev=rev)
-    if not fs.exists("models"):
-        raise StageError(f"revision {rev!r} has no models/ (run the pipeline and commit dvc.lock first)")
+    exported = ("models/cnn/model.onnx", "models/lstm/model.onnx")
+    if not any(fs.exists(path) for path in exported):  # (not "models/": its README is in git everywhere)
+        raise StageError(f"revision {rev!r} has no exported model ({' or '.join(exported)}): "
+                         f"run the pipeline there and commit dvc.lock")
     fs.get("models", str(dest / "models"), recursive=True)
     return dest / "models"
 
@@ -79,13 +83,17 @@ def run_validation(models_dir: str, data_dir: str, params_file: str) -> dict:
 
 
 @flow(name="validate-onnx", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
-def validate_onnx(repo: str = ".", rev: str | None = None) -> dict:
-    """Validate the workspace models (rev=None) or those of `rev`; Failed on a tolerance excess."""
+def validate_onnx(repo: str = ".", rev: str | None = None, slot_held: bool = False) -> dict:
+    """Validate the workspace models (rev=None) or those of `rev`; Failed on a tolerance excess.
+
+    Holds the `dvc-repo` slot while it reads the workspace (models, params.yaml, prepared data),
+    unless `slot_held`: the retrain that calls it as a subflow holds it already."""
     logger = get_run_logger()
     root = pipeline.repo_root(repo)
-    with tempfile.TemporaryDirectory(prefix="ptpipe-models-") as tmp:
-        models_dir = fetch_models(str(root), rev, Path(tmp)) if rev else root / "models"
-        report = run_validation(str(models_dir), str(root / "data" / "prepared"), str(root / "params.yaml"))
+    with contextlib.nullcontext() if slot_held else repo_slot.hold(logger):
+        with tempfile.TemporaryDirectory(prefix="ptpipe-models-") as tmp:
+            models_dir = fetch_models(str(root), rev, Path(tmp)) if rev else root / "models"
+            report = run_validation(str(models_dir), str(root / "data" / "prepared"), str(root / "params.yaml"))
     for (model, shape), rows in tables(report).items():
         create_table_artifact(
             table=rows,

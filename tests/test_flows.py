@@ -260,6 +260,9 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path):
         pipeline.apply_overrides(repo, ["download.retries=many"])
     assert (repo / "params.yaml").read_text() == before  # nothing written
     assert pipeline.check_overrides(repo, ["lr=0.01"]).lr == 0.01
+    assert pipeline.check_overrides(repo, ["params.yaml:lr=0.02"]).lr == 0.02  # dvc's file prefix
+    with pytest.raises(StageError, match=r"override 'other.yaml:lr=0.02': expected key=value"):
+        pipeline.check_overrides(repo, ["other.yaml:lr=0.02"])
     assert (repo / "params.yaml").read_text() == before  # checked on a copy
     pipeline.apply_overrides(repo, ["lr=0.01"])
     text = (repo / "params.yaml").read_text()
@@ -297,6 +300,9 @@ def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
     repo.mkdir()
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
+    (repo / "models").mkdir()
+    (repo / "models" / "README.md").write_text("what the stages write here\n")  # as in the project
+    sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "dvc init", cwd=repo)
     sh("git", "tag", "empty", cwd=repo)
     (repo / "make.py").write_text(
@@ -316,7 +322,7 @@ def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
     got = flows.fetch_models(str(repo), "cifar10-cnn@v1.0.0", tmp_path / "out")
     assert (got / "cnn" / "model.onnx").read_text() == "one"
     assert (repo / "models" / "cnn" / "model.onnx").read_text() == "two"  # workspace untouched
-    with pytest.raises(StageError, match="'empty' has no models/"):
+    with pytest.raises(StageError, match=r"'empty' has no exported model \(models/cnn/model.onnx or"):
         flows.fetch_models(str(repo), "empty", tmp_path / "none")
 
 
@@ -423,6 +429,48 @@ def test_second_retrain_waits_for_the_first_then_completes(project, worker, clie
     assert second_logs.index(next(m for m in second_logs if "holding the 'dvc-repo'" in m)) > \
         second_logs.index(next(m for m in second_logs if "waiting for the 'dvc-repo'" in m))
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
+
+
+@pytest.mark.slow
+def test_validate_onnx_waits_while_a_pipeline_run_holds_the_slot(project, worker, client):
+    """The daily validation reads the workspace models: never while a retrain may be replacing them."""
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency("dvc-repo", occupy=1):  # what a running retrain holds
+        run = start_run(client, "validate-onnx/daily")
+        wait_for(lambda: any("waiting for the 'dvc-repo' concurrency slot" in m for m in run_logs(client, run.id)),
+                 "validate-onnx to ask for the concurrency slot")
+        time.sleep(2)
+        assert not client.read_flow_run(run.id).state.is_final()
+        assert not any("holding the 'dvc-repo'" in m for m in run_logs(client, run.id))
+    state = final_state(client, run.id)
+    assert state.is_completed(), f"{state}\n" + "\n".join(run_logs(client, run.id))
+    assert "onnx-cnn-batch-7" in artifacts(client, run.id)
+    assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
+
+
+@pytest.mark.slow
+def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(project, worker, client):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    repo, _, _ = project
+    run = start_run(client, "retrain/nightly", {"request": {"set_params": ["validate.atol=1e-12"]}})
+    state = final_state(client, run.id)
+    assert state.is_failed(), state
+    assert "tolerance exceeded" in str(state.message) or "tolerance exceeded" in "\n".join(run_logs(client, run.id))
+    (sub,) = client.read_flow_runs(  # the retrain's validate-onnx subflow
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+    assert sub.state.is_failed(), sub.state
+    rows = json.loads(artifacts(client, sub.id)["onnx-cnn-batch-7"].data)
+    assert any(row["ok"] is False for row in rows)  # the failing shape, tabulated
+    assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
+    # both runs record an incident (the hooks run after the Failed state reaches the API)
+    records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
+        [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]), "both incident records")
+    assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate"), ("validate-onnx", "validate")}
+    for path in (repo / "incidents").glob("*.json"):
+        path.unlink()
+    sh("git", "checkout", "params.yaml", cwd=repo)
 
 
 @pytest.mark.slow

@@ -58,6 +58,12 @@ def released(tmp_path_factory):
     rel = ptpipe("release", "cifar10-cnn", "v1.0.0", cwd=repo)
     assert rel.returncode == 0, rel.stderr
     shas["v1.0.0"] = sha256(repo / "models/cnn/model.onnx")
+    # a second version of the same commit is refused before anything is pushed or tagged
+    pushed = sorted(p.name for p in (root / "remote").rglob("*") if p.is_file())
+    again = ptpipe("release", "cifar10-cnn", "v1.0.1", cwd=repo)
+    assert again.returncode == 2 and "already released as cifar10-cnn@v1.0.0" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr and not sh("git", "tag", "--list", "cifar10-cnn@v1.0.1", cwd=repo).stdout
+    assert sorted(p.name for p in (root / "remote").rglob("*") if p.is_file()) == pushed
 
     write_params(repo, **{"cnn.recipes.default.seed": 1})
     sh("git", "commit", "-qam", "seed 1", cwd=repo)
@@ -70,6 +76,8 @@ def released(tmp_path_factory):
     shas["v1.1.0"] = sha256(repo / "models/cnn/model.onnx")
     assert shas["v1.0.0"] != shas["v1.1.0"]
     assert ptpipe("promote", "cifar10-cnn", "v1.0.0", "prod", cwd=repo).returncode == 0
+    unknown = ptpipe("promote", "cifar10-cnn", "v9.9.9", "prod", cwd=repo)
+    assert unknown.returncode == 2 and "v9.9.9" in unknown.stderr and "Traceback" not in unknown.stderr
     yield root, repo, shas
     server.close()
 

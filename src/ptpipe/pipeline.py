@@ -82,9 +82,12 @@ def _params_after(root: Path, overrides: list[str]) -> tuple[str, params.Params]
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
+    # `dvc exp run -S params.yaml:lr=0.01` names the file; params.yaml is the only one this pipeline reads.
+    overrides = [item.removeprefix(f"{params.PARAMS_FILE}:") for item in overrides]
     for item in overrides:
         if not _OVERRIDE.match(item):
-            raise StageError(f"override {item!r}: expected key=value, as after `dvc exp run -S` (e.g. lr=0.01)")
+            raise StageError(f"override {item!r}: expected key=value or params.yaml:key=value, as after "
+                             f"`dvc exp run -S` (e.g. lr=0.01)")
     source = root / params.PARAMS_FILE
     with tempfile.TemporaryDirectory(prefix="ptpipe-params-") as tmp:
         copy = Path(tmp) / params.PARAMS_FILE  # same name: DVC picks its YAML writer by suffix

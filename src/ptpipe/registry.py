@@ -14,6 +14,7 @@ ONNX file (`model.onnx`, what `load_model` serves) and TorchScript file (`model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -41,7 +42,21 @@ def _artifact(repo: Path, name: str) -> dict:
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StageError(f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}")
+    return result.stdout
+
+
+@contextlib.contextmanager
+def _gto_errors():
+    """GTO's refusals (unknown version, stage already assigned, ...) as StageErrors: one line, no traceback."""
+    from gto.exceptions import GTOException
+
+    try:
+        yield
+    except GTOException as exc:
+        raise StageError(str(exc)) from None
 
 
 def check_releasable(repo: Path) -> None:
@@ -80,6 +95,11 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
     tag = f"{name}@{version}"
     if _git(repo, "tag", "--list", tag).strip():
         raise StageError(f"{tag} already exists: versions are immutable, release a new one")
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    same_commit = [v["version"] for v in versions(name, repo) if v["commit"] == head]
+    if same_commit:  # GTO allows one version per commit: refuse before anything is pushed
+        raise StageError(f"this commit is already released as {name}@{same_commit[0]}: "
+                         f"commit a change to release {version}, or promote {same_commit[0]}")
     check_releasable(repo)
 
     from dvc.repo import Repo
@@ -89,8 +109,9 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
         pushed = dvc_repo.push(targets=targets)
     import gto.api
 
-    gto.api.register(str(repo), name, ref="HEAD", version=version,
-                     message=message or f"Release {name} {version}")
+    with _gto_errors():
+        gto.api.register(str(repo), name, ref="HEAD", version=version,
+                         message=message or f"Release {name} {version}")
     print(f"released {tag}: pushed {pushed} file(s) of {', '.join(targets)} to the DVC remote")
     return tag
 
@@ -100,7 +121,8 @@ def promote(name: str, version: str, stage: str, repo: str | Path = ".") -> None
     import gto.api
 
     _artifact(Path(repo), name)
-    gto.api.assign(str(repo), name, stage, version=version)
+    with _gto_errors():
+        gto.api.assign(str(repo), name, stage, version=version)
 
 
 def versions(name: str, repo: str | Path = ".") -> list[dict]:
@@ -109,10 +131,11 @@ def versions(name: str, repo: str | Path = ".") -> list[dict]:
     from gto.exceptions import ArtifactNotFound
 
     _artifact(Path(repo), name)
-    try:
-        rows = gto.api.show(str(repo), name)
-    except ArtifactNotFound:  # declared in dvc.yaml but never released
-        return []
+    with _gto_errors():
+        try:
+            rows = gto.api.show(str(repo), name)
+        except ArtifactNotFound:  # declared in dvc.yaml but never released
+            return []
     return [{"version": r["version"], "commit": r["commit_hexsha"], "created_at": r["created_at"],
              "stages": [s["stage"] for s in r["stages"]]} for r in rows]
 
