@@ -79,8 +79,10 @@ def timed(fns: dict, n: int) -> dict:
 
 def export_both(kind: str, model: torch.nn.Module, folder: Path):
     """(TorchScript module loaded back from its file, path of the ONNX file), as the stage writes them."""
-    meta = {"ptpipe.kind": kind, "vocab": [chr(32 + i) for i in range(VOCAB)], "num_layers": 2, "hidden_size": 256,
-            "classes": [str(i) for i in range(10)]}
+    meta = {"ptpipe.kind": kind, "classes": [str(i) for i in range(10)]}
+    if kind == "lstm":  # from the model itself: --models-dir may time another size
+        meta.update(vocab=[chr(32 + i) for i in range(model.embed.num_embeddings)],
+                    num_layers=model.num_layers, hidden_size=model.hidden_size)
     proto = export.to_onnx(kind, model, 17, meta)
     files.write_bytes(folder / f"{kind}.onnx", proto.SerializeToString())
     with warnings.catch_warnings():
@@ -110,7 +112,7 @@ def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
     result = {}
     for batch, seq, label, n in ((1, 1, "step_latency_us_b1", runs),
                                  (256, 32, "throughput_chars_s_b256x32", max(10, runs // 30))):
-        ids = torch.randint(0, VOCAB, (batch, seq))
+        ids = torch.randint(0, model.embed.num_embeddings, (batch, seq))
         h, c = model.init_state(batch)
         feed = {"ids": ids.numpy(), "h0": h.numpy(), "c0": c.numpy()}
         fns = {"eager": lambda: model(ids, h, c), "torchscript": lambda: scripted(ids, h, c)}

@@ -124,6 +124,8 @@ def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_dif
     assert report["cnn"]["onnxruntime"]["b64"]["logits"] > 1e-3
 
     # the stage: exit 2, the same one-line message, and no metrics file that looks like a pass
+    (work / "metrics").mkdir(exist_ok=True)
+    (work / "metrics/validate.json").write_text('{"passed": true}')  # an earlier run's report
     result = run_module("-m", "ptpipe.validate", cwd=work)
     assert result.returncode == 2, result.stderr
     assert "error: exported model disagrees with PyTorch: cnn onnxruntime shape 1x3x32x32" in result.stderr
@@ -235,6 +237,49 @@ def test_load_image_maps_any_size_and_mode_to_32x32_rgb(tmp_path):
     (tmp_path / "fake.jpg").write_text("not an image")
     with pytest.raises(StageError, match="fake.jpg: not a readable image"):
         load_image(tmp_path / "fake.jpg")
+
+
+def test_load_image_scales_16_bit_grey_and_puts_transparency_on_white(tmp_path, monkeypatch):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # 16-bit grey, dark to light
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    x = load_image(tmp_path / "deep.png")
+    assert 100 < x.mean() < 155 and x.min() < 10  # scaled to 8 bits, not clipped to white
+    hidden = np.zeros((32, 32, 4), np.uint8)
+    hidden[..., 0] = 255  # red under alpha 0: a transparent image whose hidden colour is red
+    Image.fromarray(hidden, "RGBA").save(tmp_path / "clear.png")
+    assert (load_image(tmp_path / "clear.png") == 255).all()  # white, as it is displayed
+    # an image over Pillow's size guard is refused for that file alone, not a traceback
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 > 2 x 100: a "decompression bomb"
+    with pytest.raises(StageError, match="deep.png: image too large"):
+        load_image(tmp_path / "deep.png")
+
+
+def test_files_that_are_not_ours_are_one_line_errors(workdir, tmp_path):
+    from onnx import TensorProto, helper
+
+    from ptpipe import generate
+    from ptpipe.inference import OnnxLstm
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    other = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(other, {"author": "someone else"})  # not JSON
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(StageError, match=r"other.onnx is not a ptpipe lstm model \(its metadata says None\)"):
+        OnnxLstm(tmp_path / "other.onnx")
+    (tmp_path / "text.ts").write_text("not a TorchScript archive")
+    with pytest.raises(StageError, match="text.ts: not a TorchScript file written by `ptpipe.export`"):
+        generate.load_backend("torchscript", tmp_path / "text.ts")
+    with pytest.raises(StageError, match=r"model.ts is not a ptpipe lstm model"):
+        generate.load_backend("torchscript", workdir / "models/cnn/model.ts")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    result = run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",
+                        "--model", str(tmp_path / "text.pt"), cwd=tmp_path)
+    assert result.returncode == 2 and "text.pt: not a model file written by `dvc repro train_lstm`" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):

@@ -23,8 +23,8 @@ TorchScript: `torch.jit.script` (not trace): tracing nn.LSTM turns its shape che
 constants (TracerWarnings), scripting keeps them, and every shape stays dynamic.
 
 Every ONNX file carries `metadata_props` (values are JSON): `ptpipe.kind`, the CNN's `classes`,
-`input` and `mean`/`std`; the LSTM's `vocab`, `num_layers`, `hidden_size`; both `params` (the
-training params from model.pt), `git_revision` (HEAD, "+dirty" if the work tree differs) and
+`mean`/`std` and `arch`; the LSTM's `vocab`, `num_layers`, `hidden_size`; both `input` (what to
+feed), `model_args`, `params` (the training params from model.pt), `git_revision` (HEAD, "+dirty" if the work tree differs) and
 `source_md5` (md5 of model.pt: the hash `dvc.lock` records for it). Weights are inside the
 .onnx file (no external-data sidecar). The TorchScript file carries the same as `config.json`
 in its extra files. Files are written through a temporary name and renamed (ptpipe.files).
@@ -143,10 +143,13 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro export`")
     extra = {"config.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    return module, json.loads(extra["config.json"] or "{}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+        return module, json.loads(extra["config.json"] or "{}")
+    except (RuntimeError, ValueError) as exc:  # not a TorchScript archive, or config.json not JSON
+        raise StageError(f"{path}: not a TorchScript file written by `ptpipe.export` ({type(exc).__name__})") from None
 
 
 def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:

@@ -119,6 +119,8 @@ def load_backend(backend: str, path: str | Path | None = None, threads: int = 0
     from ptpipe.export import load_torchscript
 
     module, meta = load_torchscript(path)
+    if meta.get("ptpipe.kind") != "lstm":
+        raise StageError(f"{path} is not a ptpipe lstm model (its config.json says {meta.get('ptpipe.kind')!r})")
     return torch_step(module), _zeros(meta["num_layers"], meta["hidden_size"]), meta["vocab"]
 
 

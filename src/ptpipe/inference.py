@@ -60,9 +60,14 @@ def open_session(path: str | Path, threads: int = DEFAULT_THREADS) -> ort.Infere
 
 
 def read_metadata(session: ort.InferenceSession) -> dict:
-    """The file's metadata_props, JSON-decoded (see ptpipe.export)."""
-    props = session.get_modelmeta().custom_metadata_map
-    return {key: json.loads(value) for key, value in props.items()}
+    """The file's metadata_props, JSON-decoded (see ptpipe.export); a value that is not JSON stays a string."""
+    def decode(value: str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:  # written by another tool
+            return value
+
+    return {key: decode(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
 
 
 def _open_kind(path: str | Path, kind: str, threads: int) -> tuple[ort.InferenceSession, dict]:
@@ -86,7 +91,9 @@ def load_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = _to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
+        raise StageError(f"{path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise StageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     w, h = img.size
@@ -94,6 +101,20 @@ def load_image(path: str | Path) -> np.ndarray:
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # HWC -> CHW
+
+
+def _to_rgb(img):
+    """8-bit RGB as CIFAR-10's: 16-bit grey scaled down (Pillow's convert would clip it to white),
+    transparency composited onto white (not the arbitrary colours hidden under alpha 0)."""
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG grey
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -128,7 +129,12 @@ def load_model_file(path: str | Path, stage: str, required: tuple[str, ...] = ()
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path} is missing: run `dvc repro {stage}` first")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise StageError(f"{path}: not a model file written by `dvc repro {stage}` ({type(exc).__name__})") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise StageError(f"{path}: not a model file written by `dvc repro {stage}` (no state_dict)")
     missing = [k for k in required if k not in saved.get("config", {})]
     if missing:
         raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe "

@@ -190,7 +190,11 @@ def validate_models(models_dir: str | Path = MODELS_DIR, prepared_dir: str | Pat
 
 def main(models: tuple[str, ...] = ("cnn", "lstm"), models_dir: str | Path = MODELS_DIR,
          prepared_dir: str | Path = PREPARED_DIR, report_path: str | Path = REPORT) -> dict:
-    report = validate_models(models_dir, prepared_dir, models=models)
+    try:
+        report = validate_models(models_dir, prepared_dir, models=models)
+    except ValidationFailed:
+        Path(report_path).unlink(missing_ok=True)  # an earlier passing report must not look current
+        raise
     # the metric file: everything but the per-check rows (the nested dict is what `dvc metrics` shows)
     files.write_json(report_path, {key: value for key, value in report.items() if key != "checks"})
     for model, diff in report["max_abs_diff"].items():
