@@ -294,7 +294,9 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
     (models_dir / "cnn").mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": cnn.state_dict(), "config": {
         "arch": cnn_arch, "model_args": model_args, "classes": CLASSES,
-        "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "params": {"seed": seed}}},
+        "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
+        # as train_cnn saves them: the training params beside the model keys
+        "recipe": "default", "lr": 0.001, "tta": 0, "recipe.seed": seed}},
         models_dir / "cnn" / "model.pt")
     vocab = sorted(set(ALICE_BODY.replace("\r\n", "\n")))
     lstm_args = dict(vocab_size=len(vocab), embedding_size=16, hidden_size=16, num_layers=2,

@@ -62,11 +62,12 @@ def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
         meta = {p.key: json.loads(p.value) for p in model.metadata_props}
         assert meta["ptpipe.kind"] == kind and meta["git_revision"] == "abc123"
         assert meta["source_md5"] == files.digest(workdir / "models" / kind / "model.pt", "md5")
-        assert meta["params"] == {"seed": 0}
     cnn_meta = {p.key: json.loads(p.value) for p in onnx.load(workdir / "models/cnn/model.onnx").metadata_props}
+    assert cnn_meta["params"] == {"recipe": "default", "lr": 0.001, "tta": 0, "recipe.seed": 0}  # not the model keys
     assert cnn_meta["classes"] == CLASSES and cnn_meta["mean"] == [0.49, 0.48, 0.45]
     lstm = onnx.load(workdir / "models/lstm/model.onnx")
     lstm_meta = {p.key: json.loads(p.value) for p in lstm.metadata_props}
+    assert lstm_meta["params"] == {"seed": 0}  # train_lstm saves them under "params"
     assert lstm_meta["vocab"] == json.loads((workdir / "data/prepared/alice/vocab.json").read_text())["chars"]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in list(lstm.graph.input) + list(lstm.graph.output)}
@@ -143,6 +144,21 @@ def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
     with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(zero state\): max \|\w+ "
                                                         r"difference\| = [0-9.e-]+ > atol"):
         validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("lstm",))
+
+
+def test_an_onnx_model_that_drops_the_carried_state_fails_only_carried_checks(workdir, monkeypatch):
+    """Generation steps one character at a time from the returned state: ignoring h0/c0 must fail."""
+    real = validate._onnx_runner
+
+    def forgetful(path):
+        run = real(path)
+        return lambda ids, h, c: run(ids, np.zeros_like(h), np.zeros_like(c))  # always from zero state
+
+    monkeypatch.setattr(validate, "_onnx_runner", forgetful)
+    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(carried state\)") as exc:
+        validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4, models=("lstm",))
+    onnx_rows = [c for c in exc.value.report["checks"] if c["backend"] == "onnxruntime"]
+    assert all(c["ok"] == c["shape"].endswith("state=zero") for c in onnx_rows)  # exactly the carried ones fail
 
 
 def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_models(workdir, tmp_path):
