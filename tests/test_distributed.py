@@ -20,8 +20,10 @@ def torchrun(nproc, *args, timeout=300):
 
 
 def results(output):
+    # numbers only: the ranks share one stdout, and one rank's line can run into the other's
+    number = r"(-?[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
     return {int(r): (float(c), float(v)) for r, c, v in
-            re.findall(r"rank (\d) checksum (\S+) val_loss (\S+)", output)}
+            re.findall(rf"rank (\d) checksum {number} val_loss {number}", output)}
 
 
 @pytest.mark.slow

@@ -60,3 +60,45 @@ def test_train_loss_is_the_mean_over_all_steps(tmp_path):
         reference.append(loss.item())
     result = trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec, torch.device("cpu"))
     assert result.history[0]["train/loss"] == pytest.approx(sum(reference) / len(reference), rel=1e-6)
+
+
+class StopsAtEpoch(NanAtStep):
+    """Like a killed run: epoch `stop` raises, after the checkpoint of the epoch before it."""
+
+    def __init__(self, stop: int):
+        super().__init__(bad=10**9, steps=5)
+        self.stop = stop
+
+    def train_batches(self, epoch):
+        if epoch == self.stop:
+            raise KeyboardInterrupt
+        yield from super().train_batches(epoch)
+
+
+def test_a_checkpoint_resumes_only_on_the_same_data_and_survives_garbage(tmp_path, capsys):
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "ids.npy").write_bytes(b"first version")
+
+    def run(task):
+        spec = trainer.Fit(epochs=3, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                           config={"lr": 0.01}, inputs=(data,), progress=False)
+        model = nn.Linear(3, 1)
+        return trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec,
+                           torch.device("cpu"))
+
+    with pytest.raises(KeyboardInterrupt):
+        run(StopsAtEpoch(stop=1))
+    assert (tmp_path / "ckpt.pt").exists()
+    (data / "ids.npy").write_bytes(b"second version")  # e.g. `dvc exp run -S prepare...` after the kill
+    with pytest.raises(KeyboardInterrupt):
+        run(StopsAtEpoch(stop=2))
+    out = capsys.readouterr().out
+    assert "it was written with other params, data" in out and "resuming" not in out
+    result = run(StopsAtEpoch(stop=None))  # same data as the checkpoint now: resumes after epoch 2
+    assert "resuming from" in capsys.readouterr().out and len(result.history) == 3
+
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")  # a foreign or truncated file
+    with pytest.raises(KeyboardInterrupt):
+        run(StopsAtEpoch(stop=1))
+    assert "unreadable" in capsys.readouterr().out

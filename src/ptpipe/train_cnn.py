@@ -222,7 +222,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     }
     spec = trainer.Fit(
         epochs=r.epochs, model_path=model_path, checkpoint_path=model_path.with_name("checkpoint.pt"),
-        config=config, live_dir=Path(live_dir) if live_dir is not None else None,
+        config=config, inputs=(Path(prepared_dir),), live_dir=Path(live_dir) if live_dir is not None else None,
         autocast_dtype=torch.bfloat16 if on_gpu else None, progress=progress,
         non_finite_hint=f"lower the learning rate ({'lr' if r.lr is None else f'cnn.recipes.{p.cnn.recipe}.lr'}: {lr:g})",
     )

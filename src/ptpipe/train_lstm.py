@@ -127,6 +127,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
         model_path=model_path,
         checkpoint_path=model_path.with_name("checkpoint.pt"),
         config=config,
+        inputs=(Path(prepared_dir),),
         live_dir=Path(live_dir) if live_dir is not None else None,
         clip_grad_norm=p.lstm.clip,
         non_finite_hint=non_finite_hint(p),

@@ -194,6 +194,7 @@ class Fit:
     model_path: Path  # the final state_dict (with model_args and params), written once at the end
     checkpoint_path: Path  # written each epoch, removed once the model file is in place
     config: dict  # resolved params + model args: saved in both files; a mismatch means no resume
+    inputs: tuple[Path, ...] = ()  # the data it trains on: a checkpoint made from other data is not resumed
     live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
     clip_grad_norm: float | None = None
     non_finite_hint: str = "lower the learning rate"  # what to change if the loss blows up, naming the params keys
@@ -212,6 +213,12 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
+def _fingerprint(paths: tuple[Path, ...]) -> dict[str, str]:
+    """{file: md5} of every file under `paths` (a few hundred MB of prepared arrays: well under a second)."""
+    found = sorted(f for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return {str(f): files.digest(f, "md5") for f in found}
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model itself, inside a DistributedDataParallel wrapper or not: what is saved and evaluated."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -228,10 +235,17 @@ def fit(
 ) -> FitResult:
     start_epoch, history, best_state, best_value, bad_epochs = 0, [], None, None, 0
 
-    # -- resume: only from a checkpoint written with the same config ---------------------
+    # -- resume: only a run of the same config, data, device type and process count --------
+    run_key = {"config": spec.config, "inputs": _fingerprint(spec.inputs), "device": device.type,
+               "world_size": ddp.world_size}
     if spec.checkpoint_path.exists():
-        ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
-        if ckpt.get("config") == spec.config:
+        try:
+            ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: start afresh, say why
+            ckpt = {}
+            if ddp.is_main:
+                print(f"ignoring {spec.checkpoint_path}: unreadable ({type(exc).__name__})")
+        if ckpt.get("run_key") == run_key:
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -241,8 +255,8 @@ def fit(
             best_state, best_value, bad_epochs = ckpt["best_state"], ckpt["best_value"], ckpt["bad_epochs"]
             if ddp.is_main:
                 print(f"resuming from {spec.checkpoint_path} after epoch {start_epoch}")
-        elif ddp.is_main:
-            print(f"ignoring {spec.checkpoint_path}: it was written with other params")
+        elif ckpt and ddp.is_main:
+            print(f"ignoring {spec.checkpoint_path}: it was written with other params, data, device or process count")
 
     live = None
     if spec.live_dir is not None and ddp.is_main:
@@ -287,6 +301,7 @@ def fit(
             if live is not None:
                 _log_epoch(live, row)
             files.save_torch(spec.checkpoint_path, {
+                "run_key": run_key,
                 "config": spec.config,
                 "epoch": epoch,
                 "model": unwrap(model).state_dict(),
