@@ -147,3 +147,13 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
     final = json.loads((cnn_dir / "metrics/cnn_train.json").read_text())
     assert final["val_acc"] == reference[-1]["val/acc"] and final["val_loss"] == reference[-1]["val/loss"]
     assert not checkpoint.exists()
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
+    from ptpipe.cnn import EpochImages
+
+    images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    kwargs = dict(seed=0, mean=[0.5] * 3, std=[0.5] * 3, flip="none", translate=0)
+    with pytest.raises(StageError, match=r"batch_size 255 does not divide among train.nproc=2 processes"):
+        EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
+    assert len(EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2

@@ -64,6 +64,35 @@ def test_bad_cifar_batches_are_refused(raw_cifar, tmp_path, changes, message):
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.parametrize("payload, message", [
+    (None, "batches.meta is missing"),
+    (pickle.dumps({b"num_cases_per_batch": 60}, protocol=2),
+     r"batches.meta: not CIFAR-10's batches.meta \(b'label_names'\)"),
+    (b"garbage", "batches.meta: not CIFAR-10's batches.meta"),
+])
+def test_bad_class_names_file_is_refused(raw_cifar, tmp_path, payload, message):
+    meta = raw_cifar / "cifar-10-batches-py" / "batches.meta"
+    meta.unlink()
+    if payload is not None:
+        meta.write_bytes(payload)
+    out = tmp_path / "prepared" / "cifar10"
+    with pytest.raises(StageError, match=message):
+        prepare.prepare_cifar(raw_cifar, out, val_size=10, seed=0)
+    assert not out.exists()
+
+
+def test_directory_replaced_in_place_keeps_nothing_of_the_old_one(tmp_path):
+    from ptpipe import files
+
+    dest = tmp_path / "prepared"
+    for version in ("old", "new"):
+        with files.atomic_path(dest) as staging:
+            staging.mkdir()
+            (staging / f"{version}.npy").write_text(version)
+    assert [p.name for p in dest.iterdir()] == ["new.npy"]
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temporary or old copy left beside it
+
+
 def test_pickle_that_would_run_code_is_refused(raw_cifar, tmp_path):
     class Evil:
         def __reduce__(self):

@@ -102,3 +102,11 @@ def test_a_checkpoint_resumes_only_on_the_same_data_and_survives_garbage(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run(StopsAtEpoch(stop=1))
     assert "unreadable" in capsys.readouterr().out
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(StageError, match=r"train.nproc asks for 2 processes but this machine has 1 GPU\(s\)"):
+        trainer.resolve_device("cuda", trainer.Distributed(rank=1, world_size=2, local_rank=1))
+    assert trainer.resolve_device("cuda", trainer.Distributed(rank=0, world_size=2, local_rank=0)).index == 0

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptpipe.stage import StageError
 from ptpipe.trainer import epoch_generator, load_model_file
 
 
@@ -193,6 +194,9 @@ class EpochImages:
                  mean: list[float], std: list[float], flip: str, translate: int,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:  # unequal shards would weight the ranks' mean losses unequally
+            raise StageError(f"batch_size {batch_size} does not divide among train.nproc={world_size} processes: "
+                             f"make the recipe's batch_size a multiple of {world_size}")
         self.images, self.labels = images, labels  # uint8 N x 3 x 32 x 32 and int64 N, on the device
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size

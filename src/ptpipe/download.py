@@ -52,7 +52,8 @@ def _fetch_http(url: str, dest: Path, *, retries: int, timeout_s: float, key: st
                                              dynamic_ncols=True) as bar:
         for attempt in range(retries + 1):
             have = dest.stat().st_size if dest.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
+            # identity: a Range offset counts the bytes as sent; a gzip-encoded body would be decoded
+            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
             try:
                 with session.get(url, stream=True, timeout=timeout_s, headers=headers) as resp:
                     if resp.status_code >= 500:

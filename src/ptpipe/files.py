@@ -32,8 +32,15 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            # A directory cannot be renamed onto a non-empty one: move the old one aside first (one
+            # rename), then the new one in, then delete the old. A kill at any point leaves either the
+            # old or the new directory complete at `dest` (or none), never a half-deleted one.
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -68,9 +68,15 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _class_names(batches_dir: Path) -> list[str]:
-    with open(batches_dir / "batches.meta", "rb") as f:
-        meta = _ArrayUnpickler(f, encoding="bytes").load()
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    path = batches_dir / "batches.meta"
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the archive is not the CIFAR-10 python version")
+    try:
+        with open(path, "rb") as f:
+            meta = _ArrayUnpickler(f, encoding="bytes").load()
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise StageError(f"{path}: not CIFAR-10's batches.meta ({exc})") from None
     if len(names) != NUM_CLASSES:
         raise StageError(f"{batches_dir / 'batches.meta'}: {len(names)} class names, expected 10")
     return names

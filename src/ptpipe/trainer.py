@@ -117,6 +117,9 @@ def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise StageError("train.device is 'cuda' but no CUDA GPU is visible: set train.device=auto or cpu")
+        if ddp.local_rank >= torch.cuda.device_count():
+            raise StageError(f"train.nproc asks for {ddp.world_size} processes but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): lower train.nproc")
         return torch.device("cuda", ddp.local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise StageError("train.device is 'mps' but MPS is not available: set train.device=auto or cpu")
