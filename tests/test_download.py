@@ -24,10 +24,15 @@ def no_backoff(monkeypatch):
 
 def test_archive_is_verified_and_unpacked(server, tmp_path):
     body = cifar_archive(per_batch=5, n_test=5)
+    # what a killed earlier run leaves: a partial download and an unpacked temporary
+    (tmp_path / "raw" / ".cifar10-download-x1y2").mkdir(parents=True)
+    (tmp_path / "raw" / ".cifar10-download-x1y2" / "c.tar.gz").write_bytes(body[:100])
+    (tmp_path / "raw" / ".cifar10.abc.tmp").mkdir()
+    (tmp_path / "raw" / ".alice.keep.tmp").mkdir()  # another output's: not this run's to delete
     out = fetch(server.add("/c.tar.gz", body), md5(body), tmp_path / "raw" / "cifar10")
     assert sorted(p.name for p in (out / "cifar-10-batches-py").iterdir()) == [
         "batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["cifar10"]  # no temporaries left
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [".alice.keep.tmp", "cifar10"]  # ours: gone
 
 
 def test_text_kept_as_file_and_empty_md5_skips_check(server, tmp_path):

@@ -127,6 +127,7 @@ def fetch(url: str, md5: str, out_dir: Path, *, retries: int, timeout_s: float, 
     """Download `url`, verify `md5`, and place it (unpacked, for archives) at `out_dir` atomically."""
     name = PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_leftovers(out_dir.parent, f".{out_dir.name}-download-")  # a killed run's partial download
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-download-") as tmp:
         partial = Path(tmp) / name
         if url.startswith("file://"):

@@ -24,6 +24,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest.parent, f".{dest.name}.")  # a killed earlier write's temporary
     # Same directory as dest, so the final rename never crosses a file system.
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
     os.close(fd)
@@ -46,6 +47,20 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def remove_leftovers(folder: Path, prefix: str) -> None:
+    """Delete the temporaries (`prefix*.tmp`, `*.tmp.old`, or folders named `prefix*`) that a killed run left
+    in `folder`. Only one writer per output runs at a time (DVC's repository lock, the flows' slot)."""
+    for path in folder.glob(f"{glob_escape(prefix)}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.endswith((".tmp", ".tmp.old")):
+            path.unlink(missing_ok=True)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
