@@ -252,3 +252,19 @@ def test_non_finite_hint_names_the_keys_in_effect(tmp_path, lstm, expected):
 
     p = params.load(write_params(tmp_path, **lstm))
     assert train_lstm.non_finite_hint(p) == expected.format(top=f"{p.lr:g}")
+
+
+def test_text_too_short_for_the_streams_and_window_phase_is_refused_before_training(tmp_path, trained):
+    from ptpipe import params, trainer
+
+    # 21 training characters: enough for 4 streams of 2 (the old check), not after a phase of up to 15
+    write_prepared_text(tmp_path, "abcdefghij" * 3, val_fraction=0.3)
+    p = params.load(write_params(tmp_path))
+    with pytest.raises(StageError, match=r"the training text has 21 characters: too few for lstm.batch_size=4 "
+                                         r"streams \(x 1 processes\) with lstm.seq_len=16"):
+        train_lstm.setup(p, tmp_path / "data/prepared/alice", trainer.Distributed(), torch.device("cpu"))
+    root, _, _ = trained  # evaluation: its own check of the validation text against eval_streams
+    with pytest.raises(StageError, match=r"too few for lstm.eval_streams=5000; lower lstm.eval_streams"):
+        evaluate_lstm.main(write_params(tmp_path, eval_streams=5000), root / "data/prepared/alice",
+                           root / "models/lstm/model.pt", tmp_path / "m.json", tmp_path / "s.txt")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "s.txt").exists()

@@ -42,6 +42,11 @@ def load_card(prepared_dir: str | Path) -> dict:
     return json.loads(_existing(Path(prepared_dir) / "card.json").read_text())
 
 
+def load_stats(prepared_dir: str | Path) -> dict:
+    """The prepared text's stats.json (characters, vocabulary size, unigram bits/char)."""
+    return json.loads(_existing(Path(prepared_dir) / "stats.json").read_text(encoding="utf-8"))
+
+
 def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(train ids int64, val ids int64, vocabulary) of the prepared text."""
     prepared_dir = Path(prepared_dir)

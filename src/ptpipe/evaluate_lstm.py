@@ -8,13 +8,12 @@ fixed seed). Runs on the CPU, so the samples are the same text on every machine.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ptpipe import data, files, params, stage, trainer
 from ptpipe.generate import generate
-from ptpipe.lstm import bits, load_model, stream_loss
+from ptpipe.lstm import bits, check_lengths, load_model, stream_loss
 from ptpipe.stage import StageError
 
 
@@ -30,7 +29,8 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     if vocab != data_vocab:
         raise StageError(f"{model_path} was trained on another vocabulary than {prepared_dir}: "
                          f"run `dvc repro train_lstm`")
-    stats = json.loads((Path(prepared_dir) / "stats.json").read_text(encoding="utf-8"))
+    check_lengths(None, val_ids.numel(), cfg.batch_size, cfg.seq_len, cfg.eval_streams)
+    stats = data.load_stats(prepared_dir)
 
     nats, n = stream_loss(model, val_ids, cfg.eval_streams, cfg.seq_len)
     loss = nats / n

@@ -15,9 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptpipe.stage import StageError
 from ptpipe.trainer import load_model_file
 
 CONFIG_KEYS = ("model_args", "vocab")  # what a model file's config must hold
+
+
+def check_lengths(train_chars: int | None, val_chars: int, batch_size: int, seq_len: int, eval_streams: int,
+                  world_size: int = 1) -> None:
+    """Enough text for the streams, before anything runs: each epoch drops up to seq_len - 1 leading
+    characters (its random window phase), and every stream needs at least 2 characters."""
+    if train_chars is not None and train_chars - (seq_len - 1) < batch_size * world_size * 2:
+        raise StageError(f"the training text has {train_chars} characters: too few for lstm.batch_size={batch_size} "
+                         f"streams (x {world_size} processes) with lstm.seq_len={seq_len}; lower lstm.batch_size")
+    if val_chars < eval_streams * 2:
+        raise StageError(f"the validation text has {val_chars} characters: too few for "
+                         f"lstm.eval_streams={eval_streams}; lower lstm.eval_streams")
 
 
 class CharLSTM(nn.Module):

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ptpipe import data, params, stage, trainer
-from ptpipe.lstm import CharLSTM, batchify, bits, build_model, stream_loss, windows
-from ptpipe.stage import StageError
+from ptpipe.lstm import CharLSTM, batchify, bits, build_model, check_lengths, stream_loss, windows
 
 
 class LstmTask:
@@ -85,12 +84,8 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
     cfg = p.lstm
     lr = cfg.lr if cfg.lr is not None else p.lr
     train_ids, val_ids, vocab = data.load_text(prepared_dir)
-    if train_ids.numel() < cfg.batch_size * ddp.world_size * 2:
-        raise StageError(f"the training text has {train_ids.numel()} characters: too few for "
-                         f"lstm.batch_size={cfg.batch_size} streams; lower lstm.batch_size")
-    if val_ids.numel() < cfg.eval_streams * 2:
-        raise StageError(f"the validation text has {val_ids.numel()} characters: too few for "
-                         f"lstm.eval_streams={cfg.eval_streams}; lower lstm.eval_streams")
+    check_lengths(train_ids.numel(), val_ids.numel(), cfg.batch_size, cfg.seq_len, cfg.eval_streams,
+                  ddp.world_size)
     trainer.seed_everything(cfg.seed)
     model_args = dict(vocab_size=len(vocab), embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size,
                       num_layers=cfg.num_layers, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
