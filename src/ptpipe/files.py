@@ -6,6 +6,7 @@ nothing, never a truncated file that looks complete to DVC or to the next stage.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -52,15 +53,11 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def remove_leftovers(folder: Path, prefix: str) -> None:
     """Delete the temporaries (`prefix*.tmp`, `*.tmp.old`, or folders named `prefix*`) that a killed run left
     in `folder`. Only one writer per output runs at a time (DVC's repository lock, the flows' slot)."""
-    for path in folder.glob(f"{glob_escape(prefix)}*"):
+    for path in folder.glob(f"{glob.escape(prefix)}*"):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         elif path.name.endswith((".tmp", ".tmp.old")):
             path.unlink(missing_ok=True)
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
