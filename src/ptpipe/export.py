@@ -26,9 +26,8 @@ Every ONNX file carries `metadata_props` (values are JSON): `ptpipe.kind`, the C
 `mean`/`std` and `arch`; the LSTM's `vocab`, `num_layers`, `hidden_size`; both `input` (what to
 feed), `model_args`, `params` (the training params from model.pt), `git_revision` (HEAD,
 "+dirty" if the work tree differs) and `source_md5` (md5 of model.pt: the hash `dvc.lock`
-records for it). Weights are inside the
-.onnx file (no external-data sidecar). The TorchScript file carries the same as `config.json`
-in its extra files. Files are written through a temporary name and renamed (ptpipe.files).
+records for it). Weights are inside the .onnx file (no external-data sidecar). The TorchScript
+file carries the same as `config.json` in its extra files. Files are written through a temporary name and renamed (ptpipe.files).
 """
 from __future__ import annotations
 
