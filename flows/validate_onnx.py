@@ -42,13 +42,16 @@ def fetch_models(repo: str, rev: str, dest: Path) -> Path:
     """Copy `models/` as of git revision or experiment `rev` out of the DVC cache into `dest`."""
     from dvc.api import DVCFileSystem
 
-    from dvc.scm import RevError
+    from dvc.repo import Repo
+    from dvc.scm import RevError, resolve_rev
 
-    try:
-        fs = DVCFileSystem(repo, rev=rev)
-    except RevError:
-        raise StageError(f"revision {rev!r} does not exist in {repo}: not a git commit, branch or tag, nor a "
-                         f"DVC experiment (`git tag`, `dvc exp list` show what does)") from None
+    with Repo(repo) as dvc_repo:
+        try:
+            resolve_rev(dvc_repo.scm, rev)  # git revisions and experiment names, as DVC resolves them
+        except RevError:
+            raise StageError(f"revision {rev!r} does not exist in {repo}: not a git commit, branch or tag, nor a "
+                             f"DVC experiment (`git tag`, `dvc exp list` show what does)") from None
+    fs = DVCFileSystem(repo, rev=rev)
     exported = (inference.CNN_ONNX.as_posix(), inference.LSTM_ONNX.as_posix())
     if not any(fs.exists(path) for path in exported):  # (not "models/": its README is in git everywhere)
         raise StageError(f"revision {rev!r} has no exported model ({' or '.join(exported)}): "
