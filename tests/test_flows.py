@@ -239,6 +239,12 @@ def run_logs(client, run_id) -> list[str]:
     return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
 
 
+def incidents_of(repo: Path, *run_ids) -> list[dict]:
+    """The incident records of these flow runs only (others may be there: a used workspace)."""
+    records = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")] if (repo / "incidents").is_dir() else []
+    return [r for r in records if r.get("flow_run_id") in {str(i) for i in run_ids}]
+
+
 def artifacts(client, run_id) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -426,10 +432,8 @@ def test_bad_override_fails_the_flow_before_dvc_runs_and_records_an_incident(pro
     )
     assert state.is_failed()
     assert not (repo / "dvc.lock").exists() and not (gate / "stage.log").exists()  # DVC never ran
-    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]
+    (record,) = incidents_of(repo, state.state_details.flow_run_id)
     assert record["flow"] == "retrain" and "prepare.cifar10.val_size" in record["error"]
-    for p in (repo / "incidents").glob("*.json"):
-        p.unlink()
 
 
 @pytest.mark.slow
@@ -481,8 +485,7 @@ def test_override_runs_leave_the_workspace_as_found_and_a_plain_run_uses_the_com
     message = str(refused.result(raise_on_failure=False))
     assert "the workspace is not the committed state (params.yaml changed)" in message, message
     assert (repo / "dvc.lock").read_text() == lock and json.loads((repo / "summary.json").read_text())["val_images"] == 50
-    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")
-                 if json.loads(p.read_text())["flow_run_id"] == str(refused.state_details.flow_run_id)]
+    (record,) = incidents_of(repo, refused.state_details.flow_run_id)
     assert "params.yaml changed" in record["error"]
 
 
@@ -518,6 +521,7 @@ def test_deployments_register_with_the_prefect_yaml_schedules(deployed, client):
 @pytest.mark.slow
 def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(project, worker, client):
     repo, data_server, gate = project
+    before = git_state(repo)
     # The download stage's own retries off, and the next fetch of the text answered 503:
     # only the flow's task retry can make this run succeed.
     data_server.fail("/pg11.txt", 1, status=503)
@@ -538,7 +542,8 @@ def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(pr
     commit = sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert f"| git_commit | {commit} |" in report
     assert "val-40" in sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout
-    assert not list((repo / "incidents").glob("*.json"))
+    assert git_state(repo) == before  # an experiment: the workspace untouched
+    assert not incidents_of(repo, run.id)
 
 
 @pytest.mark.slow
@@ -579,7 +584,7 @@ def test_validate_onnx_waits_while_a_pipeline_run_holds_the_slot(project, worker
         assert not any("holding the 'dvc-repo'" in m for m in run_logs(client, run.id))
     state = final_state(client, run.id)
     assert state.is_completed(), f"{state}\n" + "\n".join(run_logs(client, run.id))
-    assert "onnx-cnn-batch-7" in artifacts(client, run.id)
+    assert {"onnx-cnn", "onnx-lstm", "onnx-detail"} <= set(artifacts(client, run.id))
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
 
 
@@ -588,6 +593,7 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     repo, _, _ = project
+    before = git_state(repo)  # (earlier plain runs have staged dvc.lock: core.autostage)
     run = start_run(client, "retrain/nightly", {"request": {"set_params": ["validate.atol=1e-12"]}})
     state = final_state(client, run.id)
     assert state.is_failed(), state
@@ -595,33 +601,42 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     (sub,) = client.read_flow_runs(  # the retrain's validate-onnx subflow
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
     assert sub.state.is_failed(), sub.state
-    rows = json.loads(artifacts(client, sub.id)["onnx-cnn-batch-7"].data)
-    assert any(row["ok"] is False for row in rows)  # the failing shape, tabulated
+    found = artifacts(client, sub.id)
+    rows = json.loads(found["onnx-cnn"].data)  # the failing backends of the experiment's models, tabulated
+    assert any(row["ok"] is False for row in rows) and "batch=" in found["onnx-detail"].data
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
     # both runs record an incident (the hooks run after the Failed state reaches the API)
-    records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
-        [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]), "both incident records")
+    records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(incidents_of(repo, run.id, sub.id)),
+                       "both incident records")
     assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate"), ("validate-onnx", "validate")}
-    for path in (repo / "incidents").glob("*.json"):
-        path.unlink()
-    sh("git", "checkout", "params.yaml", cwd=repo)
+    assert git_state(repo) == before  # the tolerance override stayed in the experiment's copy
 
 
 @pytest.mark.slow
-def test_failed_stage_ends_the_run_failed_with_an_incident_naming_the_stage(project, worker, client):
+def test_failed_stage_ends_the_run_failed_with_the_reason_watch_prints_and_an_incident(
+        project, worker, client, prefect_server):
+    """`prefect deployment run --watch`, as the docs say: the reason (stage, its last output) is printed."""
     repo, data_server, _ = project
-    sh("git", "checkout", "params.yaml", cwd=repo)
-    run = start_run(client, "retrain/nightly", {"request": {
+    _, env = prefect_server
+    before = git_state(repo)
+    request = {"request": {
         "set_params": ["download.retries=0", "download.cifar10.url=" + data_server.url + "/gone.tar.gz"],
         "download_retries": 1, "retry_delay_s": 0,
-    }})
-    state = final_state(client, run.id)
-    assert state.is_failed()
+    }}
+    watched = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--params", json.dumps(request),
+                              "--watch", "--watch-timeout", "300"], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=360)
+    output = watched.stdout + watched.stderr
+    assert watched.returncode == 1 and "Flow run finished in state 'Failed'" in output, output
+    assert "retrain failed: stage 'download@cifar10' failed (dvc exit status" in output, output
+    assert "404" in output.split("retrain failed:")[-1]  # the stage's last output line, with the reason
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+    state = client.read_flow_run(run_id).state
+    assert state.is_failed() and "stage 'download@cifar10' failed" in state.message and "404" in state.message
     # the on_failure hook runs in the worker's process AFTER the run's Failed state reached the API
-    (path,) = wait_for(lambda: list((repo / "incidents").glob("*.json")), "the incident record")
-    record = json.loads(path.read_text())
-    assert record["flow"] == "retrain" and record["stage"] == "download@cifar10"
-    assert "404" in record["error"] and record["flow_run_id"] == str(run.id)
+    (record,) = wait_for(lambda: incidents_of(repo, run_id), "the incident record")
+    assert record["flow"] == "retrain" and record["stage"] == "download@cifar10" and "404" in record["error"]
+    assert git_state(repo) == before  # the broken URL stayed in the experiment's copy
 
 
 @pytest.mark.slow
@@ -630,8 +645,7 @@ def test_serve_registers_both_deployments_and_runs_a_retrain(project, worker, cl
     repo, _, gate = project
     _, env = prefect_server
     stop(worker)  # only the serve process may pick the run up
-    sh("git", "checkout", "params.yaml", cwd=repo)
-    sh("dvc", "exp", "apply", "val-40", cwd=repo)  # back to the last good data (the previous test broke the URL)
+    assert pipeline.uncommitted_inputs(repo) == []  # no earlier test's overrides here: a plain run may start
     names = ("retrain/nightly", "validate-onnx/daily")
     # serve or a worker, not both under the same names: a served deployment re-registered over
     # a prefect.yaml one keeps its storage fields and its runs crash (docs/prefect.md says so).
@@ -695,10 +709,13 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     diff = re.search(r"cnn onnxruntime batch=1: max \|diff\| ([0-9.e-]+)", message)
     assert diff and abs(float(diff.group(1)) - 0.01) < 1e-5, message  # the 0.01 put into the bias
     found = artifacts(client, state.state_details.flow_run_id)
-    assert {"onnx-cnn-batch-1", "onnx-cnn-batch-64", "onnx-lstm-batch-5-seq-37-state-carried"} <= set(found)
-    data = found["onnx-cnn-batch-7"].data
+    assert set(found) == {"onnx-cnn", "onnx-lstm", "onnx-detail"}  # one summary table per model + the detail
+    data = found["onnx-cnn"].data
     table = json.loads(data) if isinstance(data, str) else data
     rows = {row["backend"]: row for row in table}
+    assert set(rows) == {"onnxruntime", "torchscript"}
     assert rows["onnxruntime"]["ok"] is False and rows["torchscript"]["ok"] is True
-    incident = json.loads(next((repo / "incidents").glob("*.json")).read_text())
+    assert abs(rows["onnxruntime"]["worst_max_abs_diff"] - 0.01) < 1e-5 and rows["onnxruntime"]["shapes_ok"] == "0/3"
+    assert "| cnn | batch=7 | onnxruntime |" in found["onnx-detail"].data
+    (incident,) = incidents_of(repo, state.state_details.flow_run_id)
     assert incident["flow"] == "validate-onnx" and "cnn onnxruntime batch=1" in incident["error"]
