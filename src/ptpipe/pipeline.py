@@ -208,7 +208,8 @@ def temporary_copy(repo: str | os.PathLike, log: Callable[[str], None] = print) 
         cache = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
         run_dvc(["config", "--local", "cache.dir", cache], path, log)
-        run_dvc(["checkout", "--allow-missing"], path, log)  # outputs not in the cache: their stages rerun
+        if (path / "dvc.lock").is_file():  # outputs not in the cache: their stages rerun
+            run_dvc(["checkout", "--allow-missing"], path, log)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
