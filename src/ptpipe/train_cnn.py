@@ -29,6 +29,9 @@ from ptpipe.params import CnnRecipe
 from ptpipe.stage import StageError
 
 EVAL_BATCH = 1000  # images per forward pass at validation: memory only, no effect on results
+# torch.compile's backend. The tests set "aot_eager" (dynamo + AOTAutograd, the same graphs and
+# guards, no code generation): inductor's C++ code generation takes minutes on a small shared CPU.
+COMPILE_BACKEND = "inductor"
 AUTOCAST = {"bfloat16": torch.bfloat16, "none": None}  # the recipe's `autocast` (auto: bfloat16 on a GPU)
 
 
@@ -161,9 +164,16 @@ def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: i
 
 
 def _dynamo_counts() -> dict[str, int]:
-    from torch._dynamo.utils import counters  # torch 2.x: what dynamo compiled in this process
+    """What dynamo has compiled in this process so far (torch._dynamo's counters: never reset by
+    torch._dynamo.reset, so a run takes differences)."""
+    from torch._dynamo.utils import counters
 
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def wants_compile(mode: str, device: torch.device) -> bool:
+    """The recipe's `compile`: always, never, or auto = on a GPU (on a CPU it does not pay: benchmarks/README.md)."""
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
 
 
 def compile_and_warm_up(model: nn.Module, task: CnnTask, spec: trainer.Fit, device: torch.device,
@@ -175,13 +185,12 @@ def compile_and_warm_up(model: nn.Module, task: CnnTask, spec: trainer.Fit, devi
 
     A failed compile is a StageError under `always`; under `auto` a loud warning and eager training.
     Returns what happened, for metrics/cnn_train.json."""
-    facts = {"compile": mode, "compiled": False, "compile_error": None, "graphs": 0, "graph_breaks": 0,
-             "warmup_seconds": 0.0}
-    if mode == "always" or (mode == "auto" and device.type == "cuda"):
+    facts = {"compile": mode, "compiled": False, "compile_error": None, "warmup_seconds": 0.0}
+    if wants_compile(mode, device):
         torch._dynamo.reset()  # a fresh cache per run: several runs in one process (benchmarks) would hit its limit
         inner = trainer.unwrap(model)
-        inner.compile(dynamic=False)  # in place: the state_dict keeps its keys
         try:
+            inner.compile(dynamic=False, backend=COMPILE_BACKEND)  # in place: the state_dict keeps its keys
             facts["warmup_seconds"] = trainer.warm_up(model, task, spec, device)
             facts["compiled"] = True
         except Exception as err:  # noqa: BLE001 - whatever the compiler raised: recorded, then `mode` decides
@@ -196,10 +205,6 @@ def compile_and_warm_up(model: nn.Module, task: CnnTask, spec: trainer.Fit, devi
                   f"!! {error}\n{'!' * 78}", file=sys.stderr, flush=True)
     if not facts["compiled"] and device.type == "cuda":
         facts["warmup_seconds"] = trainer.warm_up(model, task, spec, device)
-    facts.update(_dynamo_counts())
-    if facts["compiled"]:
-        print(f"torch.compile: {facts['graphs']} graphs, {facts['graph_breaks']} graph breaks; warm-up "
-              f"{facts['warmup_seconds']:.1f} s (not counted as training time)")
     return facts
 
 
@@ -277,11 +282,17 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     )
     # -- DDP first, then torch.compile of the module it wraps, then the warm-up --------------
     model = trainer.wrap_ddp(model, device, ddp)
+    counts = _dynamo_counts()
     facts = compile_and_warm_up(model, task, spec, device, r.compile, p.cnn.recipe)
+    facts.update({k: v - counts[k] for k, v in _dynamo_counts().items()})
+    counts = _dynamo_counts()
+    if facts["compiled"]:
+        print(f"torch.compile: {facts['graphs']} graphs, {facts['graph_breaks']} graph breaks; warm-up "
+              f"{facts['warmup_seconds']:.1f} s (not counted as training time)")
     setup_seconds = time.perf_counter() - t_start - facts["warmup_seconds"] - watch.seconds
 
     result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
-    facts["recompiles"] = _dynamo_counts()["graphs"] - facts["graphs"]  # graphs compiled inside the timed epochs
+    facts["recompiles"] = _dynamo_counts()["graphs"] - counts["graphs"]  # graphs compiled inside the timed epochs
     if facts["recompiles"]:
         print(f"warning: torch.compile compiled {facts['recompiles']} more graph(s) during training "
               f"(a shape or mode the warm-up did not cover): those epochs include compile time", file=sys.stderr)
