@@ -158,3 +158,42 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
     with pytest.raises(StageError, match=r"batch_size 255 does not divide among train.nproc=2 processes"):
         EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
     assert len(EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2
+
+
+def test_lookahead_follows_airbench94s_schedule():
+    # airbench94's loop, written out: EMA from epoch 3 every 5 steps, copied back after every epoch
+    from torch import nn
+
+    steps_per_epoch, epochs = 7, 6
+    total = steps_per_epoch * epochs
+    batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(total)]
+
+    def run(ours: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        wrapped = train_cnn.Lookahead(opt, model, total, steps_per_epoch) if ours else opt
+        ema, steps = None, 0
+        for epoch in range(epochs):
+            for b in batches[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
+                wrapped.zero_grad()
+                model(b).pow(2).mean().backward()
+                wrapped.step()
+                steps += 1
+                if not ours and epoch >= 3 and steps % 5 == 0:
+                    if ema is None:
+                        ema = {k: v.clone() for k, v in model.state_dict().items()}
+                    else:
+                        rho = 0.95**5 * (steps / total) ** 3
+                        for e, p in zip(ema.values(), model.state_dict().values()):
+                            if p.is_floating_point():
+                                e.lerp_(p, 1 - rho)
+                                p.copy_(e)
+            if not ours and ema is not None:
+                for e, p in zip(ema.values(), model.state_dict().values()):
+                    if p.is_floating_point():
+                        p.copy_(e)
+        return model.state_dict()
+
+    ours, reference = run(True), run(False)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
