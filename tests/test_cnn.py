@@ -99,12 +99,35 @@ def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
     ("cnn.recipes.default.optimiser", "sgd", "cnn.recipes.default.optimiser: unknown key"),
     ("cnn.recipe", "fastest", "recipe 'fastest' is not one of cnn.recipes"),
     ("cnn.recipes.default.model_args", {"depth": 3}, "model_args: airbench takes no argument 'depth'"),
+    ("cnn.recipes.default.checkpoint_every", 0, "cnn.recipes.default.checkpoint_every"),
+    ("cnn.recipes.default.validation", "sometimes", "cnn.recipes.default.validation"),
+    ("cnn.recipes.default.autocast", "float16", "cnn.recipes.default.autocast"),
+    ("cnn.recipes.default.drop_last", "yes", "cnn.recipes.default.drop_last"),
 ])
 def test_bad_cnn_params_name_the_key_and_write_nothing(cnn_dir, key, value, message):
     write_params(cnn_dir, **{key: value})
     with pytest.raises(StageError, match=message.replace("(", r"\(")):
         train_cnn.main(progress=False)
     assert outputs(cnn_dir) == []
+
+
+def test_drop_last_with_a_batch_larger_than_the_data_is_refused_before_anything_is_written(cnn_dir):
+    small(cnn_dir, batch_size=1024, drop_last=True)
+    with pytest.raises(StageError, match=r"cnn.recipes.default: no training batch: batch_size 1024 is more than "
+                                         r"the 600 training images per process and drop_last is on"):
+        train_cnn.main(progress=False)
+    assert outputs(cnn_dir) == []
+
+
+def test_no_validation_and_no_checkpoint_when_train_val_holds_nothing_out(cnn_dir, monkeypatch):
+    small(cnn_dir, train_split="train+val", checkpoint_every=100)  # validation: auto
+    monkeypatch.setattr(train_cnn.CnnTask, "validate", lambda *a: pytest.fail("validated"))
+    saved = []
+    monkeypatch.setattr(train_cnn.trainer.files, "save_torch", lambda path, obj: saved.append(Path(path).name))
+    result = train_cnn.main(progress=False)
+    assert all("val/acc" not in row for row in result.history) and saved == ["model.pt"]
+    final = json.loads(Path("metrics/cnn_train.json").read_text())
+    assert final["val_acc"] is None and final["compiled"] is False and final["recompiles"] == 0
 
 
 def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
