@@ -111,8 +111,8 @@ def missing_on_remote(repo: Path, targets: list[str]) -> list[str]:
     """Files of `targets` the default DVC remote does not have (`dvc status --cloud`)."""
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc_repo:
-        status = dvc_repo.status(targets=targets, cloud=True)
+    with Repo(str(repo)) as dvc_repo:  # (DVC resolves relative targets against the current folder)
+        status = dvc_repo.status(targets=[str(repo / target) for target in targets], cloud=True)
     return sorted(path for path, state in status.items() if state != "deleted")
 
 
@@ -138,7 +138,7 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
 
     targets = _outs_under(repo, artifact["path"])
     with Repo(str(repo)) as dvc_repo:
-        pushed = dvc_repo.push(targets=targets)
+        pushed = dvc_repo.push(targets=[str(repo / target) for target in targets])  # from any folder
     # A local path remote would let a missing file go unnoticed on this machine (DVC reads the
     # repository's own cache): ask the remote itself, before the tag promises the files exist.
     missing = missing_on_remote(repo, targets)
