@@ -144,6 +144,18 @@ def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: i
     return wrapped, scheduler
 
 
+def non_finite_hint(p: params_mod.Params, lr: float) -> str:
+    """What to change when the loss blows up, naming the params keys in effect."""
+    r, key = p.cnn.selected, f"cnn.recipes.{p.cnn.recipe}"
+    changes = [f"lower the learning rate ({'lr' if r.lr is None else f'{key}.lr'}: {lr:g}, "
+               f"{key}.optimizer: {r.optimizer})"]
+    if r.weight_decay > 0:
+        changes.append(f"lower {key}.weight_decay ({r.weight_decay:g})")
+    if r.bias_lr_scale != 1:
+        changes.append(f"lower {key}.bias_lr_scale ({r.bias_lr_scale:g})")
+    return trainer.alternatives(changes)
+
+
 def _warm_up_compile(model: nn.Module, task: CnnTask, batch_size: int) -> float:
     """Compile now, on the shapes training and validation will use, so compile time is not
     counted as training time; the model's state is restored afterwards (no step is taken)."""
@@ -224,7 +236,9 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         epochs=r.epochs, model_path=model_path, checkpoint_path=model_path.with_name("checkpoint.pt"),
         config=config, inputs=(Path(prepared_dir),), live_dir=Path(live_dir) if live_dir is not None else None,
         autocast_dtype=torch.bfloat16 if on_gpu else None, progress=progress,
-        non_finite_hint=f"lower the learning rate ({'lr' if r.lr is None else f'cnn.recipes.{p.cnn.recipe}.lr'}: {lr:g})",
+        non_finite_hint=non_finite_hint(p, lr),
+        # twice chance: an untrained model guesses uniformly at log(classes)
+        loss_ceiling=2 * math.log(len(classes)), loss_ceiling_reason=f"twice chance (log {len(classes)} classes)",
     )
     result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
     if ddp.is_main and metrics_path is not None:

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -201,6 +202,9 @@ class Fit:
     live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
     clip_grad_norm: float | None = None
     non_finite_hint: str = "lower the learning rate"  # what to change if the loss blows up, naming the params keys
+    # val/loss (nats) above which the kept epoch counts as diverged: no model is written (None: no check)
+    loss_ceiling: float | None = None
+    loss_ceiling_reason: str = ""  # what the ceiling is, e.g. "2 x the unigram baseline (4.1 bits/char)"
     monitor: str | None = None  # validation metric deciding the kept weights, e.g. "val/loss"
     monitor_mode: str = "min"
     patience: int | None = None  # epochs without improvement before stopping early
@@ -227,7 +231,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def fit(
+# What `fit` saves each epoch; a file without all of them is ignored like an unreadable one.
+CHECKPOINT_KEYS = frozenset({"run_key", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history",
+                             "best_state", "best_value", "bad_epochs"})
+
+
+def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, spec: Fit, device: torch.device,
+        ddp: Distributed = Distributed()) -> FitResult:
+    """Train `model` on `task` as `spec` says, on `device`. A run that fails leaves no DVCLive
+    directory behind (its params.yaml and metrics would look like a finished run's); a resumed
+    run rebuilds it from the checkpoint's history."""
+    try:
+        return _fit(model, task, optimizer, scheduler, spec, device, ddp)
+    except BaseException:
+        if spec.live_dir is not None and ddp.is_main:
+            shutil.rmtree(spec.live_dir, ignore_errors=True)
+        raise
+
+
+def _fit(
     model: nn.Module,
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -244,10 +267,12 @@ def fit(
     if spec.checkpoint_path.exists():
         try:
             ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+                raise ValueError("not a checkpoint written by this loop")
         except Exception as exc:  # noqa: BLE001 - any unreadable file: start afresh, say why
             ckpt = {}
             if ddp.is_main:
-                print(f"ignoring {spec.checkpoint_path}: unreadable ({type(exc).__name__})")
+                print(f"ignoring {spec.checkpoint_path}: unreadable ({type(exc).__name__}: {exc})"[:300])
         if ckpt.get("run_key") == run_key:
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -323,6 +348,7 @@ def fit(
     if stopped_early and ddp.is_main:
         print(f"stopped early: {spec.monitor} did not improve for {spec.patience} epochs; "
               f"keeping epoch {best['epoch']}")
+    _check_not_diverged(best, spec)
     if ddp.is_main:
         files.save_torch(spec.model_path, {"state_dict": best_state, "config": spec.config, **spec.extra_state})
         spec.checkpoint_path.unlink(missing_ok=True)
@@ -331,6 +357,23 @@ def fit(
     if ddp.world_size > 1:
         dist.barrier()
     return FitResult(history=history, best=best, train_seconds=train_seconds)
+
+
+def alternatives(changes: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b or c": a hint listing what the user can change."""
+    return changes[0] if len(changes) == 1 else ", ".join(changes[:-1]) + " or " + changes[-1]
+
+
+def _check_not_diverged(best: dict, spec: Fit) -> None:
+    """Stop, without writing a model, when the kept epoch's val/loss is above `spec.loss_ceiling`
+    (a finite loss can still be a diverged run: far worse than always guessing the baseline)."""
+    if spec.loss_ceiling is None or best.get("val/loss", 0.0) <= spec.loss_ceiling:
+        return
+    spec.checkpoint_path.unlink(missing_ok=True)  # a finished run, not one to resume
+    raise StageError(
+        f"training diverged: the best val/loss ({best['val/loss']:.4g} nats, epoch {best['epoch'] + 1}) is far "
+        f"above {spec.loss_ceiling_reason} (limit {spec.loss_ceiling:.4g}); no model file was written; "
+        f"{spec.non_finite_hint}")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
