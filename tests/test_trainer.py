@@ -163,6 +163,6 @@ def test_a_finite_run_far_above_the_ceiling_writes_no_model(tmp_path, value, div
         assert (tmp_path / "model.pt").exists() and (live / "metrics.json").exists()
         return
     with pytest.raises(StageError, match=r"training diverged: the best val/loss \(9.9 nats, epoch 2\) is far above "
-                                         r"twice chance \(limit 4.6\); no model file was written; lower lr \(lr: 10\)"):
+                                         r"twice chance \(limit 4.6 nats\); no model file was written; lower lr \(lr: 10\)"):
         trainer.fit(*args)
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "ckpt.pt").exists() and not live.exists()

@@ -116,7 +116,7 @@ def loss_ceiling(prepared_dir: str | Path, vocab_size: int) -> tuple[float, str]
     baseline of stats.json, and never below chance (an untrained model guesses uniformly)."""
     unigram_bits = data.load_stats(prepared_dir)["unigram_bits_per_char"]
     ceiling = max(2 * unigram_bits * math.log(2), math.log(vocab_size))
-    return ceiling, (f"twice the unigram baseline ({unigram_bits:.3g} bits/char) and chance "
+    return ceiling, (f"the larger of twice the unigram baseline ({unigram_bits:.3g} bits/char) and chance "
                      f"({math.log2(vocab_size):.3g} bits/char)")
 
 

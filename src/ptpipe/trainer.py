@@ -147,10 +147,10 @@ def load_model_file(path: str | Path, stage: str, required: tuple[str, ...] = ()
 
 
 def set_threads(threads: int) -> None:
-    """Use `threads` CPU threads for torch ops (0: torch's default, one per core). On a 2-core CPU
-    shared with another busy process a 2-thread op waits for its descheduled thread at every
-    barrier (measured 4-10x slower per step, benchmarks/README.md): recipes meant to run side by
-    side use 1."""
+    """Use `threads` CPU threads for torch ops (0: torch's default, one per physical core, the
+    params' default). On a CPU shared with another busy process a multi-threaded op waits for its
+    descheduled thread at every barrier (measured 4-10x slower per step on 2 cores,
+    benchmarks/README.md): runs side by side (`dvc queue start -j N`) want 1."""
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -372,7 +372,7 @@ def _check_not_diverged(best: dict, spec: Fit) -> None:
     spec.checkpoint_path.unlink(missing_ok=True)  # a finished run, not one to resume
     raise StageError(
         f"training diverged: the best val/loss ({best['val/loss']:.4g} nats, epoch {best['epoch'] + 1}) is far "
-        f"above {spec.loss_ceiling_reason} (limit {spec.loss_ceiling:.4g}); no model file was written; "
+        f"above {spec.loss_ceiling_reason} (limit {spec.loss_ceiling:.4g} nats); no model file was written; "
         f"{spec.non_finite_hint}")
 
 
