@@ -126,3 +126,23 @@ def test_two_nodes_rendezvous_over_c10d_and_only_rank_0_writes(tmp_path):
     main_node, other_node = ("node_a", "node_b") if rank_a == 0 else ("node_b", "node_a")
     assert sorted(p.name for p in (tmp_path / main_node / "out").iterdir()) == ["model.pt"]
     assert not (tmp_path / other_node / "out").exists()  # rank 1 wrote nothing
+
+
+@pytest.mark.slow
+def test_cnn_under_ddp_compiles_the_wrapped_module_through_the_wrapper(in_tmp):
+    """DDP first, then compile the module it wraps, warmed up through the wrapper: dynamo compiles
+    inside DDP's forward, so DDPOptimizer splits the graph at the gradient buckets."""
+    from fixtures import write_params, write_prepared_cifar
+    from test_cnn import small
+
+    write_prepared_cifar(in_tmp, n_train=150, n_val=40, n_test=40)
+    small(in_tmp, compile="always", autocast="bfloat16", epochs=2)
+    write_params(in_tmp, **{"train.device": "cpu"})
+    env = {**tool_env(), "TORCH_LOGS": "+torch._dynamo.backends.distributed"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(__file__).with_name("ddp_compile_cnn.py"))]
+    run = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "DDPOptimizer used bucket cap" in run.stdout + run.stderr
+    metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
+    assert metrics["compiled"] is True and metrics["recompiles"] == 0 and metrics["graphs"] >= 2
