@@ -86,9 +86,10 @@ def test_unprepared_workspace_says_which_stage_to_run_and_writes_nothing(in_tmp)
 
 
 def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
-    small(cnn_dir, "tutorial", lr=1e8)
+    small(cnn_dir, "tutorial", lr=10)  # the largest lr the params allow
     with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+: .* "
-                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 1e\+08\)"):
+                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 10, "
+                                         r"cnn\.recipes\.tutorial\.optimizer: sgd\)"):
         train_cnn.main(progress=False)
     assert not Path("models/cnn/model.pt").exists()
 
