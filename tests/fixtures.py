@@ -189,12 +189,26 @@ def sh(*cmd, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.
     return result
 
 
-def copy_project(dest: Path) -> Path:
-    """A fresh git repo holding the project's files (tracked + untracked-not-ignored), DVC initialised."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+# What running the pipeline leaves in a workspace (dvc.lock, the stages' outputs, DVCLive's and the
+# flows' records): never part of a test's project, so the tests pass in a used workspace as in a fresh
+# clone. tests/test_pipeline.py checks that every output dvc.yaml declares falls under one of them.
+PIPELINE_RESULTS = ("dvc.lock", "data/", "models/", "metrics/", "dvclive/", "plots/", "reports/", "incidents/")
+KEPT_IN_RESULTS = ("data/README.md", "models/README.md")  # the folders' documentation is source
+
+
+def project_files(source: Path = ROOT) -> list[str]:
+    """The project's source files under `source` (tracked + untracked-not-ignored), pipeline results left out."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=source,
                             capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
+    return [rel for rel in filter(None, listed)
+            if rel in KEPT_IN_RESULTS or not any(rel == r or rel.startswith(r) for r in PIPELINE_RESULTS)]
+
+
+def copy_project(dest: Path, source: Path = ROOT) -> Path:
+    """A fresh git repo holding the project's source files (`project_files`), DVC initialised: the
+    same project whether the workspace it comes from is a fresh clone or one where `dvc repro` ran."""
+    for rel in project_files(source):
+        src = source / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)

@@ -86,9 +86,10 @@ def test_unprepared_workspace_says_which_stage_to_run_and_writes_nothing(in_tmp)
 
 
 def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
-    small(cnn_dir, "tutorial", lr=1e8)
+    small(cnn_dir, "tutorial", lr=10)  # the largest lr the params allow
     with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+: .* "
-                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 1e\+08\)"):
+                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 10, "
+                                         r"cnn\.recipes\.tutorial\.optimizer: sgd\)"):
         train_cnn.main(progress=False)
     assert not Path("models/cnn/model.pt").exists()
 
@@ -181,6 +182,21 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
     with pytest.raises(StageError, match=r"batch_size 255 does not divide among train.nproc=2 processes"):
         EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
     assert len(EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2
+
+
+def test_non_finite_hint_names_the_recipe_keys_in_effect(in_tmp):
+    from ptpipe import params, train_cnn
+
+    p = params.load()  # default recipe: lr null -> the top-level lr, AdamW with weight decay
+    assert train_cnn.non_finite_hint(p, p.lr) == (
+        f"lower the learning rate (lr: {p.lr:g}, cnn.recipes.default.optimizer: adamw) "
+        f"or lower cnn.recipes.default.weight_decay ({p.cnn.selected.weight_decay:g})")
+    small(in_tmp, "airbench94")
+    p = params.load()
+    hint = train_cnn.non_finite_hint(p, p.cnn.selected.lr)
+    assert hint.startswith("lower the learning rate (cnn.recipes.airbench94.lr: 1.5, "
+                           "cnn.recipes.airbench94.optimizer: sgd), ")
+    assert hint.endswith("or lower cnn.recipes.airbench94.bias_lr_scale (64)")
 
 
 def test_lookahead_follows_airbench94s_schedule():

@@ -94,6 +94,40 @@ def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(in_tmp):
     assert sorted(p.name for p in (in_tmp / "models/cnn").iterdir()) == ["model.pt"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_c10d_and_only_rank_0_writes(tmp_path):
+    """README's multi-node command, two "nodes" on loopback: `torchrun --nnodes 2 --nproc-per-node 1
+    --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT` started twice, each in its own directory."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node in ("node_a", "node_b"):
+        (tmp_path / node).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "ptpipe-test",
+               "--local-addr", "127.0.0.1", str(SCRIPT), "out"]
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path / node, env=tool_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in nodes]
+    for proc, output in zip(nodes, outputs):
+        assert proc.returncode == 0, output
+    ranks = [results(output) for output in outputs]  # each node's own stdout: its one rank
+    assert sorted(r for found in ranks for r in found) == [0, 1]  # both ranks trained to the end
+    (rank_a, (sum_a, _)), = ranks[0].items()
+    (rank_b, (sum_b, _)), = ranks[1].items()
+    assert sum_a == sum_b  # DDP kept the two nodes' replicas identical: they trained together
+    main_node, other_node = ("node_a", "node_b") if rank_a == 0 else ("node_b", "node_a")
+    assert sorted(p.name for p in (tmp_path / main_node / "out").iterdir()) == ["model.pt"]
+    assert not (tmp_path / other_node / "out").exists()  # rank 1 wrote nothing
+
+
 @pytest.mark.slow
 def test_cnn_under_ddp_compiles_the_wrapped_module_through_the_wrapper(in_tmp):
     """DDP first, then compile the module it wraps, warmed up through the wrapper: dynamo compiles

@@ -248,8 +248,12 @@ def test_the_lstm_trains_at_its_own_lr_and_null_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("lstm, expected", [
-    ({"lr": 0.5, "clip": 2.0}, "lower the learning rate (lstm.lr: 0.5) or lower lstm.clip (2)"),
-    ({"lr": 0.02, "clip": None}, "lower the learning rate (lstm.lr: 0.02) or set a gradient clip (lstm.clip)"),
+    ({"lr": 0.5, "clip": 2.0}, "lower the learning rate (lstm.lr: 0.5, lstm.optimizer: adam) or lower lstm.clip (2)"),
+    ({"lr": 0.02, "clip": None},
+     "lower the learning rate (lstm.lr: 0.02, lstm.optimizer: adam) or set a gradient clip (lstm.clip)"),
+    ({"lr": 0.5, "optimizer": "sgd", "weight_decay": 0.5},  # weight decay can be what blows up the loss
+     "lower the learning rate (lstm.lr: 0.5, lstm.optimizer: sgd), lower lstm.clip (1) "
+     "or lower lstm.weight_decay (0.5)"),
 ])
 def test_non_finite_hint_names_the_keys_in_effect(tmp_path, lstm, expected):
     from ptpipe import params
@@ -272,3 +276,20 @@ def test_text_too_short_for_the_streams_and_window_phase_is_refused_before_train
         evaluate_lstm.main(write_params(tmp_path, eval_streams=5000), root / "data/prepared/alice",
                            root / "models/lstm/model.pt", tmp_path / "m.json", tmp_path / "s.txt")
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "s.txt").exists()
+
+
+def test_a_run_that_diverges_but_stays_finite_writes_no_model(tmp_path):
+    """The issue's `lstm.lr=10 optimizer=sgd clip=null`: finite losses far above the unigram baseline."""
+    write_prepared_text(tmp_path, PHRASE * 40)
+    params_file = write_params(tmp_path, lr=10, optimizer="sgd", clip=None, epochs=2)
+    with pytest.raises(StageError) as err:
+        train_lstm.main(params_file, tmp_path / "data/prepared/alice", tmp_path / "models/lstm/model.pt",
+                        tmp_path / "dvclive/lstm", progress=False)
+    message = str(err.value)
+    assert message.startswith("training diverged: the best val/loss")
+    assert "the larger of twice the unigram baseline" in message and "no model file was written" in message
+    assert "lstm.lr: 10, lstm.optimizer: sgd" in message and "set a gradient clip (lstm.clip)" in message
+    # nothing that looks like a run: no model, no checkpoint to resume, no DVCLive params/metrics
+    assert not (tmp_path / "models/lstm/model.pt").exists()
+    assert not (tmp_path / "models/lstm/checkpoint.pt").exists()
+    assert not (tmp_path / "dvclive").exists() or not any((tmp_path / "dvclive").rglob("*"))

@@ -105,3 +105,36 @@ def test_stage_refuses_bad_params_before_writing(in_tmp, stage):
     assert "params.yaml: lr: Input should be greater than 0 (got -1)" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in in_tmp.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["cnn"]["recipes"]["default"].update(lr=50), "cnn.recipes.default.lr: Input should be less than or equal to 10"),
+    (lambda d: d["lstm"].update(weight_decay=5), "lstm.weight_decay: Input should be less than 1"),
+])
+def test_lr_and_weight_decay_have_upper_bounds_everywhere(mutate, message):
+    d = raw()
+    mutate(d)
+    with pytest.raises(StageError, match=message):
+        params.parse(d)
+
+
+def test_an_unknown_recipe_is_one_line_naming_the_recipes():
+    d = raw()
+    d["cnn"]["recipe"] = "nope"
+    with pytest.raises(StageError) as err:
+        params.parse(d)
+    assert str(err.value).splitlines()[1:] == [
+        "  params.yaml: cnn: recipe 'nope' is not one of cnn.recipes (airbench94, default, tutorial)"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("lr: 0.001\n", "lr: 0.001\nlr: 0.01\n", 1), "line 4: duplicate key 'lr'"),
+    (lambda t: t.replace("  seq_len: 100", "  seq_len: 100\n  seq_len: 50", 1), "duplicate key 'seq_len'"),
+])
+def test_duplicate_keys_are_refused_naming_key_and_line(tmp_path, edit, message):
+    # DVC refuses such a file; PyYAML alone would silently keep the last value
+    path = tmp_path / "params.yaml"
+    path.write_text(edit((ROOT / "params.yaml").read_text()))
+    with pytest.raises(StageError) as err:
+        params.load(path)
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -112,6 +112,62 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     assert trainer.resolve_device("cuda", trainer.Distributed(rank=0, world_size=2, local_rank=0)).index == 0
 
 
+@pytest.mark.parametrize("content", [[1, 2, 3], {"epoch": 0}, "a string"], ids=["list", "dict-lacking-keys", "str"])
+def test_a_checkpoint_that_loads_but_is_not_one_is_ignored_like_an_unreadable_one(tmp_path, capsys, content):
+    torch.save(content, tmp_path / "ckpt.pt")  # loads with weights_only=True, but is no checkpoint of `fit`
+    spec = trainer.Fit(epochs=1, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                       config={}, progress=False)
+    model = nn.Linear(3, 1)
+    result = trainer.fit(model, NanAtStep(bad=10**9, steps=5), torch.optim.SGD(model.parameters(), lr=0.01),
+                         None, spec, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert f"ignoring {tmp_path / 'ckpt.pt'}: unreadable (ValueError: not a checkpoint written by this loop)" in out
+    assert len(result.history) == 1 and (tmp_path / "model.pt").exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("task", [NanAtStep(bad=3), StopsAtEpoch(stop=1)], ids=["non-finite", "interrupted"])
+def test_a_failed_run_leaves_no_dvclive_directory(tmp_path, task):
+    # DVCLive writes params.yaml when the run starts and metrics each epoch: after a failure they would
+    # look like a finished run's (the next run rebuilds them from the checkpoint's history)
+    live = tmp_path / "dvclive" / "toy"
+    spec = trainer.Fit(epochs=3, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                       config={"lr": 0.01}, live_dir=live, progress=False)
+    model = nn.Linear(3, 1)
+    with pytest.raises((StageError, KeyboardInterrupt)):
+        trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec, torch.device("cpu"))
+    assert not live.exists()
+    assert not (tmp_path / "model.pt").exists()
+
+
+class ConstantLoss(NanAtStep):
+    """A finite but useless run: validation loss `value` every epoch."""
+
+    def __init__(self, value: float):
+        super().__init__(bad=10**9, steps=5)
+        self.value = value
+
+    def validate(self, model):
+        return {"val/loss": self.value}
+
+
+@pytest.mark.parametrize("value, diverged", [(2.0, False), (9.9, True)])
+def test_a_finite_run_far_above_the_ceiling_writes_no_model(tmp_path, value, diverged):
+    live = tmp_path / "dvclive"
+    spec = trainer.Fit(epochs=2, model_path=tmp_path / "model.pt", checkpoint_path=tmp_path / "ckpt.pt",
+                       config={}, live_dir=live, progress=False, non_finite_hint="lower lr (lr: 10)",
+                       loss_ceiling=4.6, loss_ceiling_reason="twice chance")
+    model = nn.Linear(3, 1)
+    args = (model, ConstantLoss(value), torch.optim.SGD(model.parameters(), lr=0.01), None, spec, torch.device("cpu"))
+    if not diverged:
+        trainer.fit(*args)
+        assert (tmp_path / "model.pt").exists() and (live / "metrics.json").exists()
+        return
+    with pytest.raises(StageError, match=r"training diverged: the best val/loss \(9.9 nats, epoch 2\) is far above "
+                                         r"twice chance \(limit 4.6 nats\); no model file was written; lower lr \(lr: 10\)"):
+        trainer.fit(*args)
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "ckpt.pt").exists() and not live.exists()
+
+
 class Counting(NanAtStep):
     """A finite task that counts its validations."""
 

@@ -82,7 +82,7 @@ class CnnRecipe(Section):
     validation: Literal["auto", "always", "never"]  # per-epoch validation; auto = when train_split holds val out
     checkpoint_every: int = Field(ge=1, le=1000)  # epochs between checkpoints
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
-    lr: Optional[Annotated[float, Field(gt=0, strict=False)]]  # null: the top-level lr
+    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]  # null: the top-level lr
     momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
     nesterov: bool
     weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
@@ -112,7 +112,7 @@ class Cnn(Section):
     @model_validator(mode="after")
     def _recipe_exists(self) -> "Cnn":
         if self.recipe not in self.recipes:
-            raise ValueError(f"recipe {self.recipe!r} is not one of cnn.recipes: {sorted(self.recipes)}")
+            raise ValueError(f"recipe {self.recipe!r} is not one of cnn.recipes ({', '.join(sorted(self.recipes))})")
         return self
 
     @property
@@ -143,7 +143,7 @@ class Lstm(Section):
     clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_lstm does not read the top-level lr
     optimizer: Literal["adam", "adamw", "sgd"]
-    weight_decay: Annotated[float, Field(ge=0, strict=False)]
+    weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
     schedule: Literal["constant", "cosine"]
     patience: Optional[int] = Field(ge=1)
     seed: int
@@ -189,6 +189,8 @@ def _describe(err: dict) -> str:
         return f"{key}: unknown key (check its spelling and section)"
     if err["type"] == "missing":
         return f"{key}: missing"
+    if isinstance(err["input"], dict):  # a whole section failed a check across its keys: the message names them
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
     return f"{key}: {err['msg']} (got {err['input']!r})"
 
 
@@ -200,12 +202,33 @@ def parse(raw: object, source: str = PARAMS_FILE) -> Params:
         raise StageError("invalid params\n  " + "\n  ".join(lines)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (DVC refuses such a
+    file too; PyYAML alone would keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                    f"(DVC refuses the file too): keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise StageError(f"{path} not found: run from the repository root") from None
+    except _DuplicateKey as exc:
+        raise StageError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise StageError(f"{path} is not valid YAML: {exc}") from None
     return parse(raw, str(path))

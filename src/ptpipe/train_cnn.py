@@ -163,6 +163,18 @@ def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: i
     return wrapped, scheduler
 
 
+def non_finite_hint(p: params_mod.Params, lr: float) -> str:
+    """What to change when the loss blows up, naming the params keys in effect."""
+    r, key = p.cnn.selected, f"cnn.recipes.{p.cnn.recipe}"
+    changes = [f"lower the learning rate ({'lr' if r.lr is None else f'{key}.lr'}: {lr:g}, "
+               f"{key}.optimizer: {r.optimizer})"]
+    if r.weight_decay > 0:
+        changes.append(f"lower {key}.weight_decay ({r.weight_decay:g})")
+    if r.bias_lr_scale != 1:
+        changes.append(f"lower {key}.bias_lr_scale ({r.bias_lr_scale:g})")
+    return trainer.alternatives(changes)
+
+
 def _dynamo_counts() -> dict[str, int]:
     """What dynamo has compiled in this process so far (torch._dynamo's counters: never reset by
     torch._dynamo.reset, so a run takes differences)."""
@@ -278,7 +290,9 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         config=config, inputs=(Path(prepared_dir),), live_dir=Path(live_dir) if live_dir is not None else None,
         checkpoint_every=r.checkpoint_every, validate=validate, stopwatch=watch,
         autocast_dtype=autocast_dtype, progress=progress,
-        non_finite_hint=f"lower the learning rate ({'lr' if r.lr is None else f'cnn.recipes.{p.cnn.recipe}.lr'}: {lr:g})",
+        non_finite_hint=non_finite_hint(p, lr),
+        # twice chance: an untrained model guesses uniformly at log(classes)
+        loss_ceiling=2 * math.log(len(classes)), loss_ceiling_reason=f"twice chance (log {len(classes)} classes)",
     )
     # -- DDP first, then torch.compile of the module it wraps, then the warm-up --------------
     model = trainer.wrap_ddp(model, device, ddp)

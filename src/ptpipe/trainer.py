@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -153,10 +154,10 @@ def load_model_file(path: str | Path, stage: str, required: tuple[str, ...] = ()
 
 
 def set_threads(threads: int) -> None:
-    """Use `threads` CPU threads for torch ops (0: torch's default, one per core). On a 2-core CPU
-    shared with another busy process a 2-thread op waits for its descheduled thread at every
-    barrier (measured 4-10x slower per step, benchmarks/README.md): recipes meant to run side by
-    side use 1."""
+    """Use `threads` CPU threads for torch ops (0: torch's default, one per physical core, the
+    params' default). On a CPU shared with another busy process a multi-threaded op waits for its
+    descheduled thread at every barrier (measured 4-10x slower per step on 2 cores,
+    benchmarks/README.md): runs side by side (`dvc queue start -j N`) want 1."""
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -244,6 +245,9 @@ class Fit:
     live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
     clip_grad_norm: float | None = None
     non_finite_hint: str = "lower the learning rate"  # what to change if the loss blows up, naming the params keys
+    # val/loss (nats) above which the kept epoch counts as diverged: no model is written (None: no check)
+    loss_ceiling: float | None = None
+    loss_ceiling_reason: str = ""  # what the ceiling is, e.g. "2 x the unigram baseline (4.1 bits/char)"
     monitor: str | None = None  # validation metric deciding the kept weights, e.g. "val/loss"
     monitor_mode: str = "min"
     patience: int | None = None  # epochs without improvement before stopping early
@@ -280,7 +284,26 @@ def wrap_ddp(model: nn.Module, device: torch.device, ddp: Distributed) -> nn.Mod
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def fit(
+# What `fit` saves each epoch; a file without all of them is ignored like an unreadable one.
+CHECKPOINT_KEYS = frozenset({"run_key", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history",
+                             "best_state", "best_value", "bad_epochs"})
+
+
+def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, spec: Fit, device: torch.device,
+        ddp: Distributed = Distributed()) -> FitResult:
+    """Train `model` on `task` as `spec` says, on `device`. A run that fails leaves no DVCLive
+    directory behind (its params.yaml and metrics would look like a finished run's); a resumed
+    run rebuilds it from the checkpoint's history."""
+    try:
+        return _fit(model, task, optimizer, scheduler, spec, device, ddp)
+    except BaseException:
+        if spec.live_dir is not None and ddp.is_main:
+            shutil.rmtree(spec.live_dir, ignore_errors=True)
+        raise
+
+
+def _fit(
     model: nn.Module,
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -300,10 +323,12 @@ def fit(
     if spec.checkpoint_path.exists():
         try:
             ckpt = torch.load(spec.checkpoint_path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+                raise ValueError("not a checkpoint written by this loop")
         except Exception as exc:  # noqa: BLE001 - any unreadable file: start afresh, say why
             ckpt = {}
             if ddp.is_main:
-                print(f"ignoring {spec.checkpoint_path}: unreadable ({type(exc).__name__})")
+                print(f"ignoring {spec.checkpoint_path}: unreadable ({type(exc).__name__}: {exc})"[:300])
         if ckpt.get("run_key") == run_key:
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -381,6 +406,7 @@ def fit(
               f"keeping epoch {best['epoch']}")
     if best_state is None:
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+    _check_not_diverged(best, spec)
     if ddp.is_main:
         files.save_torch(spec.model_path, {"state_dict": best_state, "config": spec.config, **spec.extra_state})
         spec.checkpoint_path.unlink(missing_ok=True)
@@ -391,6 +417,25 @@ def fit(
     train_seconds = watch.seconds
     other_seconds = max(0.0, time.perf_counter() - loop_start - (train_seconds - timed_before))
     return FitResult(history=history, best=best, train_seconds=train_seconds, other_seconds=other_seconds)
+
+
+def alternatives(changes: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b or c": a hint listing what the user can change."""
+    return changes[0] if len(changes) == 1 else ", ".join(changes[:-1]) + " or " + changes[-1]
+
+
+def _check_not_diverged(best: dict, spec: Fit) -> None:
+    """Stop, without writing a model, when the kept epoch's val/loss (train/loss in a run without
+    validation) is above `spec.loss_ceiling`: a finite loss can still be a diverged run, far worse
+    than always guessing the baseline."""
+    metric = "val/loss" if "val/loss" in best else "train/loss"
+    if spec.loss_ceiling is None or best[metric] <= spec.loss_ceiling:
+        return
+    spec.checkpoint_path.unlink(missing_ok=True)  # a finished run, not one to resume
+    raise StageError(
+        f"training diverged: the best {metric} ({best[metric]:.4g} nats, epoch {best['epoch'] + 1}) is far "
+        f"above {spec.loss_ceiling_reason} (limit {spec.loss_ceiling:.4g} nats); no model file was written; "
+        f"{spec.non_finite_hint}")
 
 
 def _batch_shape(batch: Any) -> tuple:

@@ -1,0 +1,56 @@
+"""The tests' project copies are the same in a used workspace (after `dvc repro`, `dvc exp run`) as in a
+fresh clone: dvc.lock, outputs, metrics and DVCLive's records never travel into them."""
+import subprocess
+
+import yaml
+
+from fixtures import KEPT_IN_RESULTS, PIPELINE_RESULTS, ROOT, copy_project, project_files, sh
+
+# What a used workspace holds beside the source: some committed (dvc.lock, the cache: false metrics,
+# as the README says to), some untracked (DVCLive's params.yaml, a failed flow's incident).
+PLANTED = {
+    "dvc.lock": ("schema: '2.0'\nstages:\n  train_cnn:\n    cmd: python -m ptpipe.train_cnn\n", True),
+    "metrics/cnn.json": ('{"test": {"acc": 0.84}}\n', True),
+    "dvclive/cnn/metrics.json": ('{"val": {"acc": 0.82}}\n', True),
+    "dvclive/cnn/params.yaml": ("lr: 0.01\n", False),
+    "plots/cnn/confusion.json": ("[]\n", False),
+    "reports/lstm_samples.txt": ("Alice\n", False),
+    "models/cnn/model.pt": ("not a model\n", False),
+    "data/prepared/alice/stats.json": ("{}\n", False),
+    "incidents/2026-01-01T00-00-00-retrain-x.json": ("{}\n", False),
+}
+
+
+def test_every_output_dvc_yaml_declares_is_left_out_of_the_test_projects():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = []
+    for stage in stages.values():
+        items = stage.get("foreach", [None])
+        body = stage.get("do", stage)
+        for key in ("outs", "metrics", "plots"):
+            for entry in body.get(key, []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                declared += [path.replace("${item}", str(item)) for item in items]
+    assert declared
+    for path in declared:
+        assert any(path.startswith(r) for r in PIPELINE_RESULTS), f"{path}: add its folder to PIPELINE_RESULTS"
+
+
+def test_a_used_workspace_copies_like_a_fresh_clone(tmp_path):
+    fresh = copy_project(tmp_path / "fresh")
+    used = copy_project(tmp_path / "used")
+    for rel, (text, commit) in PLANTED.items():
+        (used / rel).parent.mkdir(parents=True, exist_ok=True)
+        (used / rel).write_text(text)
+        if commit:
+            sh("git", "add", "-f", rel, cwd=used)
+    sh("git", "commit", "-qm", "a pipeline run", cwd=used)
+
+    copy = copy_project(tmp_path / "copy", source=used)
+    assert project_files(copy) == project_files(fresh)
+    for rel in PLANTED:
+        assert not (copy / rel).exists(), rel
+    for rel in ("dvc.yaml", "params.yaml", "src/ptpipe/trainer.py", *KEPT_IN_RESULTS):
+        assert (copy / rel).is_file(), rel
+    tracked = subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True, check=True).stdout
+    assert "dvc.lock" not in tracked.split()
