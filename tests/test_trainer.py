@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptpipe import trainer
+from ptpipe import files, trainer
 from ptpipe.stage import StageError
 
 
@@ -110,3 +110,22 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(StageError, match=r"train.nproc asks for 2 processes but this machine has 1 GPU\(s\)"):
         trainer.resolve_device("cuda", trainer.Distributed(rank=1, world_size=2, local_rank=1))
     assert trainer.resolve_device("cuda", trainer.Distributed(rank=0, world_size=2, local_rank=0)).index == 0
+
+
+def test_same_weights_same_bytes_for_a_straight_and_a_resumed_run(tmp_path):
+    """model.pt is byte-reproducible: the atomic write's random temporary name must not end up inside
+    the zip archive, so an uninterrupted run and a resumed one (other folders) hash the same."""
+    def run(folder, task):
+        folder.mkdir(exist_ok=True)
+        spec = trainer.Fit(epochs=3, model_path=folder / "model.pt", checkpoint_path=folder / "ckpt.pt",
+                           config={"lr": 0.01}, progress=False)
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        return trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec,
+                           torch.device("cpu"))
+
+    run(tmp_path / "straight", StopsAtEpoch(stop=None))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", StopsAtEpoch(stop=1))
+    run(tmp_path / "resumed", StopsAtEpoch(stop=None))
+    assert files.digest(tmp_path / "straight/model.pt", "md5") == files.digest(tmp_path / "resumed/model.pt", "md5")
