@@ -17,7 +17,6 @@ from torch import nn
 from fixtures import ROOT, tool_env, write_models, write_prepared
 from ptpipe import export, files, generate, inference, kinds, validate
 from ptpipe.data import load_text
-from ptpipe.stage import StageError
 
 
 # -- a third kind, defined here: a windowed character model (the "window" generation mode) -------

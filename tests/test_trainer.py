@@ -129,3 +129,23 @@ def test_same_weights_same_bytes_for_a_straight_and_a_resumed_run(tmp_path):
         run(tmp_path / "resumed", StopsAtEpoch(stop=1))
     run(tmp_path / "resumed", StopsAtEpoch(stop=None))
     assert files.digest(tmp_path / "straight/model.pt", "md5") == files.digest(tmp_path / "resumed/model.pt", "md5")
+
+
+def test_the_explicit_lr_of_each_step_is_what_lambdalr_gave():
+    """The loop sets every group's lr itself from one schedule function (no LambdaLR); at step k it must
+    be what LambdaLR stepped k times gave, so the CNN and LSTM metrics stay what they were."""
+    schedule = trainer.lr_schedule("onecycle", 40, warmup_fraction=0.2, initial_lr_factor=0.1, final_lr_factor=0.05)
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
+
+    def groups():
+        return [{"params": [params[0]], "lr": 0.3}, {"params": [params[1]], "lr": 0.3 * 64},
+                {"params": [params[2]], "lr": 0.3, "frozen_after": 12}]
+
+    old = torch.optim.SGD(groups(), lr=0.3, momentum=0.9)
+    lambdalr = torch.optim.lr_scheduler.LambdaLR(old, [schedule, schedule, lambda s: schedule(s) if s < 12 else 0.0])
+    new = trainer.make_optimizer(groups(), "sgd", 0.3, momentum=0.9)
+    for step in range(45):
+        trainer.set_lr(new, schedule, step)
+        assert [g["lr"] for g in new.param_groups] == [g["lr"] for g in old.param_groups], step
+        lambdalr.step()
+    assert new.param_groups[2]["lr"] == 0.0 and new.param_groups[0]["lr"] == pytest.approx(0.3 * 0.05)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import math
 import time
 from pathlib import Path
 
@@ -92,56 +91,35 @@ class Lookahead:
         self.steps = state["steps"]
 
 
-def lr_factor(step: int, total: int, r: CnnRecipe) -> float:
-    """Multiplier of the peak lr at optimizer step `step` of `total`: linear warm-up from
-    `initial_lr_factor` over `warmup_fraction`, then linear (onecycle) or cosine decay to `final_lr_factor`."""
-    if r.schedule == "constant":
-        return 1.0
-    warm = int(total * r.warmup_fraction)
-    if step < warm:
-        return r.initial_lr_factor + (1 - r.initial_lr_factor) * step / warm
-    frac = min(1.0, (step - warm) / max(1, total - warm))
-    if r.schedule == "onecycle":
-        return 1 + (r.final_lr_factor - 1) * frac
-    return r.final_lr_factor + (1 - r.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: int):
-    """Param groups (BN biases at `bias_lr_scale` x lr, the whitening bias frozen after
-    `whiten_bias_epochs`), the optimizer by name, and a per-step LambdaLR schedule."""
+    """(optimizer, schedule) of the recipe, from the shared factory: param groups with BN biases at
+    `bias_lr_scale` x lr and the whitening bias frozen after `whiten_bias_epochs`; Lookahead around it."""
     total = r.epochs * steps_per_epoch
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     whiten = [p for n, p in named if n.startswith("whiten.")]
     norm_biases = [p for n, p in named if ".norm" in n]
     other = [p for n, p in named if not n.startswith("whiten.") and ".norm" not in n]
-    groups, lambdas = [], []
-    sched = lambda step: lr_factor(step, total, r)  # noqa: E731
+    groups = []
     if other:
         groups.append({"params": other, "lr": lr, "weight_decay": r.weight_decay})
-        lambdas.append(sched)
     if norm_biases:  # airbench: biases learn faster (x bias_lr_scale) with as much decay per step
         groups.append({"params": norm_biases, "lr": lr * r.bias_lr_scale,
                        "weight_decay": r.weight_decay / r.bias_lr_scale})
-        lambdas.append(sched)
     if whiten:
-        stop = r.whiten_bias_epochs * steps_per_epoch
-        groups.append({"params": whiten, "lr": lr, "weight_decay": r.weight_decay})
-        lambdas.append(lambda step: sched(step) if step < stop else 0.0)
+        groups.append({"params": whiten, "lr": lr, "weight_decay": r.weight_decay,
+                       "frozen_after": r.whiten_bias_epochs * steps_per_epoch})
     device_ok = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    if r.optimizer == "sgd":
-        if r.nesterov and r.momentum == 0:
-            raise StageError("cnn recipe: nesterov needs momentum > 0: set momentum or nesterov: false")
-        opt = torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov, fused=device_ok or None)
-    elif r.optimizer in ("adam", "adamw"):  # momentum = beta1
-        cls = torch.optim.Adam if r.optimizer == "adam" else torch.optim.AdamW
-        opt = cls(groups, lr=lr, betas=(r.momentum, 0.999), fused=device_ok or None)
-    else:
-        opt = torch.optim.RMSprop(groups, lr=lr, momentum=r.momentum, foreach=True)
-    # a constant lr without a whitening group needs no scheduler: its per-step call would be pure overhead
+    try:
+        opt = trainer.make_optimizer(groups, r.optimizer, lr, momentum=r.momentum, nesterov=r.nesterov,
+                                     fused=device_ok or None)
+    except StageError as err:
+        raise StageError(f"cnn recipe: {err}") from None
+    # a constant lr without a whitening group needs no schedule: setting the same lr every step is overhead
     constant = r.schedule == "constant" and not whiten
-    scheduler = None if constant else torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    schedule = None if constant else trainer.lr_schedule(r.schedule, total, r.warmup_fraction,
+                                                         r.initial_lr_factor, r.final_lr_factor)
     wrapped = Lookahead(opt, model, total) if r.lookahead else opt
-    return wrapped, scheduler
+    return wrapped, schedule
 
 
 def _warm_up_compile(model: nn.Module, task: CnnTask, batch_size: int) -> float:
@@ -203,7 +181,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     if hasattr(model, "init_whitening"):  # from the first 5000 training images, as airbench does
         model.init_whitening(normalize(train_x[:5000].to(device), mean, std))
 
-    optimizer, scheduler = make_optimizer(model, r, lr, len(train_set))
+    optimizer, schedule = make_optimizer(model, r, lr, len(train_set))
 
     # -- torch.compile where it pays (a GPU), with a fallback to eager -----------------------
     compile_seconds = 0.0
@@ -227,7 +205,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         autocast_dtype=torch.bfloat16 if on_gpu else None, progress=progress,
         non_finite_hint=f"lower the learning rate ({'lr' if r.lr is None else f'cnn.recipes.{p.cnn.recipe}.lr'}: {lr:g})",
     )
-    result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
+    result = trainer.fit(model, task, optimizer, schedule, spec, device, ddp)
     if ddp.is_main and metrics_path is not None:
         files.write_json(metrics_path, {
             "train_seconds": round(result.train_seconds, 3), "compile_seconds": round(compile_seconds, 3),
