@@ -9,7 +9,6 @@ also bf16 autocast, and torch.compile when `compile` allows it (warm-up timed ap
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -216,13 +215,8 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
 
 
 def _cli() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=params_mod.PARAMS_FILE, help="params file (default: %(default)s)")
-    ap.add_argument("--prepared", default="data/prepared/cifar10", help="prepared CIFAR-10 dir (default: %(default)s)")
-    ap.add_argument("--model", default="models/cnn/model.pt", help="model file to write (default: %(default)s)")
-    ap.add_argument("--live", default="dvclive/cnn", help="DVCLive directory (default: %(default)s)")
-    ap.add_argument("--metrics", default="metrics/cnn_train.json", help="timing metrics (default: %(default)s)")
-    args = ap.parse_args()
+    args = stage.parser(__doc__, prepared="data/prepared/cifar10", model="models/cnn/model.pt", live="dvclive/cnn",
+                        metrics="metrics/cnn_train.json").parse_args()
     stage.run(trainer.run_stage, "ptpipe.train_cnn",
               lambda: main(args.params, args.prepared, args.model, args.live, args.metrics),
               args.params, sys.argv[1:])

@@ -12,6 +12,7 @@ Writes models/lstm/model.pt = {state_dict, config: {kind, model_args, params, da
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -125,5 +126,12 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     return result
 
 
+def _cli() -> None:
+    args = stage.parser(__doc__, prepared="data/prepared/alice", model="models/lstm/model.pt",
+                        live="dvclive/lstm").parse_args()
+    stage.run(trainer.run_stage, "ptpipe.train_lstm", lambda: main(args.params, args.prepared, args.model, args.live),
+              args.params, sys.argv[1:])
+
+
 if __name__ == "__main__":
-    stage.run(trainer.run_stage, "ptpipe.train_lstm", main)
+    _cli()
