@@ -17,6 +17,7 @@ from torch import nn
 from fixtures import ROOT, tool_env, write_models, write_prepared
 from ptpipe import export, files, generate, inference, kinds, validate
 from ptpipe.data import load_text
+from ptpipe.stage import StageError
 
 
 # -- a third kind, defined here: a windowed character model (the "window" generation mode) -------
@@ -95,10 +96,20 @@ def test_a_kind_from_the_test_suite_exports_validates_and_generates_on_every_bac
 
 def test_the_shared_modules_have_no_kind_branches():
     """No `kind == "cnn"`-style branch outside the kind modules: a new kind must not fall into one."""
-    for name in ("export", "validate", "generate", "inference", "cli", "registry"):
-        text = (ROOT / "src/ptpipe" / f"{name}.py").read_text()
+    for path in [ROOT / "src/ptpipe" / f"{name}.py" for name in ("export", "validate", "generate", "inference",
+                                                                 "cli", "registry")] + sorted(ROOT.glob("flows/*.py")):
+        text, name = path.read_text(), path.name
         for kind in ("cnn", "lstm"):
             assert f'== "{kind}"' not in text and f"== '{kind}'" not in text, (name, kind)
+
+
+def test_validate_shapes_of_an_unknown_kind_are_refused_naming_the_key(tmp_path):
+    from ptpipe import params
+
+    text = (ROOT / "params.yaml").read_text().replace("    lstm:\n      batch: [1, 5]", "    lstn:\n      batch: [1, 5]")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(StageError, match=r"validate.shapes: Value error, unknown model kind 'lstn' \(known kinds are cnn, lstm\)"):
+        params.load(tmp_path / "params.yaml")
 
 
 # -- one-line errors from the commands --------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ptpipe.stage import StageError
 
@@ -172,14 +172,15 @@ class Validate(Section):
     # per model kind: {size name: sizes}; which names a kind reads is its own (ptpipe.kinds.<kind>)
     shapes: dict[str, dict[str, Annotated[Sizes, Field(min_length=1)]]]
 
-    @model_validator(mode="after")
-    def _known_kinds(self) -> "Validate":
+    @field_validator("shapes")
+    @classmethod
+    def _known_kinds(cls, shapes: dict) -> dict:
         from ptpipe import kinds
 
-        unknown = sorted(set(self.shapes) - set(kinds.known()))
+        unknown = sorted(set(shapes) - set(kinds.known()))
         if unknown:
-            raise ValueError(f"shapes.{unknown[0]}: unknown model kind (known kinds are {', '.join(kinds.known())})")
-        return self
+            raise ValueError(f"unknown model kind {unknown[0]!r} (known kinds are {', '.join(kinds.known())})")
+        return shapes
 
 
 class Params(Section):
