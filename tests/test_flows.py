@@ -468,7 +468,7 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     # both runs record an incident (the hooks run after the Failed state reaches the API)
     records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
         [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]), "both incident records")
-    assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate@cnn"), ("validate-onnx", "validate")}
+    assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate"), ("validate-onnx", "validate")}
     for path in (repo / "incidents").glob("*.json"):
         path.unlink()
     sh("git", "checkout", "params.yaml", cwd=repo)
