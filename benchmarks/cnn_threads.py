@@ -147,7 +147,7 @@ def ms_per_step(make_model, make_opt, batch: int, threads: int, steps: int) -> f
 def micro(args) -> dict:
     import torch
 
-    from ptpipe.cnn import Airbench, LeNet
+    from ptpipe.kinds.cnn import Airbench, LeNet
 
     workloads = {
         "lenet_b32_sgd": (LeNet, lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, fused=True), 32, 300),

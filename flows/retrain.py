@@ -123,7 +123,8 @@ def _is_download(stage: str) -> bool:
 
 
 def _is_validate(stage: str) -> bool:
-    return stage.rsplit(":", 1)[-1] == "validate"
+    name = stage.rsplit(":", 1)[-1]
+    return name == "validate" or name.startswith("validate@")  # one per model kind: validate@cnn
 
 
 def _reproduce(request: RetrainRequest, repo: str, workdir: str, overrides: list[str], name: str | None) -> dict:

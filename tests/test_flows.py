@@ -263,7 +263,8 @@ def test_stage_order_puts_dependencies_first_and_finds_new_stages(tmp_path):
     assert order[:4] == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
     # (each branch adds its stages; whatever they are, each comes after what it depends on)
     before = [("prepare@cifar10", "train_cnn"), ("train_cnn", "evaluate_cnn"), ("prepare@alice", "train_lstm"),
-              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export"), ("train_lstm", "export"), ("export", "validate")]
+              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export@cnn"), ("train_lstm", "export@lstm"),
+              ("export@cnn", "validate@cnn"), ("export@lstm", "validate@lstm")]
     for first, then in before:
         if first in order and then in order:
             assert order.index(first) < order.index(then), (first, then, order)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ptpipe.stage import StageError
 
@@ -74,7 +74,7 @@ class CnnRecipe(Section):
     """One CIFAR-10 training recipe (`cnn.recipes.<name>`); units and reasons are in params.yaml."""
 
     arch: Literal["lenet", "airbench"]
-    model_args: dict[str, Union[bool, int, float, list[int]]]  # checked against the arch by ptpipe.cnn.build_model
+    model_args: dict[str, Union[bool, int, float, list[int]]]  # checked against the arch by ptpipe.kinds.cnn.build_model
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=2, le=65536)
     drop_last: bool  # drop each epoch's last, partial batch (airbench94 does)
@@ -164,11 +164,23 @@ class Export(Section):
     opset: int = Field(ge=17, le=20)
 
 
+Sizes = list[Annotated[int, Field(ge=1)]]
+
+
 class Validate(Section):
     atol: Annotated[float, Field(gt=0, le=1, strict=False)]
-    cnn_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    lstm_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    lstm_seq_lens: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    # per model kind: {size name: sizes}; which names a kind reads is its own (ptpipe.kinds.<kind>)
+    shapes: dict[str, dict[str, Annotated[Sizes, Field(min_length=1)]]]
+
+    @field_validator("shapes")
+    @classmethod
+    def _known_kinds(cls, shapes: dict) -> dict:
+        from ptpipe import kinds
+
+        unknown = sorted(set(shapes) - set(kinds.known()))
+        if unknown:
+            raise ValueError(f"unknown model kind {unknown[0]!r} (known kinds are {', '.join(kinds.known())})")
+        return shapes
 
 
 class Params(Section):
