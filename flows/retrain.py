@@ -2,21 +2,30 @@
 
 A thin layer over `ptpipe.pipeline` (the same `dvc repro` the command line runs):
 
-1. validate the overrides (`dvc exp run -S` syntax) against the params schema on a copy of
-   params.yaml: a bad override fails here, before DVC runs;
+1. validate the overrides (`dvc exp run -S` syntax, sweeps such as `lr=0.001,0.003` or
+   `lr=range(1,3)` expanded into one experiment per value) against the params schema on a
+   copy of params.yaml: a bad override fails here, before DVC runs;
 2. wait for the global concurrency limit `dvc-repo` (1 slot, created if missing), so a second
    retrain queues behind the first instead of failing on DVC's repository lock;
-3. write the overrides into params.yaml, then `dvc repro --single-item <stage>` for every
-   stage found in dvc.yaml at run time, dependencies first (stages added later run too);
-   the download stages retry with exponential backoff; dvc output streams to the run log;
-4. with overrides, `dvc exp save` records the result as an experiment (what `dvc exp run -S`
-   would do); either way a markdown artifact `retrain-report` holds revision, params changed
-   and `dvc metrics show`;
+3. `dvc repro --single-item <stage>` for every stage found in dvc.yaml at run time,
+   dependencies first (stages added later run too); the download stages retry with
+   exponential backoff; dvc output streams to the run log. Where:
+   - without overrides (the nightly schedule), in the workspace, which must be the committed
+     state (tracked files as in HEAD, apart from dvc.lock and the outputs git keeps): the
+     workspace models are updated, commit dvc.lock to keep them;
+   - with overrides, each experiment in a temporary copy of the committed state (a git worktree
+     sharing the DVC cache, `pipeline.temporary_copy`), recorded with `dvc exp save` (what
+     `dvc exp run --temp -S` does): `dvc exp show` lists it, `dvc exp apply <name>` brings it into
+     the workspace; the workspace itself is never changed, so no override leaks into a later run;
+4. a markdown artifact `retrain-report` per run or experiment: revision, params changed and
+   `dvc metrics show`;
 5. when the pipeline has a `validate` stage, the `validate-onnx` flow runs as a subflow, still
-   inside the slot, so every retrain ends with the per-model/per-shape tables; when the validate
-   stage fails, the subflow runs before the retrain fails, so the failing shapes are tabulated.
+   inside the slot, on the models just made: one summary table per model (and the per-shape
+   detail); when the validate stage fails, the subflow runs before the retrain fails, so the
+   failing shapes are tabulated.
 
-On failure `ptpipe.incidents.on_failure` writes `incidents/<time>-retrain-<run>.json`.
+A failed run ends in a Failed state whose message is the reason (the stage and its last output
+lines); `ptpipe.incidents.on_failure` writes `incidents/<time>-retrain-<run>.json`.
 Run by hand: `python flows/retrain.py` (repo = current directory), or deploy (prefect.yaml).
 """
 from __future__ import annotations
@@ -30,24 +39,40 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from ptpipe import incidents, pipeline, repo_slot
+from ptpipe.stage import StageError
 
 
 class RetrainRequest(BaseModel):
-    """What a retrain run changes; the defaults reproduce the committed params."""
+    """What a retrain run changes; the defaults reproduce the committed params, in the workspace."""
 
     set_params: list[str] = Field(
         default_factory=list,
-        description="Overrides as typed after `dvc exp run -S`, e.g. ['lr=0.01', 'prepare.cifar10.seed=1']",
+        description="Overrides as typed after `dvc exp run -S`, e.g. ['lr=0.01', 'prepare.cifar10.seed=1']; "
+                    "a sweep ('lr=0.001,0.003', 'lr=range(1,3)') runs one experiment per value. "
+                    "Experiments run in a temporary copy: the workspace is not changed",
     )
-    experiment: str | None = Field(None, description="Name for `dvc exp save` (only used with overrides)")
+    experiment: str | None = Field(None, description="Name for the experiment (a sweep's get -1, -2, ...)")
     download_retries: int = Field(3, ge=0, le=10, description="Extra attempts of a failed download stage")
     retry_delay_s: float = Field(10.0, ge=0, description="First retry delay in seconds; doubles each attempt")
     validate_after: bool = Field(True, description="Run validate-onnx when the pipeline has a validate stage")
 
 
 @task(name="check-params")
-def check_params(repo: str, overrides: list[str]) -> None:
-    pipeline.check_overrides(repo, overrides)
+def check_params(repo: str, overrides: list[str]) -> list[list[str]]:
+    """Every experiment's overrides (a sweep expanded), each validated before anything runs."""
+    experiments = pipeline.expand_sweeps(overrides)
+    for each in experiments:
+        pipeline.check_overrides(repo, each)
+    return experiments
+
+
+@task(name="check-workspace")
+def check_workspace(repo: str) -> None:
+    changed = pipeline.uncommitted_inputs(repo)
+    if changed:
+        raise StageError(f"the workspace is not the committed state ({', '.join(changed)} changed): a run "
+                         f"without overrides reproduces what is committed; commit the change, or pass it "
+                         f"as request.set_params to run it as an experiment")
 
 
 @task(name="find-stages")
@@ -66,21 +91,26 @@ def run_stage(repo: str, stage: str) -> None:
 
 
 @task(name="save-experiment")
-def save_experiment(repo: str, name: str | None) -> None:
+def save_experiment(workdir: str, name: str | None) -> str:
+    """`dvc exp save` in the copy; returns the experiment's name (DVC picks one when `name` is None)."""
     args = ["exp", "save", "--force"] + (["--name", name] if name else [])
-    for path in pipeline.metrics(repo):  # metrics kept in git (cache: false) belong in the commit
+    for path in pipeline.metrics(workdir):  # metrics kept in git (cache: false) belong in the commit
         args += ["--include-untracked", path]
-    pipeline.run_dvc(args, repo, log=get_run_logger().info)
+    lines: list[str] = []
+    logger = get_run_logger()
+    pipeline.run_dvc(args, workdir, log=lambda line: (lines.append(line), logger.info(line)))
+    saved = [line.rsplit(":", 1)[1].strip() for line in lines if "Experiment has been saved as:" in line]
+    return saved[-1] if saved else (name or "")
 
 
 @task(name="report")
-def report(repo: str, stages: list[str], overrides: list[str], experiment: str | None) -> str:
+def report(workdir: str, stages: list[str], overrides: list[str], experiment: str | None) -> str:
     markdown = pipeline.report_markdown(
         stages,
         overrides,
-        pipeline.metrics(repo),
-        pipeline.params_changed(repo),
-        pipeline.revision(repo),
+        pipeline.metrics(workdir),
+        pipeline.params_changed(workdir),
+        pipeline.revision(workdir),
         experiment,
     )
     create_markdown_artifact(markdown=markdown, key="retrain-report", description="metrics, params changed, revision")
@@ -97,42 +127,62 @@ def _is_validate(stage: str) -> bool:
     return name == "validate" or name.startswith("validate@")  # one per model kind: validate@cnn
 
 
+def _reproduce(request: RetrainRequest, repo: str, workdir: str, overrides: list[str], name: str | None) -> dict:
+    """Every stage in `workdir` (the workspace, or an experiment's copy), then report and validate."""
+    stages = find_stages(workdir)
+    tabulate = request.validate_after and any(_is_validate(s) for s in stages)
+    validate = lambda: _load_sibling("validate_onnx").validate_onnx(  # noqa: E731
+        repo=repo, slot_held=True, workdir=None if workdir == repo else workdir)
+    apply_overrides(workdir, overrides)
+    for stage in stages:
+        options: dict = {"name": f"stage {stage}"}
+        if _is_download(stage):
+            options.update(
+                retries=request.download_retries,
+                retry_delay_seconds=exponential_backoff(backoff_factor=request.retry_delay_s)
+                if request.retry_delay_s > 0
+                else 0,
+            )
+        try:
+            run_stage.with_options(**options)(workdir, stage)
+        except pipeline.DvcFailed:
+            if tabulate and _is_validate(stage):  # the failing shapes as tables, then the run fails
+                validate()
+            raise
+    experiment = save_experiment(workdir, name) if overrides else None
+    report(workdir, stages, overrides, experiment)
+    result = {"stages": stages, "metrics": pipeline.metrics(workdir), "experiment": experiment}
+    if tabulate:  # still holding the slot: the next retrain must not replace the models meanwhile
+        validate()
+    return result
+
+
 @flow(name="retrain", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
 def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict:
-    """Run the DVC pipeline (see module docstring); returns metrics and the stages run."""
+    """Run the DVC pipeline (see module docstring); returns metrics and the stages run
+    (with overrides: those of the last experiment, and `experiments`, one entry each)."""
     logger = get_run_logger()
     repo = str(pipeline.repo_root(repo))
-    overrides = list(request.set_params)
-    check_params(repo, overrides)
-
-    with repo_slot.hold(logger):
-        stages = find_stages(repo)
-        tabulate = request.validate_after and any(_is_validate(s) for s in stages)
-        apply_overrides(repo, overrides)
-        for stage in stages:
-            options: dict = {"name": f"stage {stage}"}
-            if _is_download(stage):
-                options.update(
-                    retries=request.download_retries,
-                    retry_delay_seconds=exponential_backoff(backoff_factor=request.retry_delay_s)
-                    if request.retry_delay_s > 0
-                    else 0,
-                )
-            try:
-                run_stage.with_options(**options)(repo, stage)
-            except pipeline.DvcFailed:
-                if tabulate and _is_validate(stage):  # the failing shapes as tables, then the run fails
-                    _load_sibling("validate_onnx").validate_onnx(repo=repo, slot_held=True)
-                raise
-        experiment = None
-        if overrides:
-            experiment = request.experiment
-            save_experiment(repo, experiment)
-        report(repo, stages, overrides, experiment)
-        result = {"stages": stages, "metrics": pipeline.metrics(repo)}
-        if tabulate:  # still holding the slot: the next retrain must not replace the models meanwhile
-            _load_sibling("validate_onnx").validate_onnx(repo=repo, slot_held=True)
-    return result
+    try:
+        experiments = check_params(repo, list(request.set_params))
+        with repo_slot.hold(logger):
+            if experiments == [[]]:  # no overrides: the committed state, in place
+                check_workspace(repo)
+                return _reproduce(request, repo, repo, [], None)
+            results = []
+            for number, overrides in enumerate(experiments, 1):
+                name = request.experiment
+                if name and len(experiments) > 1:
+                    name = f"{name}-{number}"
+                logger.info("experiment %d of %d: %s", number, len(experiments), " ".join(overrides))
+                with pipeline.temporary_copy(repo, log=logger.info) as workdir:
+                    results.append({"overrides": overrides, **_reproduce(request, repo, str(workdir), overrides, name)})
+            return {**results[-1], "experiments": results}
+    except Exception as exc:
+        # The reason as the last line of the run log (`prefect deployment run --watch` prints the
+        # log, then only the state's name) and as the state message (the UI shows it).
+        logger.error("retrain failed: %s", exc)
+        raise
 
 
 def _load_sibling(name: str):

@@ -111,6 +111,9 @@ def prefect_server(tmp_path_factory):
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
+        # as docs/orchestration.md starts the server: run logs streamed to `prefect deployment run --watch`
+        PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true",
+        PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true",
     )
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     log = open(home / "server.log", "wb")
@@ -171,6 +174,26 @@ def project(prefect_server, tmp_path_factory):
     data_server.close()
 
 
+def small_project(tmp_path: Path, data_server: FixtureServer) -> Path:
+    """A project of its own with the data stages and the summary stage only (seconds per run)."""
+    repo = copy_project(tmp_path / "small")
+    serve_data(data_server, repo)
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"] = {"download": dvc_yaml["stages"]["download"], "prepare": dvc_yaml["stages"]["prepare"],
+                          "summary": {k: v for k, v in SUMMARY_STAGE.items() if k != "always_changed"}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    (repo / "summary.py").write_text(SUMMARY_PY)
+    (tmp_path / "gate").mkdir()
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "loopback data, data stages and summary only", cwd=repo)
+    return repo
+
+
+def git_state(repo: Path) -> str:
+    """What `git status` says about tracked files: empty when the workspace is the last commit."""
+    return sh("git", "status", "--porcelain", "--untracked-files=no", cwd=repo).stdout
+
+
 @pytest.fixture(scope="module")
 def deployed(project, prefect_server):
     """`prefect work-pool create` + `prefect deploy --all` from the repo, as the README says."""
@@ -217,6 +240,12 @@ def run_logs(client, run_id) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+
+
+def incidents_of(repo: Path, *run_ids) -> list[dict]:
+    """The incident records of these flow runs only (others may be there: a used workspace)."""
+    records = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")] if (repo / "incidents").is_dir() else []
+    return [r for r in records if r.get("flow_run_id") in {str(i) for i in run_ids}]
 
 
 def artifacts(client, run_id) -> dict:
@@ -267,8 +296,49 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path):
     assert (repo / "params.yaml").read_text() == before  # checked on a copy
     pipeline.apply_overrides(repo, ["lr=0.01"])
     text = (repo / "params.yaml").read_text()
-    assert "lr: 0.01\n" in text and "# Learning rate of both trainers" in text  # comments kept, as dvc -S
+    assert "lr: 0.01\n" in text and "# Learning rate of the CNN recipes" in text  # comments kept, as dvc -S
     assert list(repo.glob(".params.yaml*")) == []  # no temporary left beside it
+
+
+def test_sweep_overrides_expand_to_one_experiment_each_or_are_refused_in_one_line(tmp_path):
+    """`dvc exp run -S` sweep syntax: each value its own experiment, as DVC's queue would run them."""
+    repo = copy_project(tmp_path / "repo")
+    assert pipeline.expand_sweeps([]) == [[]]  # a plain run
+    assert pipeline.expand_sweeps(["lr=0.01"]) == [["lr=0.01"]]
+    assert pipeline.expand_sweeps(["lr=0.001,0.003"]) == [["lr=0.001"], ["lr=0.003"]]
+    assert pipeline.expand_sweeps(["params.yaml:prepare.cifar10.seed=range(1,3)", "lr=0.01"]) == [
+        ["prepare.cifar10.seed=1", "lr=0.01"], ["prepare.cifar10.seed=2", "lr=0.01"]]
+    assert pipeline.expand_sweeps(["validate.cnn_batches=[1,7]"]) == [["validate.cnn_batches=[1,7]"]]  # a list
+    for each in pipeline.expand_sweeps(["lr=0.001,0.003", "prepare.cifar10.seed=range(1,3)"]):
+        assert pipeline.check_overrides(repo, each).prepare.cifar10.seed in (1, 2)
+    with pytest.raises(StageError, match=r"override 'lr=0.001,0.003' is a sweep \(several values\)"):
+        pipeline.check_overrides(repo, ["lr=0.001,0.003"])  # one experiment's overrides: never a sweep
+    with pytest.raises(StageError, match=r"^overrides lr=glob\(\*\): Glob override"):
+        pipeline.expand_sweeps(["lr=glob(*)"])
+    with pytest.raises(StageError, match=r"lr: Input should be greater than 0"):
+        pipeline.check_overrides(repo, pipeline.expand_sweeps(["lr=-1,0.1"])[0])
+
+
+# The way back to the committed state after `dvc exp run` in the workspace; docs/orchestration.md gives it.
+RESTORE = "git reset --hard && dvc checkout --force"
+
+
+@pytest.mark.slow
+def test_documented_way_back_to_the_committed_state_leaves_nothing_modified(server, tmp_path, monkeypatch):
+    repo = small_project(tmp_path, server)
+    monkeypatch.setenv("GATE_DIR", str(tmp_path / "gate"))
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "run", cwd=repo)
+    sh("dvc", "exp", "run", "-S", "prepare.cifar10.val_size=40", cwd=repo)  # the workspace now holds it
+    assert "prepare.cifar10.val_size" in sh("dvc", "params", "diff", cwd=repo).stdout
+    assert "dvc.lock" in git_state(repo) and "summary.json" in git_state(repo)
+    assert RESTORE in (ROOT / "docs" / "orchestration.md").read_text()
+    sh("bash", "-c", RESTORE, cwd=repo)
+    assert git_state(repo) == ""
+    assert sh("dvc", "status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+    card = json.loads((repo / "data/prepared/cifar10/card.json").read_text())
+    assert sum(card["counts"]["val"]) == 50  # the committed outputs, not the experiment's
 
 
 def test_incident_record_is_written_atomically(tmp_path):
@@ -280,19 +350,34 @@ def test_incident_record_is_written_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_validation_report_is_tabulated_per_model_and_shape():
-    """Formatting of the report assumed from ptpipe.validate (issue 5); see validate_onnx's docstring."""
+def test_validation_report_is_one_summary_table_per_model_with_the_detail_attached():
+    """Formatting of the `checks` rows of ptpipe.validate's report; see validate_onnx's docstring."""
     flows = load_flow_module("validate_onnx")
+    row = lambda model, backend, shape, diff, top1, ok: dict(  # noqa: E731
+        model=model, backend=backend, shape=shape, max_abs_diff=diff, top1_agreement=top1, ok=ok)
     report = {"checks": [
-        {"model": "cnn", "backend": "onnxruntime", "shape": "batch=7", "max_abs_diff": 2e-7, "top1_agreement": 1.0, "ok": True},
-        {"model": "cnn", "backend": "torchscript", "shape": "batch=7", "max_abs_diff": 0.0, "top1_agreement": 1.0, "ok": True},
-        {"model": "lstm", "backend": "onnxruntime", "shape": "batch=5 seq=37", "max_abs_diff": 0.25, "top1_agreement": 0.9, "ok": False},
+        row("cnn", "onnxruntime", "batch=1", 1e-7, 1.0, True), row("cnn", "onnxruntime", "batch=7", 3e-7, 1.0, True),
+        row("cnn", "torchscript", "batch=1", 0.0, 1.0, True), row("cnn", "torchscript", "batch=7", 0.0, 1.0, True),
+        row("lstm", "onnxruntime", "batch=1 seq=1", 1e-6, 1.0, True),
+        row("lstm", "onnxruntime", "batch=5 seq=37", 0.25, 0.9, False),
+        row("lstm", "torchscript", "batch=5 seq=37", float("nan"), 1.0, False),
     ]}
-    tables = flows.tables(report)
-    assert set(tables) == {("cnn", "batch=7"), ("lstm", "batch=5 seq=37")}
-    assert [r["backend"] for r in tables[("cnn", "batch=7")]] == ["onnxruntime", "torchscript"]
-    assert flows.artifact_key("lstm", "batch=5 seq=37") == "onnx-lstm-batch-5-seq-37"
-    assert flows.failures(report) == ["lstm onnxruntime batch=5 seq=37: max |diff| 0.25, top-1 agreement 0.9"]
+    tables = flows.summary_tables(report)
+    assert set(tables) == {"cnn", "lstm"}  # one table per model, however many shapes
+    assert tables["cnn"] == [
+        {"backend": "onnxruntime", "worst_max_abs_diff": 3e-7, "worst_shape": "batch=7", "min_top1_agreement": 1.0,
+         "shapes_ok": "2/2", "ok": True},
+        {"backend": "torchscript", "worst_max_abs_diff": 0.0, "worst_shape": "batch=1", "min_top1_agreement": 1.0,
+         "shapes_ok": "2/2", "ok": True}]
+    lstm = {r["backend"]: r for r in tables["lstm"]}
+    assert lstm["onnxruntime"]["worst_shape"] == "batch=5 seq=37" and lstm["onnxruntime"]["ok"] is False
+    assert lstm["onnxruntime"]["min_top1_agreement"] == 0.9 and lstm["onnxruntime"]["shapes_ok"] == "1/2"
+    assert lstm["torchscript"]["ok"] is False  # NaN is the worst difference, never a pass
+    assert flows.artifact_key("lstm") == "onnx-lstm"
+    detail = flows.detail_markdown(report).splitlines()
+    assert len([line for line in detail if line.startswith("| lstm") or line.startswith("| cnn")]) == 7
+    assert detail[4].startswith("| lstm | batch=5 seq=37 | onnxruntime | 0.25 | 0.9 | False |")  # failures first
+    assert flows.failures(report)[0] == "lstm onnxruntime batch=5 seq=37: max |diff| 0.25, top-1 agreement 0.9"
 
 
 def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
@@ -325,6 +410,10 @@ def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
     assert (repo / "models" / "cnn" / "model.onnx").read_text() == "two"  # workspace untouched
     with pytest.raises(StageError, match=r"'empty' has no exported model \(models/cnn/model.onnx or"):
         flows.fetch_models(str(repo), "empty", tmp_path / "none")
+    with pytest.raises(StageError, match=r"revision 'cifar10-cnn@v9.9.9' does not exist in .*not a git commit, "
+                                         r"branch or tag, nor a DVC experiment"):
+        flows.fetch_models(str(repo), "cifar10-cnn@v9.9.9", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
 
 def test_serve_builds_both_deployments_with_the_prefect_yaml_schedules():
@@ -347,10 +436,63 @@ def test_bad_override_fails_the_flow_before_dvc_runs_and_records_an_incident(pro
     )
     assert state.is_failed()
     assert not (repo / "dvc.lock").exists() and not (gate / "stage.log").exists()  # DVC never ran
-    (record,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]
+    (record,) = incidents_of(repo, state.state_details.flow_run_id)
     assert record["flow"] == "retrain" and "prepare.cifar10.val_size" in record["error"]
-    for p in (repo / "incidents").glob("*.json"):
-        p.unlink()
+
+
+@pytest.mark.slow
+def test_override_runs_leave_the_workspace_as_found_and_a_plain_run_uses_the_committed_params(
+        prefect_server, client, server, tmp_path, monkeypatch):
+    """An experiment (and a sweep) runs in a temporary copy; the next plain run reproduces what is committed."""
+    repo = small_project(tmp_path, server)
+    monkeypatch.setenv("GATE_DIR", str(tmp_path / "gate"))
+    retrain = load_flow_module("retrain")
+    committed = (repo / "params.yaml").read_text()
+    lock_before = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
+
+    state = retrain.retrain(request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=40"],
+                                                           experiment="val-40"), repo=str(repo), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["experiment"] == "val-40" and result["metrics"]["summary.json"]["val_images"] == 40
+    assert git_state(repo) == "" and (repo / "params.yaml").read_text() == committed
+    lock_now = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
+    assert lock_now == lock_before and not (repo / "data" / "prepared").exists()  # nothing ran here
+    assert list((repo / pipeline.COPIES_DIR).iterdir()) == []  # the copy is gone
+    assert sh("git", "worktree", "list", "--porcelain", cwd=repo).stdout.count("worktree ") == 1
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    experiments = {e["name"]: e for row in shown for x in (row.get("experiments") or []) for e in x["revs"]}
+    assert experiments["val-40"]["data"]["metrics"]["summary.json"]["data"]["val_images"] == 40
+
+    plain = retrain.retrain(repo=str(repo), return_state=True)  # what the nightly schedule runs
+    assert plain.is_completed(), plain
+    assert plain.result()["experiment"] is None and plain.result()["metrics"]["summary.json"]["val_images"] == 50
+    assert pipeline.params_changed(repo) == {} and (repo / "params.yaml").read_text() == committed
+    assert pipeline.uncommitted_inputs(repo) == []  # only dvc.lock and outputs are new
+    report = artifacts(client, plain.state_details.flow_run_id)["retrain-report"].data
+    assert "none (params.yaml as committed)" in report and "| summary.json | val_images | 50 |" in report
+
+    # a sweep: one experiment per value, the workspace still as the plain run left it
+    lock = (repo / "dvc.lock").read_text()
+    sweep = retrain.retrain(request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=30,45"],
+                                                           experiment="val"), repo=str(repo), return_state=True)
+    assert sweep.is_completed(), sweep
+    assert [(e["experiment"], e["overrides"], e["metrics"]["summary.json"]["val_images"])
+            for e in sweep.result()["experiments"]] == [("val-1", ["prepare.cifar10.val_size=30"], 30),
+                                                         ("val-2", ["prepare.cifar10.val_size=45"], 45)]
+    assert {"val-40", "val-1", "val-2"} <= set(sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout.split())
+    assert (repo / "dvc.lock").read_text() == lock and (repo / "params.yaml").read_text() == committed
+    assert json.loads((repo / "summary.json").read_text())["val_images"] == 50
+
+    # an edited workspace is not the committed state: a plain run refuses before DVC runs
+    write_params(repo, **{"prepare.cifar10.val_size": 60})
+    refused = retrain.retrain(repo=str(repo), return_state=True)
+    assert refused.is_failed()
+    message = str(refused.result(raise_on_failure=False))
+    assert "the workspace is not the committed state (params.yaml changed)" in message, message
+    assert (repo / "dvc.lock").read_text() == lock and json.loads((repo / "summary.json").read_text())["val_images"] == 50
+    (record,) = incidents_of(repo, refused.state_details.flow_run_id)
+    assert "params.yaml changed" in record["error"]
 
 
 @pytest.mark.slow
@@ -385,6 +527,7 @@ def test_deployments_register_with_the_prefect_yaml_schedules(deployed, client):
 @pytest.mark.slow
 def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(project, worker, client):
     repo, data_server, gate = project
+    before = git_state(repo)
     # The download stage's own retries off, and the next fetch of the text answered 503:
     # only the flow's task retry can make this run succeed.
     data_server.fail("/pg11.txt", 1, status=503)
@@ -405,7 +548,8 @@ def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(pr
     commit = sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert f"| git_commit | {commit} |" in report
     assert "val-40" in sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout
-    assert not list((repo / "incidents").glob("*.json"))
+    assert git_state(repo) == before  # an experiment: the workspace untouched
+    assert not incidents_of(repo, run.id)
 
 
 @pytest.mark.slow
@@ -446,7 +590,7 @@ def test_validate_onnx_waits_while_a_pipeline_run_holds_the_slot(project, worker
         assert not any("holding the 'dvc-repo'" in m for m in run_logs(client, run.id))
     state = final_state(client, run.id)
     assert state.is_completed(), f"{state}\n" + "\n".join(run_logs(client, run.id))
-    assert "onnx-cnn-batch-7" in artifacts(client, run.id)
+    assert {"onnx-cnn", "onnx-lstm", "onnx-detail"} <= set(artifacts(client, run.id))
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
 
 
@@ -455,6 +599,7 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     repo, _, _ = project
+    before = git_state(repo)  # (earlier plain runs have staged dvc.lock: core.autostage)
     run = start_run(client, "retrain/nightly", {"request": {"set_params": ["validate.atol=1e-12"]}})
     state = final_state(client, run.id)
     assert state.is_failed(), state
@@ -462,33 +607,43 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     (sub,) = client.read_flow_runs(  # the retrain's validate-onnx subflow
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
     assert sub.state.is_failed(), sub.state
-    rows = json.loads(artifacts(client, sub.id)["onnx-cnn-batch-7"].data)
-    assert any(row["ok"] is False for row in rows)  # the failing shape, tabulated
+    found = artifacts(client, sub.id)
+    rows = json.loads(found["onnx-cnn"].data)  # the failing backends of the experiment's models, tabulated
+    assert any(row["ok"] is False for row in rows) and "batch=" in found["onnx-detail"].data
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
     # both runs record an incident (the hooks run after the Failed state reaches the API)
-    records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
-        [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]), "both incident records")
+    records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(incidents_of(repo, run.id, sub.id)),
+                       "both incident records")
     assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate@cnn"), ("validate-onnx", "validate")}
-    for path in (repo / "incidents").glob("*.json"):
-        path.unlink()
-    sh("git", "checkout", "params.yaml", cwd=repo)
+    assert git_state(repo) == before  # the tolerance override stayed in the experiment's copy
 
 
 @pytest.mark.slow
-def test_failed_stage_ends_the_run_failed_with_an_incident_naming_the_stage(project, worker, client):
+def test_failed_stage_ends_the_run_failed_with_the_reason_watch_prints_and_an_incident(
+        project, worker, client, prefect_server):
+    """`prefect deployment run --watch`, as the docs say: the reason (stage, its last output) is printed."""
     repo, data_server, _ = project
-    sh("git", "checkout", "params.yaml", cwd=repo)
-    run = start_run(client, "retrain/nightly", {"request": {
+    _, env = prefect_server
+    before = git_state(repo)
+    request = {"request": {
         "set_params": ["download.retries=0", "download.cifar10.url=" + data_server.url + "/gone.tar.gz"],
         "download_retries": 1, "retry_delay_s": 0,
-    }})
-    state = final_state(client, run.id)
-    assert state.is_failed()
+    }}
+    watched = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--params", json.dumps(request),
+                              "--watch", "--watch-timeout", "300"], cwd=repo, env={**env, "COLUMNS": "1000"},
+                             capture_output=True,
+                             text=True, timeout=360)
+    output = watched.stdout + watched.stderr
+    assert watched.returncode == 1 and "Flow run finished in state 'Failed'" in output, output
+    assert "retrain failed: stage 'download@cifar10' failed (dvc exit status" in output, output
+    assert "404" in output.split("retrain failed:")[-1]  # the stage's last output line, with the reason
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+    state = client.read_flow_run(run_id).state
+    assert state.is_failed() and "stage 'download@cifar10' failed" in state.message and "404" in state.message
     # the on_failure hook runs in the worker's process AFTER the run's Failed state reached the API
-    (path,) = wait_for(lambda: list((repo / "incidents").glob("*.json")), "the incident record")
-    record = json.loads(path.read_text())
-    assert record["flow"] == "retrain" and record["stage"] == "download@cifar10"
-    assert "404" in record["error"] and record["flow_run_id"] == str(run.id)
+    (record,) = wait_for(lambda: incidents_of(repo, run_id), "the incident record")
+    assert record["flow"] == "retrain" and record["stage"] == "download@cifar10" and "404" in record["error"]
+    assert git_state(repo) == before  # the broken URL stayed in the experiment's copy
 
 
 @pytest.mark.slow
@@ -497,8 +652,7 @@ def test_serve_registers_both_deployments_and_runs_a_retrain(project, worker, cl
     repo, _, gate = project
     _, env = prefect_server
     stop(worker)  # only the serve process may pick the run up
-    sh("git", "checkout", "params.yaml", cwd=repo)
-    sh("dvc", "exp", "apply", "val-40", cwd=repo)  # back to the last good data (the previous test broke the URL)
+    assert pipeline.uncommitted_inputs(repo) == []  # no earlier test's overrides here: a plain run may start
     names = ("retrain/nightly", "validate-onnx/daily")
     # serve or a worker, not both under the same names: a served deployment re-registered over
     # a prefect.yaml one keeps its storage fields and its runs crash (docs/prefect.md says so).
@@ -562,10 +716,13 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     diff = re.search(r"cnn onnxruntime batch=1: max \|diff\| ([0-9.e-]+)", message)
     assert diff and abs(float(diff.group(1)) - 0.01) < 1e-5, message  # the 0.01 put into the bias
     found = artifacts(client, state.state_details.flow_run_id)
-    assert {"onnx-cnn-batch-1", "onnx-cnn-batch-64", "onnx-lstm-batch-5-seq-37-state-carried"} <= set(found)
-    data = found["onnx-cnn-batch-7"].data
+    assert set(found) - {None} == {"onnx-cnn", "onnx-lstm", "onnx-detail"}  # one table per model + the detail
+    data = found["onnx-cnn"].data
     table = json.loads(data) if isinstance(data, str) else data
     rows = {row["backend"]: row for row in table}
+    assert set(rows) == {"onnxruntime", "torchscript"}
     assert rows["onnxruntime"]["ok"] is False and rows["torchscript"]["ok"] is True
-    incident = json.loads(next((repo / "incidents").glob("*.json")).read_text())
+    assert abs(rows["onnxruntime"]["worst_max_abs_diff"] - 0.01) < 1e-5 and rows["onnxruntime"]["shapes_ok"] == "0/3"
+    assert "| cnn | batch=7 | onnxruntime |" in found["onnx-detail"].data
+    (incident,) = incidents_of(repo, state.state_details.flow_run_id)
     assert incident["flow"] == "validate-onnx" and "cnn onnxruntime batch=1" in incident["error"]

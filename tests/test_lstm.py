@@ -237,25 +237,29 @@ def test_dvc_repro_runs_train_and_evaluate_then_nothing(tmp_path):
     assert "Running stage" not in again, again
 
 
-def test_section_lr_null_falls_back_to_the_top_level_lr(tmp_path):
+def test_the_lstm_trains_at_its_own_lr_and_null_is_refused(tmp_path):
+    """train_lstm does not depend on the top-level lr (the CNN's), so lstm.lr is required."""
     from ptpipe import params, trainer
+    from ptpipe.stage import StageError
 
     write_prepared_text(tmp_path, PHRASE * 10)
-    p = params.load(write_params(tmp_path, lr=None))
+    p = params.load(write_params(tmp_path, lr=0.003))
     *_, optimizer, _, config = train_lstm.setup(p, tmp_path / "data/prepared/alice", trainer.Distributed(),
                                                 torch.device("cpu"))
-    assert config["params"]["lr"] == p.lr == optimizer.param_groups[0]["initial_lr"]
+    assert config["params"]["lr"] == p.lstm.lr == 0.003 == optimizer.param_groups[0]["initial_lr"] != p.lr
+    with pytest.raises(StageError, match=r"lstm.lr: Input should be a valid number"):
+        params.load(write_params(tmp_path, lr=None))
 
 
 @pytest.mark.parametrize("lstm, expected", [
     ({"lr": 0.5, "clip": 2.0}, "lower the learning rate (lstm.lr: 0.5) or lower lstm.clip (2)"),
-    ({"lr": None, "clip": None}, "lower the learning rate (lr: {top}) or set a gradient clip (lstm.clip)"),
+    ({"lr": 0.02, "clip": None}, "lower the learning rate (lstm.lr: 0.02) or set a gradient clip (lstm.clip)"),
 ])
 def test_non_finite_hint_names_the_keys_in_effect(tmp_path, lstm, expected):
     from ptpipe import params
 
     p = params.load(write_params(tmp_path, **lstm))
-    assert train_lstm.non_finite_hint(p) == expected.format(top=f"{p.lr:g}")
+    assert train_lstm.non_finite_hint(p) == expected
 
 
 def test_text_too_short_for_the_streams_and_window_phase_is_refused_before_training(tmp_path, trained):

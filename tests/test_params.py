@@ -15,8 +15,65 @@ def raw():
 
 
 def test_project_params_are_valid():
+    # (no committed value is asserted: a user's "change a param, commit" must not break the suite)
     p = params.load(ROOT / "params.yaml")
-    assert p.lr == 0.001
+    assert p.cnn.recipe in p.cnn.recipes and p.lstm.lr > 0
+
+
+def test_lstm_lr_is_required_since_train_lstm_does_not_read_the_top_level_lr():
+    d = raw()
+    d["lstm"]["lr"] = None
+    with pytest.raises(StageError, match=r"lstm.lr: Input should be a valid number \(got None\)"):
+        params.parse(d)
+
+
+def stage_params_repo(tmp_path):
+    """The project's params.yaml and the `params:` lists of its training stages, verbatim, on
+    stand-in commands (each writes its output): what `dvc status` says is about those lists alone."""
+    from fixtures import sh
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        name: {"cmd": f"python -c \"open('{name}.out', 'w').write('x')\"", "params": stages[name]["params"],
+               "outs": [f"{name}.out"]} for name in ("train_cnn", "train_lstm")}}, sort_keys=False))
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "repro", "-q", cwd=repo)
+    return repo
+
+
+def stale(repo) -> set[str]:
+    from fixtures import sh
+
+    out = sh("dvc", "status", "--json", cwd=repo).stdout
+    return set(__import__("json").loads(out))
+
+
+@pytest.mark.slow
+def test_training_stages_depend_on_the_values_they_use_only(tmp_path):
+    """Real dvc: editing a recipe that is not selected, or the top-level lr the LSTM does not
+    read, reruns nothing; editing what a stage reads makes it stale."""
+    from fixtures import write_params
+
+    repo = stage_params_repo(tmp_path)
+    assert stale(repo) == set()
+    selected = yaml.safe_load((repo / "params.yaml").read_text())["cnn"]["recipe"]
+    unused = next(name for name in raw()["cnn"]["recipes"] if name != selected)
+    write_params(repo, **{f"cnn.recipes.{unused}.epochs": 99})
+    assert stale(repo) == set()  # an unused recipe: neither stage reruns
+    write_params(repo, **{f"cnn.recipes.{selected}.epochs": 99})
+    assert stale(repo) == {"train_cnn"}
+    write_params(repo, **{f"cnn.recipes.{selected}.epochs": raw()["cnn"]["recipes"][selected]["epochs"]})
+    assert stale(repo) == set()
+    write_params(repo, lr=0.01)  # the top-level lr: the CNN's (recipes with lr null), not the LSTM's
+    assert stale(repo) == {"train_cnn"}
+    write_params(repo, lr=raw()["lr"], **{"lstm.lr": 0.005})
+    assert stale(repo) == {"train_lstm"}
+    write_params(repo, **{"lstm.lr": raw()["lstm"]["lr"], "cnn.recipe": unused})  # another recipe selected
+    assert stale(repo) == {"train_cnn"}
 
 
 @pytest.mark.parametrize("mutate,message", [

@@ -98,3 +98,11 @@ def test_dvc_repro_download_and_prepare_then_nothing_reruns(server, tmp_path):
     card = json.loads((repo / "data/prepared/cifar10/card.json").read_text())
     assert sum(card["counts"]["val"]) == 60
     assert len(server.requests) == downloads
+
+
+def test_dvc_plots_page_is_git_ignored():
+    """`dvc plots show` writes dvc_plots/; the docs' `git add -A` must not commit it."""
+    import subprocess
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=ROOT)
+    assert ignored.returncode == 0

@@ -1,13 +1,16 @@
 """Versioned models end to end: real git, real dvc, a local DVC remote, loopback only.
 
 Build a repo from the project, `dvc repro` the whole pipeline on the tiny fixtures, release
-v1.0.0; change params, repro, release v1.1.0; from a fresh clone elsewhere, fetching either
-version gives exactly the bytes its release pushed, and both predict.
+v1.0.0; change params, repro, release v1.1.0; from a fresh clone elsewhere, with an empty DVC
+cache and the original repository's cache moved away (so only the remote can serve the files),
+fetching either version gives exactly the bytes its release pushed, and both predict.
 """
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,18 @@ from fixtures import copy_project, serve_data, sh, tool_env, write_params
 
 def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def cache_moved_away(repo: Path):
+    """The repository's DVC cache out of reach: DVC would serve a local repo's files from it."""
+    cache = repo / ".dvc" / "cache"
+    aside = repo.parent / "cache-aside"
+    cache.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(cache)
 
 
 def ptpipe(*args, cwd):
@@ -52,6 +67,12 @@ def released(tmp_path_factory):
     rel = ptpipe("release", "cifar10-cnn", "v1.0.0", cwd=repo)
     assert rel.returncode == 0, rel.stderr
     shas["v1.0.0"] = sha256(repo / "models/cnn/model.onnx")
+    # an edit on the released commit: the workspace is checked first, nothing else is said
+    write_params(repo, **{"cnn.recipes.default.seed": 7})
+    edited = ptpipe("release", "cifar10-cnn", "v1.0.1", cwd=repo)
+    assert edited.returncode == 2 and "uncommitted changes" in edited.stderr and "params.yaml" in edited.stderr
+    assert "already released" not in edited.stderr, edited.stderr
+    sh("git", "checkout", "params.yaml", cwd=repo)
     # a second version of the same commit is refused before anything is pushed or tagged
     pushed = sorted(p.name for p in (root / "remote").rglob("*") if p.is_file())
     again = ptpipe("release", "cifar10-cnn", "v1.0.1", cwd=repo)
@@ -92,8 +113,14 @@ def test_fresh_clone_pulls_each_version_byte_for_byte_and_predicts(released, tmp
     root, repo, shas = released
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    assert not (clone / ".dvc" / "cache").exists()  # a fresh clone: nothing cached
     image = tmp_path / "x.jpg"
     Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
+    with cache_moved_away(repo):  # only the remote has the files now
+        pull_each_version(clone, shas, image, tmp_path)
+
+
+def pull_each_version(clone: Path, shas: dict, image: Path, tmp_path: Path) -> None:
     for version, expected in shas.items():
         # the DVC CLI, as users type it
         out = tmp_path / version
@@ -109,8 +136,6 @@ def test_fresh_clone_pulls_each_version_byte_for_byte_and_predicts(released, tmp
         fetched = subprocess.run([sys.executable, "-c", script], env=tool_env(), capture_output=True, text=True,
                                  cwd=tmp_path, timeout=300)
         assert fetched.returncode == 0, fetched.stderr
-        from pathlib import Path
-
         assert sha256(Path(fetched.stdout.strip())) == expected
         predicted = ptpipe("predict", str(image), "--json", "--model", str(out / "model.onnx"), cwd=tmp_path)
         assert predicted.returncode == 0, predicted.stderr
@@ -133,3 +158,69 @@ def test_missing_version_and_missing_remote_data_are_clear_errors(released, tmp_
     with pytest.raises(StageError, match="cannot fetch .*model.onnx of cifar10-cnn v1.0.0"):
         registry.fetch_model("cifar10-cnn", "v1.0.0", repo=str(clone), cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model.onnx"))
+
+
+@pytest.mark.slow
+def test_release_refuses_to_tag_when_the_remote_lacks_a_file(released, tmp_path, monkeypatch):
+    """`dvc push` reporting success while the remote lacks files (a mock of Repo.push: a real push
+    cannot be made to fail silently here) must not end in a tag promising those files."""
+    from dvc.repo import Repo
+
+    from ptpipe import registry
+    from ptpipe.stage import StageError
+
+    _, repo, _ = released
+    (repo / "NOTES.md").write_text("a commit no stage depends on\n")
+    sh("git", "add", "NOTES.md", cwd=repo)
+    sh("git", "commit", "-qm", "notes", cwd=repo)
+    sh("dvc", "remote", "add", "--local", "-d", "empty", str(tmp_path / "empty-remote"), cwd=repo)
+    monkeypatch.setattr(Repo, "push", lambda self, *args, **kwargs: 0)
+    try:
+        missing = registry.missing_on_remote(repo, ["models/cnn/model.onnx"])
+        assert missing == ["models/cnn/model.onnx"]
+        with pytest.raises(StageError, match=r"the DVC remote lacks models/cnn/model.onnx.*nothing tagged"):
+            registry.release("cifar10-cnn", "v1.2.0", repo=repo)
+        assert not sh("git", "tag", "--list", "cifar10-cnn@v1.2.0", cwd=repo).stdout
+    finally:
+        sh("dvc", "remote", "remove", "--local", "empty", cwd=repo)
+    assert registry.missing_on_remote(repo, ["models/cnn/model.onnx"]) == []  # the real remote has it
+
+
+@pytest.mark.slow
+def test_registry_commands_work_from_any_folder_and_with_repo(released, tmp_path):
+    _, repo, _ = released
+    inside = ptpipe("versions", "cifar10-cnn", cwd=repo / "src" / "ptpipe")
+    assert inside.returncode == 0 and "v1.0.0" in inside.stdout, inside.stderr
+    elsewhere = ptpipe("versions", "cifar10-cnn", "--repo", str(repo), cwd=tmp_path)
+    assert elsewhere.returncode == 0 and "v1.1.0" in elsewhere.stdout, elsewhere.stderr
+    outside = ptpipe("versions", "cifar10-cnn", cwd=tmp_path)
+    assert outside.returncode == 2 and "is not inside a DVC repository" in outside.stderr
+    assert "Traceback" not in outside.stderr
+    for command in (["release", "cifar10-cnn", "v9.0.0"], ["promote", "cifar10-cnn", "v1.0.0", "dev"],
+                    ["unassign", "cifar10-cnn", "v1.0.0", "dev"]):
+        out = ptpipe(*command, cwd=tmp_path)
+        assert out.returncode == 2 and "--repo" in out.stderr and "Traceback" not in out.stderr, (command, out.stderr)
+
+
+@pytest.mark.slow
+def test_promote_again_needs_force_and_a_stage_can_be_unassigned(released, tmp_path):
+    _, repo, _ = released
+    sub = repo / "models"  # from a folder inside the repository
+    assert ptpipe("promote", "cifar10-cnn", "v1.1.0", "staging", cwd=sub).returncode == 0
+    again = ptpipe("promote", "cifar10-cnn", "v1.1.0", "staging", cwd=sub)
+    assert again.returncode == 2 and "ptpipe promote --force" in again.stderr, again.stderr
+    assert "ptpipe unassign cifar10-cnn v1.1.0 staging" in again.stderr and "Traceback" not in again.stderr
+    forced = ptpipe("promote", "cifar10-cnn", "v1.1.0", "staging", "--force", cwd=sub)
+    assert forced.returncode == 0, forced.stderr
+    assert "cifar10-cnn#staging#2" in sh("git", "tag", cwd=repo).stdout.split()
+
+    def stages_of(version):
+        listing = ptpipe("versions", "cifar10-cnn", "--repo", str(repo), cwd=tmp_path).stdout
+        return next(line for line in listing.splitlines() if line.startswith(version)).split()[4:]
+
+    assert "staging" in " ".join(stages_of("v1.1.0"))
+    unassigned = ptpipe("unassign", "cifar10-cnn", "v1.1.0", "staging", cwd=sub)
+    assert unassigned.returncode == 0, unassigned.stderr
+    assert "staging" not in " ".join(stages_of("v1.1.0"))
+    not_there = ptpipe("unassign", "cifar10-cnn", "v1.1.0", "staging", cwd=sub)
+    assert not_there.returncode == 2 and "is not in stage 'staging'" in not_there.stderr

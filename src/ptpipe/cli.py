@@ -2,7 +2,8 @@
 
     ptpipe generate --prompt "Alice" --length 300 --temperature 0.8 --seed 1 [--backend onnx] [--model lstm]
     ptpipe predict cat.jpg dog.png [--top-k 3] [--json] [--model cnn]
-    ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn
+    ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod [--force]
+    ptpipe unassign cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn      (any folder of the repo, or --repo)
 
 `predict` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
 model kind (`ptpipe.kinds`: its file under models/<kind>/) or a model file's path.
@@ -60,20 +61,27 @@ def _predict(args: argparse.Namespace) -> int:
 def _release(args: argparse.Namespace) -> None:
     from ptpipe import registry
 
-    registry.release(args.name, args.version, message=args.message)
+    registry.release(args.name, args.version, repo=args.repo, message=args.message)
 
 
 def _promote(args: argparse.Namespace) -> None:
     from ptpipe import registry
 
-    registry.promote(args.name, args.version, args.stage)
+    registry.promote(args.name, args.version, args.stage, repo=args.repo, force=args.force)
     print(f"{args.name} {args.version} -> {args.stage}")
+
+
+def _unassign(args: argparse.Namespace) -> None:
+    from ptpipe import registry
+
+    registry.unassign(args.name, args.version, args.stage, repo=args.repo)
+    print(f"{args.name} {args.version} no longer in {args.stage}")
 
 
 def _versions(args: argparse.Namespace) -> None:
     from ptpipe import registry
 
-    rows = registry.versions(args.name)
+    rows = registry.versions(args.name, repo=args.repo)
     if not rows:
         print(f"{args.name}: no released versions")
     for row in rows:
@@ -122,11 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("name")
     pro.add_argument("version")
     pro.add_argument("stage", help="e.g. dev, staging, prod")
+    pro.add_argument("--force", action="store_true", help="assign the stage again to a version that has it")
     pro.set_defaults(func=_promote)
+
+    una = sub.add_parser("unassign", help="take a registry stage away from a version (GTO unassign)")
+    una.add_argument("name")
+    una.add_argument("version")
+    una.add_argument("stage")
+    una.set_defaults(func=_unassign)
 
     ver = sub.add_parser("versions", help="list a model's released versions and stages")
     ver.add_argument("name")
     ver.set_defaults(func=_versions)
+    for registry_command in (rel, pro, una, ver):
+        registry_command.add_argument("--repo", default=None,
+                                      help="the project (default: the repository holding the current folder)")
     return parser
 
 

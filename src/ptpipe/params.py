@@ -141,7 +141,7 @@ class Lstm(Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
-    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_lstm does not read the top-level lr
     optimizer: Literal["adam", "adamw", "sgd"]
     weight_decay: Annotated[float, Field(ge=0, strict=False)]
     schedule: Literal["constant", "cosine"]

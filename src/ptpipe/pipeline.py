@@ -2,16 +2,23 @@
 
 - `stage_order` finds the pipeline's stages in `dvc.yaml` at run time, dependencies first,
   so a stage added later is run without touching any flow.
+- `expand_sweeps` turns `dvc exp run -S` sweep syntax (`lr=0.001,0.003`, `lr=range(1,3)`)
+  into one list of overrides per experiment, with DVC's own (Hydra) parser.
 - `check_overrides` applies `dvc exp run -S` style overrides to a *copy* of params.yaml
   (with DVC's own override parser) and validates the result with `ptpipe.params`, so a bad
-  override fails before DVC runs. `apply_overrides` then writes them into the workspace,
-  atomically, exactly as `dvc exp run -S` would leave it.
+  override fails before DVC runs. `apply_overrides` then writes them into params.yaml of a
+  repository (the retrain flow: of a temporary copy), atomically, as `dvc exp run -S` would.
+- `temporary_copy` is where an experiment runs: a git worktree of the committed state (HEAD)
+  sharing the repository's DVC cache and experiment refs, removed afterwards, so the user's
+  workspace is never changed; `uncommitted_inputs` tells a run in place whether the workspace
+  still is the committed state.
 - `run_dvc` runs one `dvc` command with its output handed line by line to a callback
   (the Prefect logger), and raises `DvcFailed` naming the stage on a non-zero exit.
 - `metrics`, `params_changed`, `revision` and `report_markdown` describe the result.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,9 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import yaml
 
@@ -77,17 +85,46 @@ def _target(root: Path, stage) -> str:
     return stage.name if dvcfile == Path("dvc.yaml") else f"{dvcfile.as_posix()}:{stage.name}"
 
 
-def _params_after(root: Path, overrides: list[str]) -> tuple[str, params.Params]:
-    """params.yaml text with `overrides` applied (to a copy), and its validated content."""
-    from dvc.exceptions import InvalidArgumentError
-    from dvc.utils.hydra import apply_overrides as dvc_apply
-
-    # `dvc exp run -S params.yaml:lr=0.01` names the file; params.yaml is the only one this pipeline reads.
+def _plain(overrides: list[str]) -> list[str]:
+    """The overrides without DVC's `params.yaml:` prefix (the only params file this pipeline reads)."""
     overrides = [item.removeprefix(f"{params.PARAMS_FILE}:") for item in overrides]
     for item in overrides:
         if not _OVERRIDE.match(item):
             raise StageError(f"override {item!r}: expected key=value or params.yaml:key=value, as after "
                              f"`dvc exp run -S` (e.g. lr=0.01)")
+    return overrides
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """One list of overrides per experiment: `lr=0.001,0.003` and `lr=range(1,3)` (Hydra sweeps, as
+    `dvc exp run -S` takes them) give one experiment per value, several sweeps their product.
+    Without a sweep: `[overrides]`, one experiment (or one plain run when `overrides` is empty)."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    overrides = _plain(overrides)
+    if not overrides:
+        return [[]]
+    try:
+        combinations = get_hydra_sweeps({params.PARAMS_FILE: overrides})
+    except InvalidArgumentError as exc:  # a glob sweep
+        raise StageError(f"overrides {' '.join(overrides)}: {exc}") from None
+    except Exception as exc:  # Hydra's parser: its message names the position of the error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(f"overrides {' '.join(overrides)}: {first}") from None
+    return [combination[params.PARAMS_FILE] for combination in combinations]
+
+
+def _params_after(root: Path, overrides: list[str]) -> tuple[str, params.Params]:
+    """params.yaml text with `overrides` applied (to a copy), and its validated content."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    overrides = _plain(overrides)
+    for item in overrides:
+        if len(expand_sweeps([item])) > 1:  # one experiment's overrides: a sweep is expanded before
+            raise StageError(f"override {item!r} is a sweep (several values): expand it with "
+                             f"`pipeline.expand_sweeps` first, one experiment per value")
     source = root / params.PARAMS_FILE
     with tempfile.TemporaryDirectory(prefix="ptpipe-params-") as tmp:
         copy = Path(tmp) / params.PARAMS_FILE  # same name: DVC picks its YAML writer by suffix
@@ -112,12 +149,71 @@ def check_overrides(repo: str | os.PathLike, overrides: list[str]) -> params.Par
 
 
 def apply_overrides(repo: str | os.PathLike, overrides: list[str]) -> None:
-    """Write `overrides` into the workspace params.yaml (validated first; one atomic rename)."""
+    """Write `overrides` into `repo`'s params.yaml (validated first; one atomic rename)."""
     if not overrides:
         return
     root = repo_root(repo)
     text, _ = _params_after(root, overrides)
     files.write_text(root / params.PARAMS_FILE, text)
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise StageError(f"`git {' '.join(args)}` failed in {root}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def _git_kept_outputs(root: Path) -> list[str]:
+    """dvc.lock and the stage outputs git keeps (`cache: false`): what a run in place rewrites."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as dvc_repo:
+        outs = [Path(out.fs_path) for out in dvc_repo.index.outs if not out.use_cache]
+    return ["dvc.lock"] + sorted(out.relative_to(root).as_posix() for out in outs)
+
+
+def uncommitted_inputs(repo: str | os.PathLike) -> list[str]:
+    """Tracked files that differ from the last commit, except what the pipeline itself rewrites
+    (dvc.lock, `cache: false` outputs): non-empty means the workspace is not the committed state."""
+    root = repo_root(repo)
+    changed = [line for line in _git(root, "diff", "--name-only", "HEAD").splitlines() if line]
+    outputs = _git_kept_outputs(root)
+    return [path for path in changed if not any(path == out or path.startswith(out + "/") for out in outputs)]
+
+
+# Where `temporary_copy` puts its worktrees: inside the repository's own ignored .dvc/tmp (what
+# `dvc exp run --temp` uses too), so a copy left by a killed run is found and removed by the next.
+COPIES_DIR = Path(".dvc") / "tmp" / "ptpipe-retrain"
+
+
+@contextlib.contextmanager
+def temporary_copy(repo: str | os.PathLike, log: Callable[[str], None] = print) -> Iterator[Path]:
+    """A git worktree of `repo`'s HEAD with its outputs checked out from `repo`'s DVC cache.
+
+    It shares the repository's git objects and refs (so `dvc exp save` there records an
+    experiment `dvc exp show` lists here) and its DVC cache (so unchanged stages are not rerun
+    and `dvc exp apply` finds the outputs); uncommitted edits of the workspace are not in it.
+    Removed on exit, failed or not; copies left by a killed run are removed on entry."""
+    root = repo_root(repo)
+    copies = root / COPIES_DIR
+    for stale in sorted(copies.glob("*")) if copies.is_dir() else []:  # runs hold one slot: none is live
+        log(f"removing {stale}, left by an earlier run that did not finish")
+        shutil.rmtree(stale, ignore_errors=True)
+    _git(root, "worktree", "prune")
+    path = copies / uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _git(root, "worktree", "add", "--detach", str(path), "HEAD")
+    try:
+        cache = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        run_dvc(["config", "--local", "cache.dir", cache], path, log)
+        if (path / "dvc.lock").is_file():  # outputs not in the cache: their stages rerun
+            run_dvc(["checkout", "--allow-missing"], path, log)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        _git(root, "worktree", "prune")
 
 
 def run_dvc(

@@ -5,12 +5,15 @@ tag `<artifact>@v<semver>` (GTO's format) on the commit whose `dvc.lock` records
 Anyone with the git repo and the remote can then fetch exactly those bytes:
 
     ptpipe release cifar10-cnn v1.0.0           # refuses a dirty workspace or a stale dvc.lock
-    ptpipe promote cifar10-cnn v1.0.0 prod      # tag cifar10-cnn#prod#1
+    ptpipe promote cifar10-cnn v1.0.0 prod      # tag cifar10-cnn#prod#1 (--force: again, or a newer one)
+    ptpipe unassign cifar10-cnn v1.0.0 prod     # take the stage away again
     dvc artifacts get <repo-url> cifar10-cnn --rev v1.0.0
     load_model("cifar10-cnn", "v1.0.0")         # an onnxruntime session, cached locally
 
 Artifacts are declared in dvc.yaml (`artifacts:`); each path is a folder holding the model's
 ONNX file (`model.onnx`, what `load_model` serves) and TorchScript file (`model.ts`).
+The commands work from any folder inside the repository (its root is found as git and dvc
+find it), or on another repository with `--repo`.
 """
 from __future__ import annotations
 
@@ -30,8 +33,26 @@ SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
 CACHE_DIR = Path(os.environ.get("PTPIPE_CACHE", Path.home() / ".cache" / "ptpipe" / "models"))
 
 
+def find_root(start: str | Path | None = None) -> Path:
+    """The repository holding `start` (default: the current folder): the nearest folder above it
+    with a `.dvc` folder, as `dvc` finds it, which must have the dvc.yaml declaring the artifacts."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    start = Path(start or ".").resolve()
+    if not start.is_dir():
+        raise StageError(f"{start} is not a folder: pass the repository (--repo)")
+    try:
+        root = Path(Repo.find_root(str(start)))
+    except NotDvcRepoError:
+        raise StageError(f"{start} is not inside a DVC repository: run from the project, or pass --repo") from None
+    if not (root / "dvc.yaml").is_file():
+        raise StageError(f"{root} has no dvc.yaml (it declares the artifacts): pass the project with --repo")
+    return root
+
+
 def artifacts(repo: str | Path = ".") -> dict:
-    return yaml.safe_load((Path(repo) / "dvc.yaml").read_text()).get("artifacts", {})
+    return yaml.safe_load((find_root(repo) / "dvc.yaml").read_text()).get("artifacts", {}) or {}
 
 
 def _artifact(repo: Path, name: str) -> dict:
@@ -86,12 +107,24 @@ def _outs_under(repo: Path, path: str) -> list[str]:
     return sorted(found)
 
 
+def missing_on_remote(repo: Path, targets: list[str]) -> list[str]:
+    """Files of `targets` the default DVC remote does not have (`dvc status --cloud`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:  # (DVC resolves relative targets against the current folder)
+        status = dvc_repo.status(targets=[str(repo / target) for target in targets], cloud=True)
+    return sorted(path for path, state in status.items() if state != "deleted")
+
+
 def release(name: str, version: str, repo: str | Path = ".", message: str | None = None) -> str:
-    """Push the artifact's files to the DVC remote, then tag the commit `name@version`."""
-    repo = Path(repo)
+    """Push the artifact's files to the DVC remote, check the remote has them all, then tag the
+    commit `name@version`. The workspace is checked first: nothing is pushed or tagged from a
+    workspace that is not what the commit says."""
+    repo = find_root(repo)
     if not SEMVER.match(version):
         raise StageError(f"version {version!r} is not of the form vMAJOR.MINOR.PATCH (e.g. v1.0.0)")
     artifact = _artifact(repo, name)
+    check_releasable(repo)
     tag = f"{name}@{version}"
     if _git(repo, "tag", "--list", tag).strip():
         raise StageError(f"{tag} already exists: versions are immutable, release a new one")
@@ -100,13 +133,18 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
     if same_commit:  # GTO allows one version per commit: refuse before anything is pushed
         raise StageError(f"this commit is already released as {name}@{same_commit[0]}: "
                          f"commit a change to release {version}, or promote {same_commit[0]}")
-    check_releasable(repo)
 
     from dvc.repo import Repo
 
     targets = _outs_under(repo, artifact["path"])
     with Repo(str(repo)) as dvc_repo:
-        pushed = dvc_repo.push(targets=targets)
+        pushed = dvc_repo.push(targets=[str(repo / target) for target in targets])  # from any folder
+    # A local path remote would let a missing file go unnoticed on this machine (DVC reads the
+    # repository's own cache): ask the remote itself, before the tag promises the files exist.
+    missing = missing_on_remote(repo, targets)
+    if missing:
+        raise StageError(f"the DVC remote lacks {', '.join(missing)} after `dvc push`; nothing tagged: check "
+                         f"`dvc remote list` and its permissions, then `dvc push` and release again")
     import gto.api
 
     with _gto_errors():
@@ -116,13 +154,34 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
     return tag
 
 
-def promote(name: str, version: str, stage: str, repo: str | Path = ".") -> None:
-    """Assign a registry stage (e.g. prod) to a released version: tag `name#stage#N`."""
+def promote(name: str, version: str, stage: str, repo: str | Path = ".", force: bool = False) -> None:
+    """Assign a registry stage (e.g. prod) to a released version: tag `name#stage#N`.
+
+    GTO refuses to assign the same stage to the same version twice unless `force`."""
     import gto.api
 
-    _artifact(Path(repo), name)
+    repo = find_root(repo)
+    _artifact(repo, name)
+    try:
+        with _gto_errors():
+            gto.api.assign(str(repo), name, stage, version=version, force=force)
+    except StageError as err:
+        if "--force" in str(err):  # GTO's own advice names a flag of `gto`, say ours
+            raise StageError(f"{name} {version} is already in stage {stage}: `ptpipe promote --force` assigns it "
+                             f"again, `ptpipe unassign {name} {version} {stage}` takes it away") from None
+        raise
+
+
+def unassign(name: str, version: str, stage: str, repo: str | Path = ".") -> None:
+    """Take registry stage `stage` away from `version` (GTO's unassign: tag `name#stage!#N`)."""
+    import gto.api
+
+    repo = find_root(repo)
+    _artifact(repo, name)
+    if stage not in next((v["stages"] for v in versions(name, repo) if v["version"] == version), []):
+        raise StageError(f"{name} {version} is not in stage {stage!r} (`ptpipe versions {name}` lists the stages)")
     with _gto_errors():
-        gto.api.assign(str(repo), name, stage, version=version)
+        gto.api.unassign(str(repo), name, version=version, stage=stage)
 
 
 def versions(name: str, repo: str | Path = ".") -> list[dict]:
@@ -130,7 +189,8 @@ def versions(name: str, repo: str | Path = ".") -> list[dict]:
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
-    _artifact(Path(repo), name)
+    repo = find_root(repo)
+    _artifact(repo, name)
     with _gto_errors():
         try:
             rows = gto.api.show(str(repo), name)

@@ -66,7 +66,7 @@ class LstmTask:
 def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, device: torch.device):
     """(model, task, optimizer, schedule, config) for validated params; the benchmark reuses it."""
     cfg = p.lstm
-    lr = cfg.lr if cfg.lr is not None else p.lr
+    lr = cfg.lr  # the LSTM's own: the stage does not depend on the top-level lr (the CNN's)
     train_ids, val_ids, vocab = data.load_text(prepared_dir)
     check_lengths(train_ids.numel(), val_ids.numel(), cfg.batch_size, cfg.seq_len, cfg.eval_streams,
                   ddp.world_size)
@@ -91,9 +91,8 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
 
 def non_finite_hint(p: params.Params) -> str:
     """What to change when the loss blows up, naming the params keys in effect."""
-    lr_key, lr = ("lr", p.lr) if p.lstm.lr is None else ("lstm.lr", p.lstm.lr)
     clip = "set a gradient clip (lstm.clip)" if p.lstm.clip is None else f"lower lstm.clip ({p.lstm.clip:g})"
-    return f"lower the learning rate ({lr_key}: {lr:g}) or {clip}"
+    return f"lower the learning rate (lstm.lr: {p.lstm.lr:g}) or {clip}"
 
 
 def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
