@@ -164,7 +164,7 @@ def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosin
     from ptpipe import params, trainer
 
     write_prepared_text(tmp_path, PHRASE * 10)
-    p = params.load(write_params(tmp_path, lr=None, epochs=4, steps_per_epoch=50, warmup_fraction=0.1))
+    p = params.load(write_params(tmp_path, lr=0.004, epochs=4, steps_per_epoch=50, warmup_fraction=0.1))
     model, _, optimizer, schedule, config = train_gpt.setup(p, tmp_path / "data/prepared/alice",
                                                             trainer.Distributed(), torch.device("cpu"))
     decayed, plain = optimizer.param_groups
@@ -172,7 +172,7 @@ def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosin
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(t.dim() == 2 for t in decayed["params"]) and all(t.dim() == 1 for t in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
-    assert config["params"]["lr"] == p.lr == decayed["initial_lr"]  # gpt.lr null: the top-level lr
+    assert config["params"]["lr"] == 0.004 == decayed["initial_lr"] == plain["initial_lr"]  # gpt.lr, not the top-level lr
     factors = [schedule(s) for s in range(220)]  # 200 steps, 20 of them warm-up
     assert factors[0] == pytest.approx(0.1) and factors[20] == pytest.approx(1.0)
     assert factors[110] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
@@ -184,6 +184,7 @@ def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosin
 @pytest.mark.parametrize("change, key", [
     ({"n_embed": 32}, "gpt.n_embed: unknown key"),
     ({"lr": -0.1}, "gpt.lr"),
+    ({"lr": None}, "gpt.lr"),
     ({"batch_size": "4"}, "gpt.batch_size"),
     ({"n_head": 3}, r"n_embd \(32\) must be a multiple of n_head \(3\)"),
     ({"eval_stride": 64}, r"eval_stride \(64\) must be at most block_size \(32\)"),

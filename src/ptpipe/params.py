@@ -171,7 +171,7 @@ class Gpt(Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     steps_per_epoch: int = Field(ge=1)
-    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_gpt does not read the top-level lr
     weight_decay: Annotated[float, Field(ge=0, strict=False)]
     beta2: Annotated[float, Field(ge=0, lt=1, strict=False)]
     warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]

@@ -84,7 +84,7 @@ def check_lengths(train_chars: int, val_chars: int, block_size: int) -> None:
 def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, device: torch.device):
     """(model, task, optimizer, schedule, config) for validated params; the benchmark reuses it."""
     cfg = p.gpt
-    lr = cfg.lr if cfg.lr is not None else p.lr
+    lr = cfg.lr  # the transformer's own: the stage does not depend on the top-level lr (the CNN's)
     train_ids, val_ids, vocab = data.load_text(prepared_dir)
     check_lengths(train_ids.numel(), val_ids.numel(), cfg.block_size)
     trainer.seed_everything(cfg.seed)
@@ -109,9 +109,8 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
 
 def non_finite_hint(p: params.Params) -> str:
     """What to change when the loss blows up, naming the params keys in effect."""
-    lr_key, lr = ("lr", p.lr) if p.gpt.lr is None else ("gpt.lr", p.gpt.lr)
     clip = "set a gradient clip (gpt.clip)" if p.gpt.clip is None else f"lower gpt.clip ({p.gpt.clip:g})"
-    return f"lower the learning rate ({lr_key}: {lr:g}) or {clip}"
+    return f"lower the learning rate (gpt.lr: {p.gpt.lr:g}) or {clip}"
 
 
 def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
