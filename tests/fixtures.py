@@ -224,6 +224,8 @@ TINY_TRAINING = {
     "cnn.recipes.default.tta": 0,
     "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
     "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
+    "gpt.epochs": 1, "gpt.steps_per_epoch": 2, "gpt.n_layer": 1, "gpt.n_head": 2, "gpt.n_embd": 16,
+    "gpt.batch_size": 4,  # block_size stays 128: validate.shapes.gpt.seq goes up to it
 }
 
 
@@ -291,12 +293,13 @@ def write_prepared(root: Path, n_images: int = 64) -> Path:
 
 
 def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Path:
-    """models/{cnn,lstm}/model.pt as the trainers save them ({state_dict, config} in the shape of
+    """models/{cnn,lstm,gpt}/model.pt as the trainers save them ({state_dict, config} in the shape of
     ptpipe.kinds), untrained but with random (seeded) weights, and BatchNorm statistics moved off
     their defaults."""
     import torch
 
     from ptpipe.kinds.cnn import build_model as build_cnn
+    from ptpipe.kinds.gpt import CharGPT, init_weights
     from ptpipe.kinds.lstm import build_model as build_lstm
 
     torch.manual_seed(seed)
@@ -321,4 +324,11 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
     torch.save({"state_dict": lstm.state_dict(), "config": {
         "kind": "lstm", "model_args": lstm_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
         models_dir / "lstm" / "model.pt")
+    gpt_args = dict(vocab_size=len(vocab), block_size=128, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+    gpt = CharGPT(**gpt_args)
+    init_weights(gpt, 0.1)
+    (models_dir / "gpt").mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": gpt.state_dict(), "config": {
+        "kind": "gpt", "model_args": gpt_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
+        models_dir / "gpt" / "model.pt")
     return models_dir

@@ -29,7 +29,7 @@ def make_workdir(root: Path, cnn_arch: str) -> Path:
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     write_prepared(root)
     write_models(root / "models", cnn_arch=cnn_arch)
-    for kind in ("cnn", "lstm"):
+    for kind in kinds.names():
         export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
     return root
 
@@ -175,7 +175,7 @@ def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_model
     result = run_module("-m", "ptpipe.validate", cwd=work)
     assert result.returncode == 0, result.stderr
     report = json.loads((work / "metrics/validate.json").read_text())
-    assert report["passed"] is True and set(report["max_abs_diff"]) == {"cnn", "lstm"}
+    assert report["passed"] is True and set(report["max_abs_diff"]) == set(kinds.names())
 
     (work / "models/lstm/model.pt").unlink()
     (work / "models/lstm/model.onnx").unlink()
@@ -399,9 +399,10 @@ def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path
     serve_data(server, repo)
     write_params(repo, **TINY_TRAINING)
     first = sh("dvc", "repro", "validate", cwd=repo)
-    for stage in ("train_cnn", "train_lstm", "export@cnn", "export@lstm", "validate@cnn", "validate@lstm"):
+    per_kind = [f"{stage}@{kind}" for stage in ("export", "validate") for kind in kinds.names()]
+    for stage in ("train_cnn", "train_lstm", "train_gpt", *per_kind):
         assert f"Running stage '{stage}'" in first.stdout
-    for kind in ("cnn", "lstm"):
+    for kind in kinds.names():
         metric = json.loads((repo / f"metrics/validate/{kind}.json").read_text())
         assert metric["passed"] and set(metric["max_abs_diff"][kind]) == {"torchscript", "onnxruntime"}
         assert json.loads((repo / f"reports/validate/{kind}.json").read_text())["checks"]  # the per-case rows

@@ -691,7 +691,7 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     from onnx import numpy_helper
 
     from fixtures import write_models, write_prepared
-    from ptpipe import export
+    from ptpipe import export, kinds
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -699,7 +699,7 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
         shutil.copy(ROOT / name, repo / name)
     write_prepared(repo)
     write_models(repo / "models")
-    for kind in ("cnn", "lstm"):
+    for kind in kinds.names():
         export.export_model(kind, repo / "models" / kind, opset=17, revision="test")
     path = repo / "models/cnn/model.onnx"
     model = onnx.load(path)

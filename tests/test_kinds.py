@@ -72,7 +72,7 @@ def work(tmp_path_factory):
     (root / "models/bigram").mkdir()
     files.save_torch(root / "models/bigram/model.pt", {"state_dict": Bigram(len(vocab), 8).state_dict(),
                                                       "config": config})
-    for kind in ("cnn", "lstm", "bigram"):
+    for kind in (*kinds.names(), "bigram"):
         export.export_model(kind, root / "models" / kind, opset=17, revision="abc")
     yield root
     kinds._registered.pop("bigram")
@@ -108,7 +108,8 @@ def test_validate_shapes_of_an_unknown_kind_are_refused_naming_the_key(tmp_path)
 
     text = (ROOT / "params.yaml").read_text().replace("    lstm:\n      batch: [1, 5]", "    lstn:\n      batch: [1, 5]")
     (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(StageError, match=r"validate.shapes: Value error, unknown model kind 'lstn' \(known kinds are "):
+    known = ", ".join(kinds.known())
+    with pytest.raises(StageError, match=rf"validate.shapes: Value error, unknown model kind 'lstn' \(known kinds are {known}\)"):
         params.load(tmp_path / "params.yaml")
 
 
@@ -149,11 +150,11 @@ def test_an_unknown_kind_is_a_one_line_error_from_export_validate_generate_and_p
     saved = torch.load(copy / "models/lstm/model.pt", weights_only=True)
     saved["config"]["kind"] = "mystery"
     torch.save(saved, copy / "models/lstm/model.pt")
-    known = "known kinds are cnn, lstm"
+    known = f"known kinds are {', '.join(kinds.names())}"  # the package's modules: what a fresh process knows
     one_line_error(run_module("-m", "ptpipe.export", "lstm", cwd=copy), "unknown model kind 'mystery'",
                    "models/lstm/model.pt", known)
     nope = run_module("-m", "ptpipe.export", "nope", cwd=copy)  # a kind on the command line: argparse
-    assert nope.returncode == 2 and "unknown model kind 'nope': known kinds are cnn, lstm" in nope.stderr
+    assert nope.returncode == 2 and f"unknown model kind 'nope': {known}" in nope.stderr
     one_line_error(run_module("-m", "ptpipe.validate", "lstm", cwd=copy), "unknown model kind 'mystery'", known)
     one_line_error(run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",
                               "--model", "models/lstm/model.pt", cwd=copy), "unknown model kind 'mystery'", known)
@@ -209,10 +210,11 @@ def test_validate_writes_a_small_metric_and_the_per_case_report_apart(copy):
     assert result.returncode == 0, result.stderr
     metric = json.loads((copy / "m.json").read_text())
     assert set(metric) == {"passed", "atol", "max_abs_diff"} and metric["passed"] is True
-    assert set(metric["max_abs_diff"]) == {"cnn", "lstm"}
+    assert set(metric["max_abs_diff"]) == set(kinds.names())
     assert set(metric["max_abs_diff"]["lstm"]) == {"torchscript", "onnxruntime"}
     report = json.loads((copy / "r/v.json").read_text())
-    assert len(report["checks"]) == 2 * (3 + 2 * 3 * 2) and "batch=5 seq=37 state=carried" in report["lstm"]["onnxruntime"]
+    per_model = {m: sum(c["model"] == m for c in report["checks"]) for m in ("cnn", "lstm")}
+    assert per_model == {"cnn": 2 * 3, "lstm": 2 * 2 * 3 * 2} and "batch=5 seq=37 state=carried" in report["lstm"]["onnxruntime"]
 
 
 def test_exports_are_byte_reproducible(copy, tmp_path):

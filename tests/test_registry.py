@@ -16,14 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import TINY_TRAINING as TINY
 from fixtures import copy_project, serve_data, sh, tool_env, write_params
-
-TINY = {
-    "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
-    "cnn.recipes.default.tta": 0,
-    "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
-    "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
-}
 
 
 def sha256(path):

@@ -159,6 +159,40 @@ class Lstm(Section):
         return self
 
 
+class Gpt(Section):
+    """The character-level transformer (`train_gpt`); units and reasons are in params.yaml."""
+
+    block_size: int = Field(ge=1, le=65536)
+    n_layer: int = Field(ge=1, le=64)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    init_std: Annotated[float, Field(gt=0, le=1, strict=False)]
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    steps_per_epoch: int = Field(ge=1)
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_gpt does not read the top-level lr
+    weight_decay: Annotated[float, Field(ge=0, strict=False)]
+    beta2: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
+    patience: Optional[int] = Field(ge=1)
+    seed: int
+    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
+    eval_stride: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "Gpt":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.eval_stride > self.block_size:
+            raise ValueError(f"eval_stride ({self.eval_stride}) must be at most block_size ({self.block_size}): "
+                             f"windows further apart would leave characters unscored")
+        return self
+
+
 class Export(Section):
     # 17: the issue's floor, and what onnxruntime >= 1.14 runs; the legacy exporter stops at 20.
     opset: int = Field(ge=17, le=20)
@@ -190,6 +224,7 @@ class Params(Section):
     train: Train
     cnn: Cnn
     lstm: Lstm
+    gpt: Gpt
     export: Export
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")

@@ -1,0 +1,254 @@
+"""The character transformer (`gpt`): it learns, goes through export / validate / generate with no
+code of its own there, resumes after SIGKILL exactly, and its params and scoring are checked."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import ptpipe
+from fixtures import write_prepared_text
+from ptpipe import cli, export, generate, kinds, train_gpt, validate
+from ptpipe.kinds.gpt import CharGPT, init_weights, window_loss
+from ptpipe.stage import StageError
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = Path(ptpipe.__file__).resolve().parents[1]
+PHRASE = "the quick brown fox jumps over the lazy dog. "
+
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, init_std=0.06, batch_size=8, epochs=6,
+            steps_per_epoch=25, lr=0.01, weight_decay=0.1, beta2=0.99, warmup_fraction=0.05, initial_lr_factor=0.1,
+            final_lr_factor=0.1,
+            clip=1.0, patience=None, seed=0, threads=1, eval_stride=16)
+
+
+def write_params(root: Path, **gpt) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["device"] = "cpu"
+    params["gpt"] = {**TINY, **gpt}
+    params["validate"]["shapes"]["gpt"] = {"batch": [1, 3], "seq": [1, 7, 32]}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_stage(root: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "ptpipe.train_gpt", *args], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train(root: Path, **gpt) -> train_gpt.trainer.FitResult:
+    return train_gpt.main(write_params(root, **gpt), root / "data/prepared/alice", root / "models/gpt/model.pt",
+                          root / "dvclive/gpt", root / "metrics/gpt.json", progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained (in-process, through the real stage) on a repeated sentence, then exported."""
+    root = tmp_path_factory.mktemp("gpt")
+    write_prepared_text(root, PHRASE * 40)
+    result = train(root)
+    export.export_model("gpt", root / "models/gpt", opset=17, revision="test")
+    return root, result
+
+
+def test_learns_repetitive_text_far_below_the_unigram(trained):
+    root, result = trained
+    metrics = json.loads((root / "metrics/gpt.json").read_text())
+    assert metrics["unigram_val_bits_per_char"] > 3.5  # 28 distinct characters
+    assert result.best["val/bits_per_char"] == metrics["val_bits_per_char"] < 0.2
+    assert result.history[-1]["train/loss"] < 0.2 < result.history[0]["train/loss"]
+    assert metrics["parameters"] == sum(p.numel() for p in CharGPT(**kinds.load_file(
+        root / "models/gpt/model.pt")["config"]["model_args"]).parameters())
+    assert not (root / "models/gpt/checkpoint.pt").exists()
+    logged = json.loads((root / "dvclive/gpt/metrics.json").read_text())
+    assert "bits_per_char" in logged["val"]
+    assert torch.get_num_threads() == 1  # gpt.threads
+
+
+def test_model_file_is_self_describing_and_ties_the_decoder(trained):
+    root, _ = trained
+    kind, model, config = kinds.load(root / "models/gpt/model.pt")
+    assert kind.name == "gpt" and config["kind"] == "gpt" and config["data"]["vocab"] == sorted(set(PHRASE))
+    assert config["params"]["lr"] == 0.01 and config["model_args"]["block_size"] == 32
+    assert model.head.weight is model.tok.weight
+    assert not model.training
+
+
+def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
+    root, _ = trained
+    meta = export.load_torchscript(root / "models/gpt/model.ts")[1]
+    assert meta["generation"] == {"mode": "window", "block_size": 32}
+    assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    report = validate.validate_models(root / "models", root / "data/prepared", models=("gpt",),
+                                      params_file=root / "params.yaml")
+    assert report["passed"]
+    assert set(report["gpt"]["onnxruntime"]) == {f"batch={b} seq={t}" for b in (1, 3) for t in (1, 7, 32)}
+    assert 0 < max(report["max_abs_diff"]["gpt"].values()) <= 1e-4
+
+
+def test_validate_refuses_a_sequence_longer_than_the_block(trained):
+    root, _ = trained
+    with pytest.raises(StageError, match=r"validate.shapes.gpt.seq: \[33\] longer than the model's block_size 32"):
+        validate.validate_models(root / "models", root / "data/prepared", models=("gpt",),
+                                 shapes={"gpt": {"batch": [1], "seq": [8, 33]}}, params_file=root / "params.yaml")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_gives_the_same_text_on_all_three_backends(trained, temperature):
+    root, _ = trained
+    files = {"torch": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
+    prompt = "the quick brown fox jumps over the lazy"  # 39 characters: longer than block_size 32
+    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, kind="gpt")
+             for backend, name in files.items()}
+    assert len(set(texts.values())) == 1, texts
+    text = texts["onnx"]
+    assert text.startswith(prompt) and len(text) == len(prompt) + 80
+    if temperature == 0:  # the model learned the sentence: greedy decoding continues it
+        assert text == (PHRASE * 4)[: len(text)]
+
+
+def test_cli_generate_model_gpt(trained, capsys, monkeypatch):
+    root, _ = trained
+    monkeypatch.chdir(root)  # `--model gpt` names models/gpt/model.onnx under the working directory
+    assert cli.main(["generate", "--model", "gpt", "--backend", "onnx", "--prompt", "the", "--length", "20",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the quick brown fox")
+
+
+def test_window_loss_scores_every_character_once_with_the_context_asked_for():
+    torch.manual_seed(0)
+    model = CharGPT(11, 16, 2, 2, 16, 0.0).eval()
+    ids = torch.randint(0, 11, (203,))
+    for stride in (1, 5, 16):
+        nats, n = window_loss(model, ids, 16, stride, batch=7)
+        assert n == 202
+    # stride 1 = every character with its full (up to 16) context: the same as scoring each target
+    # from the window that ends at it
+    with torch.no_grad():
+        ref = 0.0
+        for j in range(1, 203):
+            x = ids[max(0, j - 16): j][None]
+            ref -= torch.log_softmax(model(x)[0, -1], -1)[ids[j]].item()
+    assert window_loss(model, ids, 16, 1)[0] == pytest.approx(ref, rel=1e-5)
+    # non-overlapping windows give the early positions less context: a different (worse) number
+    assert window_loss(model, ids, 16, 16)[0] != pytest.approx(ref, rel=1e-5)
+
+
+def test_the_eager_model_refuses_more_positions_than_block_size():
+    model = CharGPT(5, 8, 1, 1, 8, 0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.int64))
+
+
+def test_init_weights_follows_gpt2():
+    model = CharGPT(50, 16, 4, 2, 64, 0.0)
+    init_weights(model, 0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.05, rel=0.1)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.05 / math.sqrt(8), rel=0.1)
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+
+
+def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosine(tmp_path):
+    from ptpipe import params, trainer
+
+    write_prepared_text(tmp_path, PHRASE * 10)
+    p = params.load(write_params(tmp_path, lr=0.004, epochs=4, steps_per_epoch=50, warmup_fraction=0.1))
+    model, _, optimizer, schedule, config = train_gpt.setup(p, tmp_path / "data/prepared/alice",
+                                                            trainer.Distributed(), torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.AdamW) and decayed["betas"] == plain["betas"] == (0.9, 0.99)
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(t.dim() == 2 for t in decayed["params"]) and all(t.dim() == 1 for t in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert config["params"]["lr"] == 0.004 == decayed["initial_lr"] == plain["initial_lr"]  # gpt.lr, not the top-level lr
+    factors = [schedule(s) for s in range(220)]  # 200 steps, 20 of them warm-up
+    assert factors[0] == pytest.approx(0.1) and factors[20] == pytest.approx(1.0)
+    assert factors[110] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert factors[200] == pytest.approx(0.1) and factors[219] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(factors[:20], factors[1:21]))
+    assert all(a >= b for a, b in zip(factors[20:], factors[21:]))
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"n_embed": 32}, "gpt.n_embed: unknown key"),
+    ({"lr": -0.1}, "gpt.lr"),
+    ({"lr": None}, "gpt.lr"),
+    ({"batch_size": "4"}, "gpt.batch_size"),
+    ({"n_head": 3}, r"n_embd \(32\) must be a multiple of n_head \(3\)"),
+    ({"eval_stride": 64}, r"eval_stride \(64\) must be at most block_size \(32\)"),
+])
+def test_bad_params_name_the_key_and_write_nothing(tmp_path, change, key):
+    write_prepared_text(tmp_path, PHRASE * 10)
+    with pytest.raises(StageError, match=key):
+        train(tmp_path, **change)
+    assert not any((tmp_path / d).exists() for d in ("models", "dvclive", "metrics"))
+
+
+def test_text_shorter_than_a_window_is_refused_before_training(tmp_path):
+    write_prepared_text(tmp_path, PHRASE)  # 41 training characters
+    with pytest.raises(StageError, match="too few for gpt.block_size=64 windows; lower gpt.block_size"):
+        train(tmp_path, block_size=64, eval_stride=8)
+    assert not any((tmp_path / d).exists() for d in ("models", "dvclive", "metrics"))
+
+
+def test_bad_params_exit_2_with_one_line_from_the_command(tmp_path):
+    write_prepared_text(tmp_path, PHRASE * 10)
+    write_params(tmp_path, warmup_fraction=1.5)
+    proc = run_stage(tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "gpt.warmup_fraction" in out and "Traceback" not in out
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path):
+    text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), 12_000))
+    runs = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        write_prepared_text(root, text)
+        write_params(root, epochs=5, steps_per_epoch=30, dropout=0.2, patience=2)
+        runs[name] = root
+    assert run_stage(runs["straight"]).wait(timeout=600) == 0
+
+    killed = runs["killed"]
+    ckpt = killed / "models/gpt/checkpoint.pt"
+    proc = run_stage(killed)
+    while not ckpt.exists():  # wait for the first epoch's checkpoint, then kill mid-epoch
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "models/gpt/model.pt").exists(), "the run ended before the kill: make it longer"
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 0  # complete, loadable checkpoint
+
+    proc = run_stage(killed)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out
+
+    a = torch.load(runs["straight"] / "models/gpt/model.pt", weights_only=True)
+    b = torch.load(killed / "models/gpt/model.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    metrics = [json.loads((r / "dvclive/gpt/metrics.json").read_text()) for r in runs.values()]
+    for m in metrics:
+        m["train"].pop("char_per_s")  # wall-clock throughput: the one thing allowed to differ
+    assert metrics[0] == metrics[1]
+    final = [json.loads((r / "metrics/gpt.json").read_text()) for r in runs.values()]
+    for m in final:
+        m.pop("train_seconds")
+    assert final[0] == final[1]
