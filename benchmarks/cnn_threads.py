@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ptpipe.cnn import Airbench, LeNet
+from ptpipe.kinds.cnn import Airbench, LeNet
 
 
 def ms_per_step(make_model, make_opt, batch: int, threads: int, steps: int) -> float:

@@ -42,7 +42,7 @@ import torchvision.transforms as transforms
 import yaml
 
 from ptpipe import data, evaluate_cnn, train_cnn
-from ptpipe.cnn import LeNet
+from ptpipe.kinds.cnn import LeNet
 from ptpipe.trainer import set_threads
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -32,9 +32,9 @@ import onnxruntime as ort
 import torch
 
 from ptpipe import export, files, generate, params as params_mod
-from ptpipe.cnn import build_model as build_cnn
+from ptpipe.kinds.cnn import build_model as build_cnn
 from ptpipe.inference import DEFAULT_THREADS, open_session
-from ptpipe.lstm import build_model as build_lstm, load_model as load_lstm
+from ptpipe.kinds.lstm import build_model as build_lstm, load_model as load_lstm
 
 VOCAB = 72
 PARAMS = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")

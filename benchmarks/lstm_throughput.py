@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ptpipe import data, params, trainer
-from ptpipe.lstm import batchify, build_model, windows
+from ptpipe.kinds.lstm import batchify, build_model, windows
 from ptpipe.train_lstm import LstmTask, setup
 
 ANCHOR = dict(embedding_size=256, hidden_size=256, num_layers=2, dropout=0.2, tie_weights=False)

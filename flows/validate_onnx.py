@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from ptpipe import incidents, inference, pipeline, repo_slot
+from ptpipe import incidents, inference, kinds, pipeline, repo_slot
 from ptpipe.stage import StageError
 
 COLUMNS = ["model", "shape", "backend", "max_abs_diff", "top1_agreement", "ok"]
@@ -40,7 +40,7 @@ def fetch_models(repo: str, rev: str, dest: Path) -> Path:
     from dvc.api import DVCFileSystem
 
     fs = DVCFileSystem(repo, rev=rev)
-    exported = (inference.CNN_ONNX.as_posix(), inference.LSTM_ONNX.as_posix())
+    exported = [inference.exported_file(kind).as_posix() for kind in kinds.names()]
     if not any(fs.exists(path) for path in exported):  # (not "models/": its README is in git everywhere)
         raise StageError(f"revision {rev!r} has no exported model ({' or '.join(exported)}): "
                          f"run the pipeline there and commit dvc.lock")

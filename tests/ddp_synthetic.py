@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptpipe import trainer
+from ptpipe import data, trainer
 
 GLOBAL_BATCH = 32
 
@@ -26,7 +26,7 @@ class SyntheticTask:
         if epoch == 1 and self.ddp.rank == self.fail_rank:
             raise RuntimeError(f"boom on rank {self.ddp.rank}")
         # Every rank draws the same epoch order and takes every world_size-th item of it.
-        order = torch.randperm(len(self.x), generator=trainer.epoch_generator(0, epoch))[self.ddp.rank::self.ddp.world_size]
+        order = torch.randperm(len(self.x), generator=data.epoch_generator(0, epoch))[self.ddp.rank::self.ddp.world_size]
         per_rank = GLOBAL_BATCH // self.ddp.world_size
         for i in range(0, len(order) - per_rank + 1, per_rank):
             idx = order[i:i + per_rank]

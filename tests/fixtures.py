@@ -277,15 +277,17 @@ def write_prepared(root: Path, n_images: int = 64) -> Path:
 
 
 def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Path:
-    """models/{cnn,lstm}/model.pt as the trainers save them ({state_dict, config}), untrained but
-    with random (seeded) weights, and BatchNorm statistics moved off their defaults."""
+    """models/{cnn,lstm}/model.pt as the trainers save them ({state_dict, config} in the shape of
+    ptpipe.kinds), untrained but with random (seeded) weights, and BatchNorm statistics moved off
+    their defaults."""
     import torch
 
-    from ptpipe.cnn import build_model as build_cnn
-    from ptpipe.lstm import build_model as build_lstm
+    from ptpipe.kinds.cnn import build_model as build_cnn
+    from ptpipe.kinds.lstm import build_model as build_lstm
 
     torch.manual_seed(seed)
     model_args = {"lenet": {}, "airbench": {"widths": [8, 16, 16]}}[cnn_arch]
+    model_args["num_classes"] = len(CLASSES)
     cnn = build_cnn(cnn_arch, **model_args)
     for module in cnn.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -293,10 +295,9 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
             module.running_var.uniform_(0.5, 2.0)
     (models_dir / "cnn").mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": cnn.state_dict(), "config": {
-        "arch": cnn_arch, "model_args": model_args, "classes": CLASSES,
-        "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
-        # as train_cnn saves them: the training params beside the model keys
-        "recipe": "default", "lr": 0.001, "tta": 0, "recipe.seed": seed}},
+        "kind": "cnn", "model_args": {"arch": cnn_arch, **model_args},
+        "params": {"recipe": "default", "lr": 0.001, "tta": 0, "seed": seed},
+        "data": {"classes": CLASSES, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}}},
         models_dir / "cnn" / "model.pt")
     vocab = sorted(set(ALICE_BODY.replace("\r\n", "\n")))
     lstm_args = dict(vocab_size=len(vocab), embedding_size=16, hidden_size=16, num_layers=2,
@@ -304,5 +305,6 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
     lstm = build_lstm(**lstm_args)
     (models_dir / "lstm").mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": lstm.state_dict(), "config": {
-        "model_args": lstm_args, "vocab": vocab, "params": {"seed": seed}}}, models_dir / "lstm" / "model.pt")
+        "kind": "lstm", "model_args": lstm_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
+        models_dir / "lstm" / "model.pt")
     return models_dir

@@ -52,7 +52,7 @@ def test_tutorial_recipe_is_lenet_and_learns(cnn_dir):
     small(cnn_dir, "tutorial", lr=0.01, epochs=3)
     result = train_cnn.main(progress=False)
     saved = torch.load("models/cnn/model.pt", weights_only=True)
-    assert saved["config"]["arch"] == "lenet"
+    assert saved["config"]["kind"] == "cnn" and saved["config"]["model_args"]["arch"] == "lenet"
     assert [tuple(v.shape) for k, v in saved["state_dict"].items() if k.endswith("weight")] == [
         (6, 3, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
     assert result.history[-1]["val/acc"] > 0.3
@@ -70,9 +70,9 @@ def test_every_file_loads_with_weights_only(cnn_dir):
     small(cnn_dir, epochs=1)
     train_cnn.main(progress=False)
     saved = torch.load("models/cnn/model.pt", weights_only=True)
-    from ptpipe.cnn import build_model
+    from ptpipe.kinds.cnn import build_model
 
-    model = build_model(saved["config"]["arch"], **saved["config"]["model_args"])
+    model = build_model(**saved["config"]["model_args"])  # arch + the net's arguments
     model.load_state_dict(saved["state_dict"])  # rebuilt without params.yaml
     for path in Path("models").rglob("*.pt"):
         torch.load(path, weights_only=True)
@@ -150,7 +150,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
 
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
-    from ptpipe.cnn import EpochImages
+    from ptpipe.kinds.cnn import EpochImages
 
     images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     kwargs = dict(seed=0, mean=[0.5] * 3, std=[0.5] * 3, flip="none", translate=0)

@@ -39,7 +39,7 @@ def test_dvc_repro_cnn_end_to_end_then_experiments(server, tmp_path):
     assert "old" in diff["metrics/cnn.json"]["test.acc"], diff  # HEAD's value is readable
     import torch
 
-    assert torch.load(repo / "models/cnn/model.pt", weights_only=True)["config"]["lr"] == 0.01
+    assert torch.load(repo / "models/cnn/model.pt", weights_only=True)["config"]["params"]["lr"] == 0.01
 
     # the queue: three experiments, two workers
     for lr in ("0.002", "0.003", "0.004"):

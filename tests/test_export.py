@@ -19,8 +19,8 @@ from onnx import numpy_helper
 from PIL import Image
 
 from fixtures import CLASSES, ROOT, tool_env, write_models, write_prepared
-from ptpipe import export, files, validate
-from ptpipe.inference import Classifier, OnnxLstm, load_image
+from ptpipe import export, files, kinds, validate
+from ptpipe.inference import ImageClassifier, TextGenerator, load_image
 from ptpipe.stage import StageError
 
 
@@ -42,9 +42,10 @@ def workdir(tmp_path_factory):
 def test_airbench_with_batchnorm_exports_and_validates(tmp_path):
     root = make_workdir(tmp_path, "airbench")
     report = validate.validate_models(root / "models", root / "data/prepared", atol=1e-4, models=("cnn",))
-    assert report["passed"] and 0 < report["max_abs_diff"]["cnn"] <= 1e-4
+    assert report["passed"] and 0 < max(report["max_abs_diff"]["cnn"].values()) <= 1e-4
     meta = {p.key: json.loads(p.value) for p in onnx.load(root / "models/cnn/model.onnx").metadata_props}
-    assert meta["arch"] == "airbench" and meta["model_args"] == {"widths": [8, 16, 16]}
+    assert meta["arch"] == "airbench" and meta["model_args"] == {"arch": "airbench", "widths": [8, 16, 16],
+                                                                  "num_classes": 10}
 
 
 def run_module(*args, cwd, check=False):
@@ -61,13 +62,20 @@ def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         meta = {p.key: json.loads(p.value) for p in model.metadata_props}
         assert meta["ptpipe.kind"] == kind and meta["git_revision"] == "abc123"
+        assert [i["name"] for i in meta["inputs"]] == inputs
         assert meta["source_md5"] == files.digest(workdir / "models" / kind / "model.pt", "md5")
     cnn_meta = {p.key: json.loads(p.value) for p in onnx.load(workdir / "models/cnn/model.onnx").metadata_props}
-    assert cnn_meta["params"] == {"recipe": "default", "lr": 0.001, "tta": 0, "recipe.seed": 0}  # not the model keys
+    assert cnn_meta["params"] == {"recipe": "default", "lr": 0.001, "tta": 0, "seed": 0}  # the saved config's
     assert cnn_meta["classes"] == CLASSES and cnn_meta["mean"] == [0.49, 0.48, 0.45]
+    assert cnn_meta["ptpipe.task"] == "image-classification" and cnn_meta["image_size"] == 32
+    assert cnn_meta["inputs"] == [{"name": "images", "dtype": "uint8", "shape": ["batch", 3, 32, 32]}]
+    assert cnn_meta["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]
     lstm = onnx.load(workdir / "models/lstm/model.onnx")
     lstm_meta = {p.key: json.loads(p.value) for p in lstm.metadata_props}
-    assert lstm_meta["params"] == {"seed": 0}  # train_lstm saves them under "params"
+    assert lstm_meta["params"] == {"seed": 0}
+    assert lstm_meta["ptpipe.task"] == "text-generation"
+    assert lstm_meta["generation"] == {"mode": "recurrent", "state": [
+        {"input": "h0", "output": "h", "shape": [2, "batch", 16]}, {"input": "c0", "output": "c", "shape": [2, "batch", 16]}]}
     assert lstm_meta["vocab"] == json.loads((workdir / "data/prepared/alice/vocab.json").read_text())["chars"]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in list(lstm.graph.input) + list(lstm.graph.output)}
@@ -81,14 +89,15 @@ def test_validate_passes_at_shapes_the_export_never_saw(workdir):
     # the export ran batch 2 (and length 5); these are all different
     report = validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4)
     assert report["passed"]
-    assert set(report["cnn"]["onnxruntime"]) == {"b1", "b7", "b64"}
+    assert set(report["cnn"]["onnxruntime"]) == {"batch=1", "batch=7", "batch=64"}
     assert len(report["lstm"]["onnxruntime"]) == 2 * 3 * 2  # batches x lengths x (zero, carried)
     for model in ("cnn", "lstm"):
         for backend in ("torchscript", "onnxruntime"):
             for diffs in report[model][backend].values():
                 assert diffs["top1"] == 1.0
                 assert all(v <= 1e-4 for k, v in diffs.items() if k != "top1")
-    assert 0 < report["max_abs_diff"]["lstm"] <= 1e-4
+    assert set(report["max_abs_diff"]["lstm"]) == {"torchscript", "onnxruntime"}
+    assert 0 < max(report["max_abs_diff"]["lstm"].values()) <= 1e-4
 
 
 def _perturb_onnx(path: Path, name_part: str, delta: float) -> None:
@@ -115,21 +124,20 @@ def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_dif
     with pytest.raises(validate.ValidationFailed) as exc:
         validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("cnn",))
     message = str(exc.value)
-    match = re.search(r"cnn onnxruntime shape (\d+)x3x32x32: max \|logits difference\| = ([0-9.e+-]+) > atol 0.0001",
-                      message)
+    match = re.search(r"cnn onnxruntime batch=(\d+): max \|logits difference\| = ([0-9.e+-]+) > atol 0.0001", message)
     assert match, message
     report = exc.value.report
     assert report["passed"] is False
-    assert float(match.group(2)) == pytest.approx(report["cnn"]["onnxruntime"][f"b{match.group(1)}"]["logits"], rel=1e-2)
+    assert float(match.group(2)) == pytest.approx(report["cnn"]["onnxruntime"][f"batch={match.group(1)}"]["logits"], rel=1e-2)
     assert all(d["logits"] <= 1e-4 for d in report["cnn"]["torchscript"].values())  # only the ONNX file is wrong
-    assert report["cnn"]["onnxruntime"]["b64"]["logits"] > 1e-3
+    assert report["cnn"]["onnxruntime"]["batch=64"]["logits"] > 1e-3
 
     # the stage: exit 2, the same one-line message, and no metrics file that looks like a pass
     (work / "metrics").mkdir(exist_ok=True)
     (work / "metrics/validate.json").write_text('{"passed": true}')  # an earlier run's report
     result = run_module("-m", "ptpipe.validate", cwd=work)
     assert result.returncode == 2, result.stderr
-    assert "error: exported model disagrees with PyTorch: cnn onnxruntime shape 1x3x32x32" in result.stderr
+    assert "error: exported model disagrees with PyTorch: cnn onnxruntime batch=1:" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (work / "metrics/validate.json").exists()
 
@@ -141,7 +149,7 @@ def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
     lstm_weight = next(i.name for i in model.graph.initializer
                        if len(numpy_helper.to_array(i).shape) == 3)  # an ONNX LSTM W/R/B tensor
     _perturb_onnx(work / "models/lstm/model.onnx", lstm_weight, 0.05)
-    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(zero state\): max \|\w+ "
+    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime batch=1 seq=1 state=zero: max \|\w+ "
                                                         r"difference\| = [0-9.e-]+ > atol"):
         validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("lstm",))
 
@@ -150,12 +158,12 @@ def test_an_onnx_model_that_drops_the_carried_state_fails_only_carried_checks(wo
     """Generation steps one character at a time from the returned state: ignoring h0/c0 must fail."""
     real = validate._onnx_runner
 
-    def forgetful(path):
-        run = real(path)
-        return lambda ids, h, c: run(ids, np.zeros_like(h), np.zeros_like(c))  # always from zero state
+    def forgetful(session):
+        run = real(session)  # always from zero state:
+        return lambda feeds: run({**feeds, "h0": np.zeros_like(feeds["h0"]), "c0": np.zeros_like(feeds["c0"])})
 
     monkeypatch.setattr(validate, "_onnx_runner", forgetful)
-    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime shape 1x1 \(carried state\)") as exc:
+    with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime batch=1 seq=1 state=carried") as exc:
         validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4, models=("lstm",))
     onnx_rows = [c for c in exc.value.report["checks"] if c["backend"] == "onnxruntime"]
     assert all(c["ok"] == c["shape"].endswith("state=zero") for c in onnx_rows)  # exactly the carried ones fail
@@ -209,23 +217,28 @@ sys.meta_path.insert(0, Block())
 def test_exported_files_run_in_a_fresh_process_with_onnxruntime_alone(workdir):
     script = NO_TORCH + """
 import json, numpy as np
-from ptpipe.inference import Classifier, OnnxLstm
-cnn = Classifier('models/cnn/model.onnx')
+from ptpipe.inference import ImageClassifier, TextGenerator, open_model
+cnn = open_model('models/cnn/model.onnx')
+assert isinstance(cnn, ImageClassifier)
 images = np.load('data/prepared/cifar10/test_images.npy')[:3]
-lstm = OnnxLstm('models/lstm/model.onnx')
-h, c = lstm.init_state(3)
-logits, h, c = lstm.step(np.zeros((3, 11), np.int64), h, c)
+lstm = open_model('models/lstm/model.onnx')
+assert isinstance(lstm, TextGenerator)
+h = np.zeros((2, 3, 16), np.float32)
+out = lstm.run({'ids': np.zeros((3, 11), np.int64), 'h0': h, 'c0': h})
+text = lstm.generate('Alice', 10, 0.8, 1)
 assert 'torch' not in sys.modules and 'onnx' not in sys.modules
-print(json.dumps({'cnn': cnn.logits(images).tolist(), 'lstm': logits.shape, 'top': cnn.top_k(images, 2)}))
+print(json.dumps({'cnn': cnn.logits(images).tolist(), 'lstm': out['logits'].shape, 'top': cnn.top_k(images, 2),
+                  'text': text, 'streamed': ''.join(lstm.stream('Alice', 10, 0.8, 1))}))
 """
     result = run_module("-c", script, cwd=workdir)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    eager, _ = export.load_cnn(workdir / "models/cnn/model.pt")
+    _, eager, _ = kinds.load(workdir / "models/cnn/model.pt")
     images = torch.from_numpy(np.load(workdir / "data/prepared/cifar10/test_images.npy")[:3])
     with torch.no_grad():
         np.testing.assert_allclose(out["cnn"], eager(images).numpy(), atol=1e-5)
-    assert out["lstm"] == [3, 11, len(OnnxLstm(workdir / "models/lstm/model.onnx").vocab)]
+    assert out["lstm"] == [3, 11, len(TextGenerator(workdir / "models/lstm/model.onnx").vocab)]
+    assert out["text"] == "Alice" + out["streamed"] and len(out["streamed"]) == 10
     assert all(label in CLASSES for row in out["top"] for label, _ in row)
 
 
@@ -276,7 +289,6 @@ def test_files_that_are_not_ours_are_one_line_errors(workdir, tmp_path):
     from onnx import TensorProto, helper
 
     from ptpipe import generate
-    from ptpipe.inference import OnnxLstm
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -284,17 +296,17 @@ def test_files_that_are_not_ours_are_one_line_errors(workdir, tmp_path):
     other = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(other, {"author": "someone else"})  # not JSON
     onnx.save(other, tmp_path / "other.onnx")
-    with pytest.raises(StageError, match=r"other.onnx is not a ptpipe lstm model \(its metadata says None\)"):
-        OnnxLstm(tmp_path / "other.onnx")
+    with pytest.raises(StageError, match=r"other.onnx is not a ptpipe model \(its metadata has no ptpipe.kind\)"):
+        TextGenerator(tmp_path / "other.onnx")
     (tmp_path / "text.ts").write_text("not a TorchScript archive")
     with pytest.raises(StageError, match="text.ts: not a TorchScript file written by `ptpipe.export`"):
         generate.load_backend("torchscript", tmp_path / "text.ts")
-    with pytest.raises(StageError, match=r"model.ts is not a ptpipe lstm model"):
+    with pytest.raises(StageError, match=r"model.ts is a ptpipe cnn model for image-classification, not text"):
         generate.load_backend("torchscript", workdir / "models/cnn/model.ts")
     (tmp_path / "text.pt").write_text("not a checkpoint")
     result = run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",
                         "--model", str(tmp_path / "text.pt"), cwd=tmp_path)
-    assert result.returncode == 2 and "text.pt: not a model file written by `dvc repro train_lstm`" in result.stderr
+    assert result.returncode == 2 and "text.pt: not a model file written by a ptpipe training stage" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -308,7 +320,7 @@ def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):
     assert f"error: {bad}: not a readable image" in result.stderr
     out = json.loads(result.stdout)
     assert set(out["predictions"]) == set(map(str, images)) and set(out["errors"]) == {str(bad)}
-    classifier = Classifier(workdir / "models/cnn/model.onnx")
+    classifier = ImageClassifier(workdir / "models/cnn/model.onnx")
     for path in images:
         ranked = out["predictions"][str(path)]
         assert len(ranked) == 3 and ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
@@ -327,7 +339,7 @@ def test_predict_cli_reports_bad_files_and_predicts_the_rest(workdir, tmp_path):
 def test_thread_count_changes_speed_only(workdir, tmp_path):
     images = np.stack([load_image(p) for p in _write_images(tmp_path / "img")])
     path = workdir / "models/cnn/model.onnx"
-    one, per_core = Classifier(path, threads=1), Classifier(path)  # default: one per core
+    one, per_core = ImageClassifier(path, threads=1), ImageClassifier(path)  # default: one per core
     assert one.session.get_session_options().intra_op_num_threads == 1
     assert per_core.session.get_session_options().intra_op_num_threads == 0
     np.testing.assert_allclose(one.logits(images), per_core.logits(images), rtol=0, atol=1e-5)

@@ -19,7 +19,7 @@ import yaml
 import ptpipe
 from fixtures import tool_env, write_prepared_text
 from ptpipe import cli, evaluate_lstm, generate, train_lstm
-from ptpipe.lstm import batchify, build_model, load_model, stream_loss
+from ptpipe.kinds.lstm import batchify, build_model, load_model, stream_loss
 from ptpipe.stage import StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_learns_repetitive_text_to_near_zero_loss(trained):
 def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained):
     root, _, _ = trained
     saved = torch.load(root / "models/lstm/model.pt", map_location="cpu", weights_only=True)
-    assert saved["config"]["vocab"] == sorted(set(PHRASE))
+    assert saved["config"]["kind"] == "lstm" and saved["config"]["data"]["vocab"] == sorted(set(PHRASE))
     model = build_model(**saved["config"]["model_args"])
     model.load_state_dict(saved["state_dict"])
     assert model.decoder.weight is model.embed.weight  # tie_weights survives the round trip
@@ -82,8 +82,7 @@ def test_model_file_loads_with_weights_only_and_rebuilds_without_params(trained)
 def test_greedy_generation_reproduces_the_repetitive_text(trained):
     root, _, _ = trained
     model, config = load_model(root / "models/lstm/model.pt")
-    vocab = config["vocab"]
-    text = generate.generate(model, vocab, "the quick", 3 * len(PHRASE), temperature=0.0, seed=0)
+    text = generate.generate(model, config, "the quick", 3 * len(PHRASE), temperature=0.0, seed=0)
     expected = (PHRASE * 5)[: len(text)]
     assert text == expected
 
@@ -91,10 +90,12 @@ def test_greedy_generation_reproduces_the_repetitive_text(trained):
 def test_generation_is_deterministic_under_a_seed():
     torch.manual_seed(0)
     vocab = list("abcdefgh ")
-    model = build_model(len(vocab), 16, 16, 2, 0.0, True).eval()
-    a = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=7)
-    b = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=7)
-    c = generate.generate(model, vocab, "abc", 200, temperature=1.0, seed=8)
+    args = dict(vocab_size=len(vocab), embedding_size=16, hidden_size=16, num_layers=2, dropout=0.0, tie_weights=True)
+    model = build_model(**args).eval()
+    config = {"kind": "lstm", "model_args": args, "params": {}, "data": {"vocab": vocab}}
+    a = generate.generate(model, config, "abc", 200, temperature=1.0, seed=7)
+    b = generate.generate(model, config, "abc", 200, temperature=1.0, seed=7)
+    c = generate.generate(model, config, "abc", 200, temperature=1.0, seed=8)
     assert a == b and a != c and len(a) == 203
 
 

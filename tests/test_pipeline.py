@@ -10,32 +10,67 @@ from fixtures import ROOT, copy_project, serve_data, sh
 PLUMBING = {"files", "params", "stage"}  # cannot change a stage's result (see the head of dvc.yaml)
 
 
+def _source(name: str):
+    """src/ptpipe/<name>.py, or a package's __init__.py ("kinds", "kinds.cnn" -> kinds/cnn.py)."""
+    path = ROOT / "src/ptpipe" / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def ptpipe_imports(module: str) -> set[str]:
-    """The ptpipe modules `module` imports at module level, directly or through another."""
+    """The ptpipe modules `module` imports at module level, directly or through another
+    ("kinds.cnn" for ptpipe/kinds/cnn.py, which brings its package "kinds" along)."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        tree = ast.parse((ROOT / "src/ptpipe" / f"{name}.py").read_text())
+        if "." in name:
+            todo.append(name.rsplit(".", 1)[0])  # a submodule imports its package first
+        tree = ast.parse(_source(name).read_text())
         for node in tree.body:  # module level only: imports inside functions are optional paths
-            if isinstance(node, ast.ImportFrom) and node.module == "ptpipe":
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ptpipe."):
-                todo.append(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ptpipe"):
+                package = node.module[len("ptpipe."):] if node.module != "ptpipe" else ""
+                for alias in node.names:
+                    sub = f"{package}.{alias.name}".strip(".")
+                    if _source(sub).exists():  # `from ptpipe import kinds`, `from ptpipe.kinds import cnn`
+                        todo.append(sub)
+                if package:
+                    todo.append(package)
     return seen
 
 
-def test_every_stage_depends_on_the_code_it_runs():
-    """A change to a module a stage imports must re-run the stage: dvc.yaml lists it in `deps`."""
+def expanded_stages() -> dict[str, dict]:
+    """dvc.yaml's stages with `foreach` expanded (list: ${item}; dict: ${key}, ${item.<field>})."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert len(stages) == 8
+    out = {}
     for name, stage in stages.items():
-        stage = stage.get("do", stage)  # foreach stages
-        module = stage["cmd"].split("python -m ptpipe.")[1].split()[0]
-        listed = {dep[len("src/ptpipe/"):-3] for dep in stage["deps"] if dep.startswith("src/ptpipe/")}
-        assert listed == ptpipe_imports(module) - PLUMBING, name
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        items = stage["foreach"]
+        pairs = items.items() if isinstance(items, dict) else ((item, item) for item in items)
+        for key, item in pairs:
+            text = yaml.safe_dump(stage["do"]).replace("${key}", str(key))
+            for field, value in (item.items() if isinstance(item, dict) else ()):
+                text = text.replace("${item.%s}" % field, str(value))
+            out[f"{name}@{key}"] = yaml.safe_load(text.replace("${item}", str(item)))
+    return out
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to a module a stage imports must re-run the stage: dvc.yaml lists it in `deps`. A stage
+    that runs one model kind (named in its cmd) also runs that kind's module, ptpipe/kinds/<kind>.py."""
+    assert len(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == 8
+    kind_names = {p.stem for p in (ROOT / "src/ptpipe/kinds").glob("*.py") if not p.stem.startswith("_")}
+    for name, stage in expanded_stages().items():
+        module, *args = stage["cmd"].split("python -m ptpipe.")[1].split()
+        expected = ptpipe_imports(module)
+        for kind in kind_names & set(args):
+            expected |= ptpipe_imports(f"kinds.{kind}")
+        listed = {dep[len("src/ptpipe/"):-3].replace("/__init__", "").replace("/", ".")
+                  for dep in stage["deps"] if dep.startswith("src/ptpipe/")}
+        assert listed == expected - PLUMBING, name
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """The `ptpipe` command: a thin dispatcher over the modules that do the work.
 
-    ptpipe generate --prompt "Alice" --length 300 --temperature 0.8 --seed 1 [--backend onnx]
-    ptpipe predict cat.jpg dog.png [--top-k 3] [--json]
+    ptpipe generate --prompt "Alice" --length 300 --temperature 0.8 --seed 1 [--backend onnx] [--model lstm]
+    ptpipe predict cat.jpg dog.png [--top-k 3] [--json] [--model cnn]
     ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn
     ptpipe serve [--model cifar10-cnn#prod] [--port 8000]      (docs/serving.md)
 
-`predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch.
+`predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
+model kind (`ptpipe.kinds`: its file under models/<kind>/) or a model file's path.
 """
 from __future__ import annotations
 
@@ -15,23 +16,46 @@ import sys
 from ptpipe.stage import StageError
 
 
-def _threads(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--threads must be 0 (one per core) or more, got {value}")
-    return value
+def _at_least(minimum: int, option: str, meaning: str = ""):
+    """An argparse type: an int >= minimum, else an argparse error (exit 2) naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be {minimum}{meaning} or more, got {value}")
+        return value
+    return parse
+
+
+_threads = _at_least(0, "--threads", " (one per core)")
+
+
+def _model_file(model: str | None, kind: str) -> tuple[str | None, str]:
+    """(path or None, kind) of `--model`: a known kind names its file under models/, anything else is a path."""
+    from pathlib import Path
+
+    from ptpipe import kinds
+
+    if model is not None and model in kinds.known() and not Path(model).exists():
+        return None, model
+    return model, kind
 
 
 def _generate(args: argparse.Namespace) -> None:
     from ptpipe import generate
 
-    generate.main(args.prompt, args.length, args.temperature, args.seed, args.model, args.backend, args.threads)
+    path, kind = _model_file(args.model, generate.DEFAULT_KIND)
+    generate.main(args.prompt, args.length, args.temperature, args.seed, path, args.backend, args.threads, kind)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from ptpipe import inference
 
-    return inference.predict_main(args.images, args.model, args.top_k, args.json, args.threads)
+    path, kind = _model_file(args.model, "cnn")
+    return inference.predict_main(args.images, path or inference.exported_file(kind), args.top_k, args.json,
+                                  args.threads)
 
 
 def _release(args: argparse.Namespace) -> None:
@@ -67,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text with the trained character LSTM")
+    gen = sub.add_parser("generate", help="generate text with a trained text model (default: the character LSTM)")
     gen.add_argument("--prompt", required=True, help="text that warms the state; every character must be in the vocabulary")
-    gen.add_argument("--length", type=int, default=300, help="characters to generate after the prompt (default 300)")
+    gen.add_argument("--length", type=_at_least(0, "--length"), default=300,
+                     help="characters to generate after the prompt (default 300)")
     gen.add_argument("--temperature", type=float, default=0.8,
                      help="softmax temperature; 0 = greedy, <1 safer, >1 wilder (default 0.8)")
     gen.add_argument("--seed", type=int, default=1, help="sampling seed: same seed, same text (default 1)")
@@ -77,16 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch: eager from model.pt; torchscript: model.ts; onnx: model.onnx via onnxruntime "
                           "(same text for the same seed on all three)")
     gen.add_argument("--model", default=None,
-                     help="model file (default models/lstm/model.pt, .ts or .onnx after --backend)")
+                     help="a text model kind (lstm, ...: its models/<kind>/model.pt, .ts or .onnx after --backend) "
+                          "or a model file (default: lstm)")
     gen.add_argument("--threads", type=_threads, default=0,
                      help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     gen.set_defaults(func=_generate)
 
-    pred = sub.add_parser("predict", help="classify images with the exported CNN (onnxruntime)")
+    pred = sub.add_parser("predict", help="classify images with an exported image model (onnxruntime; default: the CNN)")
     pred.add_argument("images", nargs="+", help="PNG/JPEG files of any size (centre square, resized to 32x32)")
-    pred.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
+    pred.add_argument("--top-k", type=_at_least(1, "--top-k"), default=3,
+                      help="labels to show per image (default 3; at most the number of classes)")
     pred.add_argument("--json", action="store_true", help="print JSON {predictions, errors} instead of text")
-    pred.add_argument("--model", default="models/cnn/model.onnx", help="ONNX file (default models/cnn/model.onnx)")
+    pred.add_argument("--model", default=None,
+                      help="an image model kind (its models/<kind>/model.onnx) or an ONNX file (default: cnn)")
     pred.add_argument("--threads", type=_threads, default=0,
                       help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     pred.set_defaults(func=_predict)

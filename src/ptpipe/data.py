@@ -54,3 +54,9 @@ def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, lis
     val = torch.from_numpy(_load_npy(prepared_dir / "val_ids.npy")).long()
     vocab = json.loads(_existing(prepared_dir / "vocab.json").read_text(encoding="utf-8"))["chars"]
     return train, val, vocab
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of epoch `epoch` (data order, augmentation): a function of (seed, epoch)
+    alone, so every rank, every device and a resumed run draw the same numbers."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)

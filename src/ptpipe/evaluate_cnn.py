@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ptpipe import data, files, params as params_mod, stage, trainer
-from ptpipe.cnn import load_model, normalize, predict
+from ptpipe.kinds.cnn import load_model, normalize, predict
 
 
 def save_grid(path: Path, images: torch.Tensor, truth: list[str], predicted: list[str]) -> None:
@@ -43,22 +43,23 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     p = params_mod.load(params_file)  # validated before anything is written
     device = trainer.resolve_device(p.train.device)
     model, config = load_model(model_path)
-    trainer.set_threads(config.get("recipe.threads", 0))  # as the recipe trained
+    trained, facts = config["params"], config["data"]
+    trainer.set_threads(trained.get("threads", 0))  # as the recipe trained
     images, labels = data.load_cifar(prepared_dir, "test")
-    classes = config["classes"]
+    classes = facts["classes"]
 
     # channels_last as in training: mkldnn's faster layout, the same numbers up to float rounding
     model = model.to(device, memory_format=torch.channels_last)
-    x = normalize(images.to(device), config["mean"], config["std"]).contiguous(memory_format=torch.channels_last)
+    x = normalize(images.to(device), facts["mean"], facts["std"]).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = predict(model, x, tta=config["tta"]).cpu()
+        logits = predict(model, x, tta=trained["tta"]).cpu()
     pred = logits.argmax(1)
     correct = pred == labels
     per_class = {c: correct[labels == i].float().mean().item() if (labels == i).any() else None
                  for i, c in enumerate(classes)}
     metrics = {
         "test": {"acc": correct.float().mean().item(), "loss": F.cross_entropy(logits, labels).item(),
-                 "images": len(labels), "tta": config["tta"]},
+                 "images": len(labels), "tta": trained["tta"]},
         "per_class_acc": per_class,
     }
     plots_dir = Path(plots_dir)
@@ -67,7 +68,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
     save_grid(plots_dir / "predictions.png", images[:16], [classes[i] for i in labels[:16]],
               [classes[i] for i in pred[:16]])
     files.write_json(metrics_path, metrics)
-    print(f"test accuracy {metrics['test']['acc']:.4f} on {len(labels)} images (tta {config['tta']})")
+    print(f"test accuracy {metrics['test']['acc']:.4f} on {len(labels)} images (tta {trained['tta']})")
     return metrics
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ptpipe import data, files, params, stage, trainer
 from ptpipe.generate import generate
-from ptpipe.lstm import bits, check_lengths, load_model, stream_loss
+from ptpipe.kinds.lstm import bits, check_lengths, load_model, stream_loss
 from ptpipe.stage import StageError
 
 
@@ -24,7 +24,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     cfg = p.lstm
     trainer.set_threads(cfg.threads)
     model, config = load_model(model_path)
-    vocab = config["vocab"]
+    vocab = config["data"]["vocab"]
     _, val_ids, data_vocab = data.load_text(prepared_dir)
     if vocab != data_vocab:
         raise StageError(f"{model_path} was trained on another vocabulary than {prepared_dir}: "
@@ -47,7 +47,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     s = cfg.sample
     blocks = []
     for temperature in s.temperatures:
-        text = generate(model, vocab, s.prompt, s.length, temperature, s.seed)
+        text = generate(model, config, s.prompt, s.length, temperature, s.seed)
         blocks.append(f"=== temperature {temperature:g}, seed {s.seed}, prompt {s.prompt!r} ===\n{text}\n")
     files.write_json(metrics_path, metrics)
     files.write_text(samples_path, "\n".join(blocks))

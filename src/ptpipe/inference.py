@@ -1,11 +1,22 @@
-"""Inference through onnxruntime alone: image classification and the LSTM step for generation.
+"""Inference through onnxruntime alone: any exported ptpipe model, chosen by what its file says.
 
     ptpipe predict cat.jpg dog.png [--top-k 3] [--json] [--model models/cnn/model.onnx]
+    ptpipe generate --backend onnx --prompt "Alice" [--model models/lstm/model.onnx]
+
+    model = open_model("models/lstm/model.onnx")    # a TextGenerator (its metadata says text-generation)
+    model.generate("Alice", 100, temperature=0.8, seed=1)
 
 This module imports numpy, onnxruntime and (for images) Pillow, never torch: a deployment
 needs the .onnx file and these three packages, nothing else (a test checks it in a fresh
-process). Everything the files need to be used — class names, vocabulary, state sizes — is
-read from their `metadata_props` (written by `ptpipe.export`).
+process). Everything the files need to be used — kind, task, input names, class names,
+vocabulary, how generation feeds the model — is read from their `metadata_props` (written by
+`ptpipe.export`, described by the model's kind in `ptpipe.kinds`). A file that is not a ptpipe
+model, names an unknown kind, or was exported from another model.pt than the one beside it is a
+one-line error.
+
+`sample_ids`, the sampling loop (numpy RNG, inverse-CDF draw, temperature 0 = greedy), is the one
+loop for every backend: ONNX here, eager PyTorch and TorchScript in `ptpipe.generate` only pass
+another `run` function, so the same seed gives the same text everywhere.
 
 Session options, chosen on purpose (benchmarks/inference.py measures them):
 - `graph_optimization_level = ORT_ENABLE_ALL`: constant folding plus the fusions that matter
@@ -23,17 +34,20 @@ Session options, chosen on purpose (benchmarks/inference.py measures them):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import onnxruntime as ort
 
+from ptpipe import kinds
 from ptpipe.stage import StageError
 
-CNN_ONNX = Path("models/cnn/model.onnx")
-LSTM_ONNX = Path("models/lstm/model.onnx")
+MODELS_DIR = Path("models")
+CNN_ONNX = MODELS_DIR / "cnn" / "model.onnx"  # `ptpipe predict`'s default model
 IMAGE_SIZE = 32
 DEFAULT_THREADS = 0  # intra-op threads: 0 = onnxruntime's default, one per physical core
 
@@ -70,13 +84,97 @@ def read_metadata(session: ort.InferenceSession) -> dict:
     return {key: decode(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
 
 
-def _open_kind(path: str | Path, kind: str, threads: int) -> tuple[ort.InferenceSession, dict]:
-    """A session on `path` and its metadata, refusing a file exported for another kind of model."""
+def exported_file(kind: str, backend: str = "onnx", models_dir: str | Path = MODELS_DIR) -> Path:
+    """Where the export stage writes a kind's file: models/<kind>/model.onnx (or .ts, .pt)."""
+    return Path(models_dir) / kind / {"onnx": "model.onnx", "torchscript": "model.ts", "torch": "model.pt"}[backend]
+
+
+def check_ptpipe_meta(meta: dict, path: str | Path, expect_kind: str | None = None) -> str:
+    """The kind a file's metadata (ONNX metadata_props or TorchScript config.json) names, refusing a file
+    that is not a ptpipe model, names an unknown kind, or is of another kind than `expect_kind`."""
+    kind = meta.get("ptpipe.kind")
+    if kind is None:
+        raise StageError(f"{path} is not a ptpipe model (its metadata has no ptpipe.kind)"
+                         + (f": expected a ptpipe {expect_kind} model" if expect_kind else ""))
+    kinds.check_known(kind, path)
+    if expect_kind and kind != expect_kind:
+        raise StageError(f"{path} is not a ptpipe {expect_kind} model (its metadata says {kind!r})")
+    if "ptpipe.task" not in meta or "inputs" not in meta:
+        raise StageError(f"{path} was exported by an older ptpipe (no ptpipe.task/inputs): run `dvc repro export`")
+    return kind
+
+
+def check_fresh(path: str | Path, meta: dict) -> None:
+    """An export whose `source_md5` differs from the model.pt beside it is stale (the model was retrained
+    and not exported again): refused, since it would silently serve the old model. Without a model.pt
+    beside it (a deployed or fetched file) there is nothing to compare."""
+    source = Path(path).with_name("model.pt")
+    recorded = meta.get("source_md5")
+    if not source.is_file() or recorded is None:
+        return
+    h = hashlib.md5()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != recorded:
+        raise StageError(f"{path} is stale: it was exported from another {source} (source_md5 {recorded[:8]}..., "
+                         f"the file now hashes {h.hexdigest()[:8]}...): run `dvc repro export`")
+
+
+_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32"}
+
+
+def check_inputs(session: ort.InferenceSession, expected: list[dict], path: str | Path) -> None:
+    """The graph's inputs are the ones `expected` ([{name, dtype, shape}]) names, in order, with those dtypes."""
+    got = [(i.name, _ORT_TYPES.get(i.type, i.type)) for i in session.get_inputs()]
+    want = [(i["name"], i["dtype"]) for i in expected]
+    if got != want:
+        raise StageError(f"{path}: its graph takes {', '.join(f'{n} {t}' for n, t in got) or 'nothing'}, "
+                         f"its kind expects {', '.join(f'{n} {t}' for n, t in want)}: "
+                         f"not a file written by `ptpipe.export` (run `dvc repro export`)")
+
+
+def open_checked(path: str | Path, threads: int = DEFAULT_THREADS, expect_kind: str | None = None,
+                 check_source: bool = True) -> tuple[ort.InferenceSession, dict]:
+    """(session, metadata) of an exported ptpipe model, refusing foreign, unknown-kind and stale files."""
     session = open_session(path, threads)
     meta = read_metadata(session)
-    if meta.get("ptpipe.kind") != kind:
-        raise StageError(f"{path} is not a ptpipe {kind} model (its metadata says {meta.get('ptpipe.kind')!r})")
+    check_ptpipe_meta(meta, path, expect_kind)
+    check_inputs(session, meta["inputs"], path)
+    if check_source:
+        check_fresh(path, meta)
     return session, meta
+
+
+def onnx_runner(session: ort.InferenceSession) -> Callable[[dict], dict]:
+    """feeds {input name: array} -> {output name: array}: the form every backend's `run` takes."""
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(None, feeds)))
+
+
+class ExportedModel:
+    """An exported ptpipe model on onnxruntime: `kind`, `meta` (its metadata), `session`, `run`."""
+
+    task = ""
+
+    def __init__(self, path: str | Path, threads: int = DEFAULT_THREADS, *, check_source: bool = True,
+                 _opened: tuple[ort.InferenceSession, dict] | None = None):
+        self.path = Path(path)
+        self.session, self.meta = _opened or open_checked(path, threads, check_source=check_source)
+        self.kind: str = self.meta["ptpipe.kind"]
+        if self.meta["ptpipe.task"] != self.task:
+            raise StageError(f"{path} is a ptpipe {self.kind} model for {self.meta['ptpipe.task']}, not {self.task}")
+        self.run = onnx_runner(self.session)
+
+
+def open_model(path: str | Path, threads: int = DEFAULT_THREADS, check_source: bool = True
+               ) -> "ImageClassifier | TextGenerator":
+    """The runtime object for an exported file, chosen by its metadata's `ptpipe.task`."""
+    opened = open_checked(path, threads, check_source=check_source)
+    task = opened[1]["ptpipe.task"]
+    if task not in TASKS:
+        raise StageError(f"{path}: ptpipe.task {task!r} is not one of {', '.join(TASKS)}")
+    return TASKS[task](path, _opened=opened)
 
 
 # -- images ---------------------------------------------------------------------------------
@@ -123,16 +221,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class Classifier:
-    """An exported CIFAR CNN: raw uint8 images -> class probabilities."""
+class ImageClassifier(ExportedModel):
+    """An exported image classifier: raw uint8 images -> class probabilities."""
 
-    def __init__(self, path: str | Path = CNN_ONNX, threads: int = DEFAULT_THREADS):
-        self.session, self.meta = _open_kind(path, "cnn", threads)
+    task = "image-classification"
+
+    def __init__(self, path: str | Path = CNN_ONNX, threads: int = DEFAULT_THREADS, **kwargs):
+        super().__init__(path, threads, **kwargs)
         self.classes: list[str] = self.meta["classes"]
+        self._input, self._output = self.meta["inputs"][0]["name"], self.meta["outputs"][0]["name"]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 N x 3 x 32 x 32 -> float32 N x classes."""
-        return self.session.run(["logits"], {"images": np.ascontiguousarray(images, dtype=np.uint8)})[0]
+        return self.session.run([self._output], {self._input: np.ascontiguousarray(images, dtype=np.uint8)})[0]
 
     def top_k(self, images: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         probs = softmax(self.logits(images).astype(np.float64))
@@ -152,8 +253,8 @@ def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3
             errors[path] = str(err)
     results = {}
     if good:
-        classifier = Classifier(model, threads)
-        k = max(1, min(top_k, len(classifier.classes)))
+        classifier = ImageClassifier(model, threads)
+        k = min(top_k, len(classifier.classes))
         results = dict(zip(good, classifier.top_k(np.stack(images), k)))
     return results, errors
 
@@ -175,22 +276,93 @@ def predict_main(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3,
     return 1 if errors else 0
 
 
-# -- the character LSTM -------------------------------------------------------------------
+# -- text generation ----------------------------------------------------------------------
 
-class OnnxLstm:
-    """An exported CharLSTM as a numpy step function `(ids, h, c) -> (logits, h, c)`."""
+Run = Callable[[dict], dict]  # {input name: array} -> {output name: array}, any backend
 
-    def __init__(self, path: str | Path = LSTM_ONNX, threads: int = DEFAULT_THREADS):
-        self.session, self.meta = _open_kind(path, "lstm", threads)
+
+def encode(prompt: str, vocab: list[str]) -> list[int]:
+    index = {ch: i for i, ch in enumerate(vocab)}
+    unknown = sorted({ch for ch in prompt if ch not in index})
+    if unknown:
+        raise StageError(f"prompt characters not in the model's vocabulary: {', '.join(map(repr, unknown))} "
+                         f"(the vocabulary has {len(vocab)} characters from the training text)")
+    if not prompt:
+        raise StageError("the prompt is empty: give at least one character to start from")
+    return [index[ch] for ch in prompt]
+
+
+def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    last = logits.astype(np.float64)  # [V]
+    if temperature == 0:
+        return int(np.argmax(last))
+    z = last / temperature
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    # Inverse-CDF draw: one uniform per character, the same on every backend.
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def sample_ids(run: Run, meta: dict, prompt_ids: list[int], length: int, temperature: float, seed: int
+               ) -> Iterator[int]:
+    """`length` ids sampled after the prompt, one at a time; temperature 0 = greedy (argmax).
+
+    How the model is fed is in its metadata's `generation`: "recurrent" warms the state on the whole
+    prompt in one call, then feeds one id at a time with the returned state (`state`: which output
+    feeds which input, zero at the start); "window" re-feeds the last `block_size` ids every step."""
+    rng = np.random.default_rng(seed)
+    gen = meta["generation"]
+    ids_name, logits_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
+    if gen["mode"] == "recurrent":
+        feeds = {s["input"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], dtypes[s["input"]])
+                 for s in gen["state"]}
+        out = run({ids_name: np.asarray([prompt_ids], dtype=np.int64), **feeds})
+        for i in range(length):
+            nxt = _draw(out[logits_name][0, -1], temperature, rng)
+            yield nxt
+            if i + 1 < length:
+                out = run({ids_name: np.asarray([[nxt]], dtype=np.int64),
+                           **{s["input"]: out[s["output"]] for s in gen["state"]}})
+    elif gen["mode"] == "window":
+        context, block = list(prompt_ids), int(gen["block_size"])
+        for _ in range(length):
+            out = run({ids_name: np.asarray([context[-block:]], dtype=np.int64)})
+            nxt = _draw(out[logits_name][0, -1], temperature, rng)
+            context.append(nxt)
+            yield nxt
+    else:
+        raise StageError(f"{meta.get('ptpipe.kind')}: generation mode {gen['mode']!r} is not recurrent or window")
+
+
+def stream_text(run: Run, meta: dict, prompt: str, length: int, temperature: float, seed: int) -> Iterator[str]:
+    """The generated characters (not the prompt), one at a time. Bad arguments raise here, before the
+    first character."""
+    if temperature < 0:
+        raise StageError(f"--temperature must be >= 0 (got {temperature}); 0 = greedy")
+    if length < 0:
+        raise StageError(f"--length must be >= 0 (got {length})")
+    vocab = meta["vocab"]
+    ids = encode(prompt, vocab)
+    return (vocab[i] for i in sample_ids(run, meta, ids, length, temperature, seed))
+
+
+class TextGenerator(ExportedModel):
+    """An exported text model: `generate` is what `ptpipe generate` prints, `stream` the same one
+    character at a time."""
+
+    task = "text-generation"
+
+    def __init__(self, path: str | Path = MODELS_DIR / "lstm" / "model.onnx", threads: int = DEFAULT_THREADS,
+                 **kwargs):
+        super().__init__(path, threads, **kwargs)
         self.vocab: list[str] = self.meta["vocab"]
-        self.num_layers, self.hidden_size = self.meta["num_layers"], self.meta["hidden_size"]
 
-    def init_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        shape = (self.num_layers, batch, self.hidden_size)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    def stream(self, prompt: str, length: int, temperature: float = 0.8, seed: int = 1) -> Iterator[str]:
+        return stream_text(self.run, self.meta, prompt, length, temperature, seed)
 
-    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids int64 [B, T], h/c float32 [L, B, H] -> logits [B, T, V], h, c."""
-        logits, h, c = self.session.run(None, {"ids": ids, "h0": h, "c0": c})
-        return logits, h, c
+    def generate(self, prompt: str, length: int, temperature: float = 0.8, seed: int = 1) -> str:
+        return prompt + "".join(self.stream(prompt, length, temperature, seed))
 
+
+TASKS = {"image-classification": ImageClassifier, "text-generation": TextGenerator}

@@ -160,11 +160,22 @@ class Export(Section):
     opset: int = Field(ge=17, le=20)
 
 
+Sizes = list[Annotated[int, Field(ge=1)]]
+
+
 class Validate(Section):
     atol: Annotated[float, Field(gt=0, le=1, strict=False)]
-    cnn_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    lstm_batches: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    lstm_seq_lens: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    # per model kind: {size name: sizes}; which names a kind reads is its own (ptpipe.kinds.<kind>)
+    shapes: dict[str, dict[str, Annotated[Sizes, Field(min_length=1)]]]
+
+    @model_validator(mode="after")
+    def _known_kinds(self) -> "Validate":
+        from ptpipe import kinds
+
+        unknown = sorted(set(self.shapes) - set(kinds.known()))
+        if unknown:
+            raise ValueError(f"shapes.{unknown[0]}: unknown model kind (known kinds are {', '.join(kinds.known())})")
+        return self
 
 
 class Params(Section):

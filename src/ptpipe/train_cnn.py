@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptpipe import data, files, params as params_mod, stage, trainer
-from ptpipe.cnn import EpochImages, build_model, normalize, predict
+from ptpipe.kinds.cnn import EpochImages, build_model, normalize, predict
 from ptpipe.params import CnnRecipe
 from ptpipe.stage import StageError
 
@@ -216,9 +216,10 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
             print(f"torch.compile unavailable ({type(err).__name__}: {err}); training eagerly")
             model._compiled_call_impl = None
 
-    config = {
-        "arch": r.arch, "model_args": model_args, "classes": classes, "mean": mean, "std": std,
-        "recipe": p.cnn.recipe, "lr": lr, "tta": r.tta, **{f"recipe.{k}": v for k, v in r.model_dump().items()},
+    config = {  # the self-describing shape every trainer saves (ptpipe.kinds)
+        "kind": "cnn", "model_args": {"arch": r.arch, **model_args},
+        "params": {"recipe": p.cnn.recipe, **r.model_dump(), "lr": lr},  # lr resolved
+        "data": {"classes": classes, "mean": mean, "std": std},
     }
     spec = trainer.Fit(
         epochs=r.epochs, model_path=model_path, checkpoint_path=model_path.with_name("checkpoint.pt"),

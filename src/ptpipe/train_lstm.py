@@ -7,7 +7,7 @@ non-finite guard, early stopping on val loss with the best weights kept, DVCLive
 
     python -m ptpipe.train_lstm      # reads params.yaml: lr, train.device, train.nproc, lstm.* but lstm.sample
 
-Writes models/lstm/model.pt = {state_dict, config: {model_args, vocab, params}} and dvclive/lstm/.
+Writes models/lstm/model.pt = {state_dict, config: {kind, model_args, params, data: {vocab}}} and dvclive/lstm/.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ptpipe import data, params, stage, trainer
-from ptpipe.lstm import CharLSTM, batchify, bits, build_model, check_lengths, stream_loss, windows
+from ptpipe.kinds.lstm import CharLSTM, batchify, bits, build_model, check_lengths, stream_loss, windows
 
 
 class LstmTask:
@@ -41,7 +41,7 @@ class LstmTask:
     def train_batches(self, epoch: int):
         # A different window phase each epoch (a function of seed and epoch, so resume is exact):
         # the model does not always see the same characters at a window's cold first steps.
-        offset = int(torch.randint(self.seq_len, (), generator=trainer.epoch_generator(self.seed, epoch)))
+        offset = int(torch.randint(self.seq_len, (), generator=data.epoch_generator(self.seed, epoch)))
         # Each rank takes its own batch_size streams of batch_size * world_size.
         streams = batchify(self.train_ids[offset:], self.batch_size * self.ddp.world_size)
         rows = streams[self.ddp.rank * self.batch_size: (self.ddp.rank + 1) * self.batch_size]
@@ -93,10 +93,11 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
     optimizer = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay)
     task = LstmTask(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_streams, cfg.seed, device, ddp)
     scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * task.steps_per_epoch)
-    config = {
+    config = {  # the self-describing shape every trainer saves (ptpipe.kinds)
+        "kind": "lstm",
         "model_args": model_args,
-        "vocab": vocab,
         "params": {**cfg.model_dump(exclude={"sample"}), "lr": lr, "device": p.train.device},  # lr resolved
+        "data": {"vocab": vocab},
     }
     return model, task, optimizer, scheduler, config
 

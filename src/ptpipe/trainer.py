@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import pickle
 import random
 import subprocess
 import sys
@@ -99,12 +98,6 @@ def run_stage(module: str, main, params_file: str = "params.yaml", argv: list[st
         main()
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator of epoch `epoch` (data order, augmentation): a function of (seed, epoch)
-    alone, so every rank, every device and a resumed run draw the same numbers."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
 def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
     """`auto` picks cuda > mps > cpu; a forced device that is missing is a clear error."""
     if name == "auto":
@@ -124,25 +117,6 @@ def resolve_device(name: str, ddp: Distributed = Distributed()) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise StageError("train.device is 'mps' but MPS is not available: set train.device=auto or cpu")
     return torch.device(name)
-
-
-def load_model_file(path: str | Path, stage: str, required: tuple[str, ...] = ()) -> dict:
-    """What `fit` saved at `path` ({state_dict, config, ...}), loaded with weights_only=True. A missing
-    file, or a config without the `required` keys, is a StageError naming the stage to rerun."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path} is missing: run `dvc repro {stage}` first")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise StageError(f"{path}: not a model file written by `dvc repro {stage}` ({type(exc).__name__})") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise StageError(f"{path}: not a model file written by `dvc repro {stage}` (no state_dict)")
-    missing = [k for k in required if k not in saved.get("config", {})]
-    if missing:
-        raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe "
-                         f"(`dvc repro {stage}`)")
-    return saved
 
 
 def set_threads(threads: int) -> None:

@@ -1,4 +1,4 @@
-"""The character-level LSTM language model, and how text is cut into TBPTT windows for it.
+"""Model kind `lstm`: the character-level LSTM language model, and how text is cut into TBPTT windows for it.
 
 Unlike the tutorial's model this one is unidirectional (a bidirectional LSTM has already
 read the character it is asked to predict), and its state is explicit: `forward` takes and
@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptpipe.stage import StageError
-from ptpipe.trainer import load_model_file
+import numpy as np
 
-CONFIG_KEYS = ("model_args", "vocab")  # what a model file's config must hold
+from ptpipe import kinds
+from ptpipe.data import load_text
+from ptpipe.stage import StageError
 
 
 def check_lengths(train_chars: int | None, val_chars: int, batch_size: int, seq_len: int, eval_streams: int,
@@ -72,12 +73,65 @@ def build_model(vocab_size: int, embedding_size: int, hidden_size: int, num_laye
     return CharLSTM(vocab_size, embedding_size, hidden_size, num_layers, dropout, tie_weights)
 
 
+def build(config: dict) -> CharLSTM:
+    return build_model(**config["model_args"])
+
+
 def load_model(path: str | Path) -> tuple[CharLSTM, dict]:
-    """(eval-mode model on the CPU, its config, `vocab` included) from models/lstm/model.pt alone."""
-    saved = load_model_file(path, "train_lstm", CONFIG_KEYS)
-    model = build_model(**saved["config"]["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), saved["config"]
+    """(eval-mode model on the CPU, its config, `data.vocab` included) from models/lstm/model.pt alone."""
+    _, model, config = kinds.load(path, "lstm")
+    return model, config
+
+
+def example_inputs(model: CharLSTM, config: dict) -> tuple[torch.Tensor, ...]:
+    # batch 2, length 5: sizes 0/1 would invite the exporter to specialise those axes
+    return (torch.zeros(2, 5, dtype=torch.int64), *model.init_state(2))
+
+
+def metadata(config: dict) -> dict:
+    args = config["model_args"]
+    state = [{"input": i, "output": o, "shape": [args["num_layers"], "batch", args["hidden_size"]]}
+             for i, o in (("h0", "h"), ("c0", "c"))]
+    return {"vocab": config["data"]["vocab"], "generation": {"mode": "recurrent", "state": state}}
+
+
+def _windows(ids: np.ndarray, batch: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two consecutive windows [batch, seq_len] of `batch` contiguous streams of the text."""
+    need = batch * 2 * seq_len
+    stream = np.resize(ids, max(need, len(ids)))[: need]  # np.resize repeats a short text
+    rows = stream.reshape(batch, 2 * seq_len).astype(np.int64)
+    return rows[:, :seq_len].copy(), rows[:, seq_len:].copy()
+
+
+def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kinds.Case]:
+    """`batch` streams of validation text x `seq` characters, each once from a zero state and once
+    more for the next window from the state that backend itself returned (the carry generation relies
+    on). Short texts (test fixtures) are repeated to fill the windows."""
+    batches, seq_lens = kinds.shape_params(shapes, "lstm", "batch"), kinds.shape_params(shapes, "lstm", "seq")
+    _, val_ids, _ = load_text(prepared_dir)
+    args = config["model_args"]
+    cases = []
+    for b in batches:
+        for t in seq_lens:
+            first, second = _windows(val_ids.numpy(), b, t)
+            zeros = np.zeros((args["num_layers"], b, args["hidden_size"]), np.float32)
+            start = {"ids": first, "h0": zeros, "c0": zeros.copy()}
+            cases.append(kinds.Case(f"batch={b} seq={t} state=zero", [start]))
+            cases.append(kinds.Case(f"batch={b} seq={t} state=carried", [start, {"ids": second}],
+                                    carry={"h": "h0", "c": "c0"}))
+    return cases
+
+
+KIND = kinds.ModelKind(
+    name="lstm", task="text-generation", train_stage="train_lstm", prepared="alice",
+    inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")),
+            kinds.TensorSpec("h0", "float32", ("num_layers", "batch", "hidden_size")),
+            kinds.TensorSpec("c0", "float32", ("num_layers", "batch", "hidden_size"))),
+    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),
+             kinds.TensorSpec("h", "float32", ("num_layers", "batch", "hidden_size")),
+             kinds.TensorSpec("c", "float32", ("num_layers", "batch", "hidden_size"))),
+    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
+)
 
 
 def batchify(ids: torch.Tensor, streams: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CIFAR-10 models and their tensor-side data path, shared by training, evaluation, export and inference.
+"""Model kind `cnn`: the CIFAR-10 classifiers and their tensor-side data path (training, evaluation, export).
 
 - `LeNet`: the PyTorch tutorial's network, exactly.
 - `Airbench`: the airbench94 network (Keller Jordan's CIFAR-10 speedruns) with configurable widths:
@@ -6,6 +6,8 @@
   a max-pool, a linear head and a fixed output scale.
 - `build_model(arch, **model_args)`: the one way to build either from what a model file records;
   `load_model(path)`: a trained model back from models/cnn/model.pt.
+- `RawImageClassifier` and `KIND`: the deployable model (raw uint8 images in, the training
+  normalisation folded into the graph) and what export, validate and inference need to know.
 - `EpochImages`: the whole training split as one uint8 tensor on the device; each epoch one seeded
   permutation, random translate (reflect padding) and flip as batched tensor ops over the whole set,
   normalised once; batches are contiguous slices of that tensor (views, no per-step gather).
@@ -17,12 +19,14 @@ import inspect
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptpipe import kinds
+from ptpipe.data import epoch_generator, load_cifar
 from ptpipe.stage import StageError
-from ptpipe.trainer import epoch_generator, load_model_file
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class Airbench(nn.Module):
 
 
 ARCHS = {"lenet": LeNet, "airbench": Airbench}
-CONFIG_KEYS = ("arch", "model_args", "classes", "mean", "std")  # what a model file's config must hold
+IMAGE_SIZE = 32
 
 
 def build_model(arch: str, **model_args) -> nn.Module:
@@ -146,13 +150,66 @@ def build_model(arch: str, **model_args) -> nn.Module:
     return cls(**model_args)
 
 
+class RawImageClassifier(nn.Module):
+    """A CIFAR model behind the training normalisation: uint8 B x 3 x 32 x 32 -> logits B x classes.
+
+    Same arithmetic as `normalize` ((x - 255 mean) * 1/(255 std)), so eager, TorchScript and ONNX
+    all see exactly what evaluation fed the model."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        self.register_buffer("scale", 1 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() - self.shift) * self.scale)
+
+
+def _model_args(config: dict) -> dict:
+    return {k: v for k, v in config["model_args"].items() if k != "arch"}
+
+
+def build(config: dict) -> RawImageClassifier:
+    """The deployable model of a saved config (weights not loaded): raw images in."""
+    net = build_model(config["model_args"]["arch"], **_model_args(config))
+    return RawImageClassifier(net, config["data"]["mean"], config["data"]["std"])
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(eval-mode model on the CPU, its config) rebuilt from a model file alone, not params.yaml."""
-    saved = load_model_file(path, "train_cnn", CONFIG_KEYS)
-    config = saved["config"]
-    model = build_model(config["arch"], **config["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), config
+    """(eval-mode trained net on the CPU, its config) rebuilt from a model file alone, not params.yaml.
+    The net takes normalised images (`normalize`): what evaluation with test-time augmentation needs."""
+    _, raw, config = kinds.load(path, "cnn")
+    return raw.model, config
+
+
+def example_inputs(model: nn.Module, config: dict) -> tuple[torch.Tensor, ...]:
+    # batch 2: sizes 0/1 would invite the exporter to specialise the batch axis
+    return (torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8),)
+
+
+def metadata(config: dict) -> dict:
+    d = config["data"]
+    return {"classes": d["classes"], "mean": d["mean"], "std": d["std"], "image_size": IMAGE_SIZE,
+            "arch": config["model_args"]["arch"]}
+
+
+def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kinds.Case]:
+    """The first N test images (raw uint8: the files contain the normalisation), N in `batch`."""
+    batches = kinds.shape_params(shapes, "cnn", "batch")
+    images, _ = load_cifar(prepared_dir, "test")
+    if len(images) < max(batches):
+        raise StageError(f"{prepared_dir}: {len(images)} test images, validate.shapes.cnn.batch needs {max(batches)}")
+    return [kinds.Case(f"batch={n}", [{"images": np.ascontiguousarray(images[:n].numpy())}]) for n in batches]
+
+
+KIND = kinds.ModelKind(
+    name="cnn", task="image-classification", train_stage="train_cnn", prepared="cifar10",
+    inputs=(kinds.TensorSpec("images", "uint8", ("batch", 3, IMAGE_SIZE, IMAGE_SIZE)),),
+    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "num_classes")),),
+    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
+    trained_part=lambda module: module.model,
+)
 
 
 # -- data as tensor ops ----------------------------------------------------------------------
