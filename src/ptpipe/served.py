@@ -1,10 +1,12 @@
 """What `ptpipe serve` serves: which model files (workspace, a path, a registry version or stage),
-which version each one is, and one loaded model behind the torch-free runtime.
+which version each one is, and one loaded model behind the torch-free runtime
+(`ptpipe.inference.open_model`: ImageClassifier | TextGenerator, chosen by the file's ptpipe.task).
 
     models/<kind>/model.onnx        every exported model of the workspace (the default)
     [NAME=]PATH                     one ONNX file, or a folder holding model.onnx
     NAME@v1.2.0                     a released version (ptpipe.registry, the same cache)
     NAME#prod                       whatever version the registry stage names now (re-read on reload)
+    ALIAS=NAME@v1.2.0               served as ALIAS (two versions of one artifact side by side)
 
 A workspace model is named after its dvc.yaml artifact (models/cnn -> cifar10-cnn) when there is
 one, else after its folder; its version is the md5 of the ONNX file. A registry model's version is
@@ -24,10 +26,8 @@ from ptpipe import inference
 from ptpipe.stage import StageError
 
 ONNX_FILE = "model.onnx"
-# onnxruntime type -> (numpy dtype, Open Inference Protocol datatype)
-DTYPES = {"tensor(uint8)": ("uint8", "UINT8"), "tensor(int64)": ("int64", "INT64"),
-          "tensor(float)": ("float32", "FP32")}
-_REGISTRY = re.compile(r"^(?P<name>[\w.-]+)(?:@(?P<version>v\d+\.\d+\.\d+)|#(?P<stage>[\w.-]+))$")
+DATATYPES = {"uint8": "UINT8", "int64": "INT64", "float32": "FP32"}  # numpy -> Open Inference Protocol
+_REGISTRY = re.compile(r"^(?:(?P<alias>[\w.-]+)=)?(?P<name>[\w.-]+)(?:@(?P<version>v\d+\.\d+\.\d+)|#(?P<stage>[\w.-]+))$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Spec:
     version: str | None = None    # a registry version ...
     stage: str | None = None      # ... or a registry stage
     repo: str | None = None       # the registry's git repo (path or URL); None = this directory
+    artifact: str | None = None   # the registry's artifact name, when served under another name
 
     @property
     def source(self) -> str:
@@ -69,7 +70,8 @@ def parse_specs(models: list[str], models_dir: str | Path = "models", repo: str 
     for text in models:
         match = _REGISTRY.match(text)
         if match:
-            specs.append(Spec(match["name"], version=match["version"], stage=match["stage"], repo=repo))
+            specs.append(Spec(match["alias"] or match["name"], version=match["version"], stage=match["stage"],
+                              repo=repo, artifact=match["name"]))
             continue
         name, _, path = text.rpartition("=")
         path = Path(path)
@@ -97,8 +99,8 @@ def resolve(spec: Spec) -> tuple[Path, str]:
         return spec.path, md5(spec.path)
     from ptpipe import registry
 
-    version = spec.version or registry.version_of(spec.name, stage=spec.stage, repo=spec.repo)
-    return registry.fetch_model(spec.name, version=version, repo=spec.repo), version
+    version = spec.version or registry.version_of(spec.artifact, stage=spec.stage, repo=spec.repo)
+    return registry.fetch_model(spec.artifact, version=version, repo=spec.repo), version
 
 
 @dataclass
@@ -113,43 +115,12 @@ class TensorInfo:
                 "shape": [d if isinstance(d, int) else -1 for d in self.shape]}
 
 
-def _tensors(args) -> list[TensorInfo]:
-    out = []
-    for a in args:
-        if a.type not in DTYPES:
-            raise StageError(f"tensor {a.name} has type {a.type}: the server handles {', '.join(DTYPES)}")
-        dtype, datatype = DTYPES[a.type]
-        out.append(TensorInfo(a.name, dtype, datatype, [d if isinstance(d, int) else str(d) for d in a.shape]))
-    return out
-
-
-# The runtime adapter: today's ptpipe.inference classes behind the kinds contract's interface
-# (ImageClassifier: classes, logits(); TextGenerator: vocab, generate(), stream()).
-_TASKS = {"cnn": "image-classification", "lstm": "text-generation"}
-
-
-class _LstmGenerator:
-    def __init__(self, path: Path, threads: int):
-        self._lstm = inference.OnnxLstm(path, threads)
-        self.session, self.meta, self.vocab = self._lstm.session, self._lstm.meta, self._lstm.vocab
-
-    def generate(self, prompt: str, length: int, temperature: float, seed: int) -> str:
-        from ptpipe.generate import generate_with
-
-        return generate_with(self._lstm.step, self._lstm.init_state(1), self.vocab, prompt, length, temperature, seed)
-
-    def stream(self, prompt: str, length: int, temperature: float, seed: int):
-        yield from self.generate(prompt, length, temperature, seed)[len(prompt):]
-
-
-def open_model(path: Path, threads: int):
-    meta = inference.read_metadata(inference.open_session(path, threads))
-    kind = meta.get("ptpipe.kind")
-    if kind == "cnn":
-        return inference.Classifier(path, threads)
-    if kind == "lstm":
-        return _LstmGenerator(path, threads)
-    raise StageError(f"{path} is not a ptpipe model (its metadata says kind {kind!r})")
+def _tensors(specs: list[dict]) -> list[TensorInfo]:
+    """The metadata's inputs/outputs ({name, dtype, shape}, ptpipe.kinds.TensorSpec) with protocol datatypes."""
+    unknown = [t["name"] for t in specs if t["dtype"] not in DATATYPES]
+    if unknown:
+        raise StageError(f"tensor(s) {', '.join(unknown)} have a dtype the server does not map: {', '.join(DATATYPES)}")
+    return [TensorInfo(t["name"], t["dtype"], DATATYPES[t["dtype"]], list(t["shape"])) for t in specs]
 
 
 @dataclass
@@ -171,7 +142,7 @@ class Served:
         return self.spec.name
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-        return self.runtime.session.run(outputs, feeds)
+        return self.runtime.session.run(outputs, feeds)  # onnxruntime sessions are thread-safe
 
     def warm_up(self) -> None:
         """One call on zeros of batch 1 (sequence 1): a file that loads but cannot run fails here, before a swap."""
@@ -180,11 +151,10 @@ class Served:
 
 
 def load(spec: Spec, threads: int = inference.DEFAULT_THREADS) -> Served:
+    """Open `spec`'s current version through the model-kind runtime (inference.open_model) and warm it up."""
     path, version = resolve(spec)
-    runtime = open_model(path, threads)
-    meta = runtime.meta
-    kind = meta.get("ptpipe.kind")
-    served = Served(spec, path, version, runtime, meta.get("ptpipe.task") or _TASKS[kind], kind,
-                    _tensors(runtime.session.get_inputs()), _tensors(runtime.session.get_outputs()))
+    runtime = inference.open_model(path, threads)
+    served = Served(spec, path, version, runtime, runtime.task, runtime.kind,
+                    _tensors(runtime.meta["inputs"]), _tensors(runtime.meta["outputs"]))
     served.warm_up()
     return served
