@@ -106,7 +106,7 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
 
     targets = _outs_under(repo, artifact["path"])
     with Repo(str(repo)) as dvc_repo:
-        pushed = dvc_repo.push(targets=targets)
+        pushed = dvc_repo.push(targets=[str(repo.resolve() / t) for t in targets])  # dvc reads targets from the cwd
     import gto.api
 
     with _gto_errors():
