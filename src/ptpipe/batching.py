@@ -2,7 +2,8 @@
 
 An asyncio queue per served model version. One worker task takes the first waiting request,
 then everything else that is already queued or arrives within `window_s` of it, up to
-`max_items` rows, concatenates the rows, runs ONE call of `run` in a worker thread (the event loop
+`max_items` rows; it waits only while `arriving()` says requests for this model are still being
+read (so a lone request runs at once, not after the window), concatenates the rows, runs ONE call of `run` in a worker thread (the event loop
 keeps accepting requests meanwhile; they queue up for the next batch) and hands each request
 its own rows of the result. While a batch runs, the next one gathers: under load the batches
 grow by themselves, and a lone request waits at most `window_s`.
@@ -20,8 +21,8 @@ _CLOSE = object()
 
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_s: float = 0.002, max_items: int = 64,
-                 on_batch: Callable[[int], None] | None = None):
-        self.run, self.window_s, self.max_items = run, window_s, max_items
+                 on_batch: Callable[[int], None] | None = None, arriving: Callable[[], int] = lambda: 1):
+        self.run, self.window_s, self.max_items, self.arriving = run, window_s, max_items, arriving
         self.on_batch = on_batch or (lambda n: None)
         self.queue: asyncio.Queue = asyncio.Queue()
         # one thread: one onnxruntime call at a time, each using the session's intra-op threads
@@ -48,18 +49,6 @@ class MicroBatcher:
         else:
             self.queue.put_nowait(_CLOSE)
 
-    async def _next(self, deadline: float):
-        try:
-            return self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return None
-            try:
-                return await asyncio.wait_for(self.queue.get(), remaining)
-            except asyncio.TimeoutError:
-                return None
-
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         carried = None  # a request that did not fit into the previous batch
@@ -72,9 +61,13 @@ class MicroBatcher:
             deadline = loop.time() + self.window_s
             closing = False
             while rows < self.max_items:
-                item = await self._next(deadline)
-                if item is None:
-                    break
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    if self.arriving() == 0 or loop.time() >= deadline:
+                        break
+                    await asyncio.sleep(0)  # let the requests being read reach the queue
+                    continue
                 if item is _CLOSE:
                     closing = True
                     break

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--poll-s", type=float, default=0.0,
                      help="re-resolve the models every N s and swap in new versions (default 0: only on "
                           "POST /v2/repository/models/NAME/load)")
-    srv.add_argument("--threads", type=_threads, default=0, help="onnxruntime intra-op threads (default 0 = one per core)")
+    srv.add_argument("--threads", type=_threads, default=1,
+                     help="onnxruntime intra-op threads per call (default 1: the event loop needs the other cores; "
+                          "0 = one per core)")
     srv.set_defaults(func=_serve)
     return parser
 
