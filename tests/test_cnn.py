@@ -99,6 +99,10 @@ def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
     ("cnn.recipes.default.optimiser", "sgd", "cnn.recipes.default.optimiser: unknown key"),
     ("cnn.recipe", "fastest", "recipe 'fastest' is not one of cnn.recipes"),
     ("cnn.recipes.default.model_args", {"depth": 3}, "model_args: airbench takes no argument 'depth'"),
+    ("cnn.recipes.default.checkpoint_every", 0, "cnn.recipes.default.checkpoint_every"),
+    ("cnn.recipes.default.validation", "sometimes", "cnn.recipes.default.validation"),
+    ("cnn.recipes.default.autocast", "float16", "cnn.recipes.default.autocast"),
+    ("cnn.recipes.default.drop_last", "yes", "cnn.recipes.default.drop_last"),
 ])
 def test_bad_cnn_params_name_the_key_and_write_nothing(cnn_dir, key, value, message):
     write_params(cnn_dir, **{key: value})
@@ -107,10 +111,30 @@ def test_bad_cnn_params_name_the_key_and_write_nothing(cnn_dir, key, value, mess
     assert outputs(cnn_dir) == []
 
 
+def test_drop_last_with_a_batch_larger_than_the_data_is_refused_before_anything_is_written(cnn_dir):
+    small(cnn_dir, batch_size=1024, drop_last=True)
+    with pytest.raises(StageError, match=r"cnn.recipes.default: no training batch: batch_size 1024 is more than "
+                                         r"the 600 training images per process and drop_last is on"):
+        train_cnn.main(progress=False)
+    assert outputs(cnn_dir) == []
+
+
+def test_no_validation_and_no_checkpoint_when_train_val_holds_nothing_out(cnn_dir, monkeypatch):
+    small(cnn_dir, train_split="train+val", checkpoint_every=100)  # validation: auto
+    monkeypatch.setattr(train_cnn.CnnTask, "validate", lambda *a: pytest.fail("validated"))
+    saved = []
+    monkeypatch.setattr(train_cnn.trainer.files, "save_torch", lambda path, obj: saved.append(Path(path).name))
+    result = train_cnn.main(progress=False)
+    assert all("val/acc" not in row for row in result.history) and saved == ["model.pt"]
+    final = json.loads(Path("metrics/cnn_train.json").read_text())
+    assert final["val_acc"] is None and final["compiled"] is False and final["recompiles"] == 0
+
+
 def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
     # the GPU recipe as written (SGD-nesterov, Lookahead, label smoothing, alternating flip, whitening,
-    # TTA) but at a quarter of its widths, on 600 images: batch 1024 > 600, so one step per epoch
-    small(cnn_dir, "airbench94", epochs=6, model_args={"widths": [16, 64, 64], "scale": 1 / 9})
+    # TTA) but at a quarter of its widths, on 600 images: batch 1024 > 600, so one (partial) step per epoch
+    small(cnn_dir, "airbench94", epochs=6, drop_last=False,
+          model_args={"widths": [16, 64, 64], "scale": 1 / 9, "zero_whiten_bias": True})
     result = train_cnn.main(progress=False)
     losses = [row["train/loss"] for row in result.history]
     assert losses[-1] < losses[0] - 0.2
@@ -157,3 +181,42 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
     with pytest.raises(StageError, match=r"batch_size 255 does not divide among train.nproc=2 processes"):
         EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
     assert len(EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2
+
+
+def test_lookahead_follows_airbench94s_schedule():
+    # airbench94's loop, written out: EMA from epoch 3 every 5 steps, copied back after every epoch
+    from torch import nn
+
+    steps_per_epoch, epochs = 7, 6
+    total = steps_per_epoch * epochs
+    batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(total)]
+
+    def run(ours: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        wrapped = train_cnn.Lookahead(opt, model, total, steps_per_epoch) if ours else opt
+        ema, steps = None, 0
+        for epoch in range(epochs):
+            for b in batches[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
+                wrapped.zero_grad()
+                model(b).pow(2).mean().backward()
+                wrapped.step()
+                steps += 1
+                if not ours and epoch >= 3 and steps % 5 == 0:
+                    if ema is None:
+                        ema = {k: v.clone() for k, v in model.state_dict().items()}
+                    else:
+                        rho = 0.95**5 * (steps / total) ** 3
+                        for e, p in zip(ema.values(), model.state_dict().values()):
+                            if p.is_floating_point():
+                                e.lerp_(p, 1 - rho)
+                                p.copy_(e)
+            if not ours and ema is not None:
+                for e, p in zip(ema.values(), model.state_dict().values()):
+                    if p.is_floating_point():
+                        p.copy_(e)
+        return model.state_dict()
+
+    ours, reference = run(True), run(False)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)

@@ -92,3 +92,23 @@ def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(in_tmp):
     metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
     assert metrics["val_acc"] > 0.6  # the class patches are learnt with half-batches on two ranks
     assert sorted(p.name for p in (in_tmp / "models/cnn").iterdir()) == ["model.pt"]
+
+
+@pytest.mark.slow
+def test_cnn_under_ddp_compiles_the_wrapped_module_through_the_wrapper(in_tmp):
+    """DDP first, then compile the module it wraps, warmed up through the wrapper: dynamo compiles
+    inside DDP's forward, so DDPOptimizer splits the graph at the gradient buckets."""
+    from fixtures import write_params, write_prepared_cifar
+    from test_cnn import small
+
+    write_prepared_cifar(in_tmp, n_train=150, n_val=40, n_test=40)
+    small(in_tmp, compile="always", autocast="bfloat16", epochs=2)
+    write_params(in_tmp, **{"train.device": "cpu"})
+    env = {**tool_env(), "TORCH_LOGS": "+torch._dynamo.backends.distributed"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(__file__).with_name("ddp_compile_cnn.py"))]
+    run = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "DDPOptimizer used bucket cap" in run.stdout + run.stderr
+    metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
+    assert metrics["compiled"] is True and metrics["recompiles"] == 0 and metrics["graphs"] >= 2

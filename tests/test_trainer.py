@@ -110,3 +110,81 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(StageError, match=r"train.nproc asks for 2 processes but this machine has 1 GPU\(s\)"):
         trainer.resolve_device("cuda", trainer.Distributed(rank=1, world_size=2, local_rank=1))
     assert trainer.resolve_device("cuda", trainer.Distributed(rank=0, world_size=2, local_rank=0)).index == 0
+
+
+class Counting(NanAtStep):
+    """A finite task that counts its validations."""
+
+    def __init__(self, stop=None):
+        super().__init__(bad=10**9, steps=5)
+        self.stop, self.validations = stop, 0
+
+    def train_batches(self, epoch):
+        if epoch == self.stop:
+            raise KeyboardInterrupt  # a kill after the checkpoint of the epochs before
+        yield from super().train_batches(epoch)
+
+    def validate(self, model):
+        self.validations += 1
+        return {"val/loss": 0.0}
+
+
+def _run(tmp_path, task, name, **fit):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    spec = trainer.Fit(epochs=5, model_path=tmp_path / f"{name}.pt", checkpoint_path=tmp_path / f"{name}.ckpt",
+                       config={}, progress=False, **fit)
+    result = trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), None, spec,
+                         torch.device("cpu"))
+    return result, torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]
+
+
+def test_checkpoint_every_n_epochs_resumes_exactly(tmp_path, capsys):
+    reference, ref_state = _run(tmp_path, Counting(), "ref")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, Counting(stop=4), "cut", checkpoint_every=2)  # checkpoints after epochs 2 and 4 only
+    saved = torch.load(tmp_path / "cut.ckpt", weights_only=True)
+    assert saved["epoch"] == 3  # 0-based: the checkpoint of epoch 4; the kill came in epoch 5
+    result, state = _run(tmp_path, Counting(), "cut", checkpoint_every=2)
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["train/loss"] for r in result.history] == [r["train/loss"] for r in reference.history]
+    assert all(torch.equal(ref_state[k], v) for k, v in state.items())
+    assert not (tmp_path / "cut.ckpt").exists()
+
+
+def test_no_validation_when_asked_and_monitoring_then_is_refused(tmp_path):
+    task = Counting()
+    result, _ = _run(tmp_path, task, "noval", validate=False)
+    assert task.validations == 0 and all("val/loss" not in r for r in result.history)
+    assert result.train_seconds > 0 and result.other_seconds >= 0
+    with pytest.raises(ValueError, match="monitor/patience need validation"):
+        _run(tmp_path, Counting(), "bad", validate=False, monitor="val/loss")
+
+
+def test_a_given_stopwatch_times_the_training_steps_on_top_of_what_it_already_timed(tmp_path):
+    watch = trainer.Stopwatch(torch.device("cpu"))
+    with watch.timing():
+        sum(range(10**6))  # e.g. the whitening init: part of the timed region
+    before = watch.seconds
+    result, _ = _run(tmp_path, Counting(), "watch", stopwatch=watch)
+    assert result.train_seconds > before > 0 and watch.seconds == result.train_seconds
+
+
+def test_nccl_ranks_pick_their_gpu_before_the_process_group(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(trainer.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(trainer.dist, "get_world_size", lambda: 2)
+    assert trainer.setup_distributed("auto") == trainer.Distributed(rank=1, world_size=2, local_rank=1)
+    assert calls == [("set_device", 1), ("init", "nccl")]
+
+
+def test_wrap_ddp_is_a_no_op_for_one_process():
+    model = nn.Linear(3, 1)
+    assert trainer.wrap_ddp(model, torch.device("cpu"), trainer.Distributed()) is model

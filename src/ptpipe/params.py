@@ -74,10 +74,13 @@ class CnnRecipe(Section):
     """One CIFAR-10 training recipe (`cnn.recipes.<name>`); units and reasons are in params.yaml."""
 
     arch: Literal["lenet", "airbench"]
-    model_args: dict[str, Union[int, float, list[int]]]  # checked against the arch by ptpipe.cnn.build_model
+    model_args: dict[str, Union[bool, int, float, list[int]]]  # checked against the arch by ptpipe.cnn.build_model
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=2, le=65536)
+    drop_last: bool  # drop each epoch's last, partial batch (airbench94 does)
     train_split: Literal["train", "train+val"]
+    validation: Literal["auto", "always", "never"]  # per-epoch validation; auto = when train_split holds val out
+    checkpoint_every: int = Field(ge=1, le=1000)  # epochs between checkpoints
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
     lr: Optional[Annotated[float, Field(gt=0, strict=False)]]  # null: the top-level lr
     momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
@@ -97,6 +100,7 @@ class CnnRecipe(Section):
     std: Optional[list[Annotated[float, Field(gt=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
     tta: int = Field(ge=0, le=2)
     compile: Literal["auto", "always", "never"]
+    autocast: Literal["auto", "bfloat16", "none"]  # auto = bfloat16 on a GPU, none (float32) elsewhere
     threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
     seed: int
 

@@ -1,8 +1,10 @@
 """The one training loop both trainers share.
 
 What the CNN and the LSTM have in common lives here and nowhere else: device choice,
-checkpoint/resume (each epoch, atomically, RNG states included), the non-finite-loss
-guard, DVCLive logging, early stopping on a validation metric, and DistributedDataParallel.
+checkpoint/resume (every `checkpoint_every` epochs, atomically, RNG states included), the
+non-finite-loss guard, DVCLive logging, early stopping on a validation metric (or no validation
+at all, when nothing is held out), DistributedDataParallel, and the timing of the training
+steps apart from everything else (`Stopwatch`: CUDA events on a GPU).
 What differs (data, loss, metrics) comes in through a `Task`.
 
 Resume contract: a run killed at any moment and started again with the same config
@@ -66,9 +68,14 @@ def setup_distributed(device_name: str) -> Distributed:
     if world_size == 1:
         return Distributed()
     backend = "nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl" and local_rank < torch.cuda.device_count():
+        # before NCCL's init: otherwise every rank's communicator and first allocations land on GPU 0
+        # (a more-ranks-than-GPUs run is refused by resolve_device with a message naming train.nproc)
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def relaunch_under_torchrun(nproc: int, module: str, argv: list[str] | None = None) -> bool:
@@ -156,11 +163,44 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Stopwatch:
+    """Seconds of the work inside `with watch.timing():` blocks, summed. On a GPU they are CUDA
+    events (what the device did between the two points, as airbench times its runs: no host sync
+    inside the block, one at the first read of `seconds`); elsewhere perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> float:
+        if self._events:
+            torch.cuda.synchronize()
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000
+            self._events.clear()
+        return self._seconds
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]]  # one dict of metrics per finished epoch
     best: dict[str, float]  # the epoch whose weights were kept
-    train_seconds: float  # wall time spent in training epochs of this process (resumed epochs excluded)
+    train_seconds: float  # the stopwatch: training steps of this process (resumed epochs excluded)
+    other_seconds: float = 0.0  # wall time of the rest of the loop: validation, checkpoints, logging, model file
 
 
 @dataclass
@@ -171,6 +211,9 @@ class Fit:
     model_path: Path  # the final state_dict (with model_args and params), written once at the end
     checkpoint_path: Path  # written each epoch, removed once the model file is in place
     config: dict  # resolved params + model args: saved in both files; a mismatch means no resume
+    checkpoint_every: int = 1  # epochs between checkpoints (a kill loses at most this many epochs)
+    validate: bool = True  # False: no per-epoch validation (nothing held out); then `monitor` must be None
+    stopwatch: Stopwatch | None = None  # times the training steps; pass one to time more (e.g. set-up) with them
     inputs: tuple[Path, ...] = ()  # the data it trains on: a checkpoint made from other data is not resumed
     live_dir: Path | None = None  # DVCLive directory (None: no logging, e.g. in benchmarks)
     clip_grad_norm: float | None = None
@@ -201,6 +244,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def wrap_ddp(model: nn.Module, device: torch.device, ddp: Distributed) -> nn.Module:
+    """The model under DistributedDataParallel when there are several processes (once: a wrapped
+    model is returned as it is). A trainer that compiles wraps first and warms up through the
+    wrapper, so that dynamo traces inside DDP's forward and splits the graph at DDP's gradient
+    buckets (DDPOptimizer): the all-reduce then overlaps the backward pass."""
+    if ddp.world_size == 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -211,6 +264,9 @@ def fit(
     ddp: Distributed = Distributed(),
 ) -> FitResult:
     start_epoch, history, best_state, best_value, bad_epochs = 0, [], None, None, 0
+    if not spec.validate and (spec.monitor is not None or spec.patience is not None):
+        raise ValueError("Fit: monitor/patience need validation (validate=True)")
+    watch = spec.stopwatch or Stopwatch(device)
 
     # -- resume: only a run of the same config, data, device type and process count --------
     run_key = {"config": spec.config, "inputs": _fingerprint(spec.inputs), "device": device.type,
@@ -245,38 +301,37 @@ def fit(
         for row in history:  # the stage's outputs were wiped by DVC before this resumed run
             _log_epoch(live, row)
 
-    if ddp.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    model = wrap_ddp(model, device, ddp)
 
-    train_seconds = 0.0
+    loop_start, timed_before = time.perf_counter(), watch.seconds
     stopped_early = False
     for epoch in range(start_epoch, spec.epochs):
         if spec.patience is not None and bad_epochs >= spec.patience:
             stopped_early = True
             break
-        t0 = time.perf_counter()
-        row = _train_epoch(model, task, optimizer, scheduler, spec, device, ddp, epoch)
-        train_seconds += time.perf_counter() - t0
+        with watch.timing():
+            row = _train_epoch(model, task, optimizer, scheduler, spec, device, ddp, epoch)
 
         # -- validate; keep the weights of the best epoch --------------------------------
-        model.eval()
-        with torch.no_grad(), _autocast(device, spec.autocast_dtype):
-            row.update(task.validate(unwrap(model)))
-        model.train()
+        if spec.validate:
+            model.eval()
+            with torch.no_grad(), autocast(device, spec.autocast_dtype):
+                row.update(task.validate(unwrap(model)))
+            model.train()
         row["epoch"] = epoch
         history.append(row)
-        if spec.monitor is None or _improved(row[spec.monitor], best_value, spec.monitor_mode):
-            best_value = None if spec.monitor is None else row[spec.monitor]
+        if spec.monitor is None:
+            best_state = None  # the last epoch's weights: copied to the CPU once, at the end
+        elif _improved(row[spec.monitor], best_value, spec.monitor_mode):
+            best_value = row[spec.monitor]
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
 
-        if ddp.is_main:
-            if live is not None:
-                _log_epoch(live, row)
+        if ddp.is_main and live is not None:
+            _log_epoch(live, row)
+        if ddp.is_main and (epoch + 1) % spec.checkpoint_every == 0:
             files.save_torch(spec.checkpoint_path, {
                 "run_key": run_key,
                 "config": spec.config,
@@ -290,6 +345,7 @@ def fit(
                 "best_value": best_value,
                 "bad_epochs": bad_epochs,
             })
+        if ddp.is_main:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     best = history[-1] if spec.monitor is None else min(
@@ -297,6 +353,8 @@ def fit(
     if stopped_early and ddp.is_main:
         print(f"stopped early: {spec.monitor} did not improve for {spec.patience} epochs; "
               f"keeping epoch {best['epoch']}")
+    if best_state is None:
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
     if ddp.is_main:
         files.save_torch(spec.model_path, {"state_dict": best_state, "config": spec.config, **spec.extra_state})
         spec.checkpoint_path.unlink(missing_ok=True)
@@ -304,10 +362,53 @@ def fit(
             live.end()
     if ddp.world_size > 1:
         dist.barrier()
-    return FitResult(history=history, best=best, train_seconds=train_seconds)
+    train_seconds = watch.seconds
+    other_seconds = max(0.0, time.perf_counter() - loop_start - (train_seconds - timed_before))
+    return FitResult(history=history, best=best, train_seconds=train_seconds, other_seconds=other_seconds)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _batch_shape(batch: Any) -> tuple:
+    parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts)
+
+
+def warm_up(model: nn.Module, task: Task, spec: Fit, device: torch.device) -> float:
+    """Run, untimed, what the timed epochs will run, so that torch.compile's graphs (one per shape
+    and mode: dynamo guards on them), cuDNN's autotuning and the libraries' start-up happen now:
+    a forward + backward for each distinct batch shape of epoch 0 (the last, partial batch too),
+    in train mode under `spec`'s autocast, and the validation as `fit` calls it (eval mode,
+    no_grad, autocast), when `spec.validate`. No optimizer step is taken; the weights, the BN
+    statistics, the gradients and every RNG state are as before. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    inner = unwrap(model)
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    rng = _rng_state()
+    try:
+        batches = {}
+        for batch in task.train_batches(0):
+            batches.setdefault(_batch_shape(batch), batch)
+        model.train()
+        for batch in batches.values():
+            with autocast(device, spec.autocast_dtype):
+                loss, _ = task.loss(model, batch)
+            loss.backward()
+        del batches
+        if spec.validate:
+            model.eval()
+            with torch.no_grad(), autocast(device, spec.autocast_dtype):
+                task.validate(inner)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train()
+        inner.load_state_dict(state)
+        _set_rng_state(rng)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of training and validation (none for dtype None): warm-ups use it too."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -332,7 +433,7 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     t0 = time.perf_counter()
     for batch in bar:
         # forward -> loss
-        with _autocast(device, spec.autocast_dtype):
+        with autocast(device, spec.autocast_dtype):
             loss, n = task.loss(model, batch)
         # backward -> clip -> step
         optimizer.zero_grad(set_to_none=True)

@@ -99,7 +99,7 @@ class Airbench(nn.Module):
     whiten_kernel = 2  # 2x2 patches: 3*2*2 = 12 dims, whitened as +/- 12 eigenvectors = 24 channels
 
     def __init__(self, widths: list[int] | tuple[int, int, int] = (64, 256, 256), num_classes: int = 10,
-                 bn_momentum: float = 0.4, scale: float = 1 / 9):
+                 bn_momentum: float = 0.4, scale: float = 1 / 9, zero_whiten_bias: bool = False):
         super().__init__()
         if len(widths) != 3 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be 3 positive channel counts, got {list(widths)}")
@@ -107,6 +107,8 @@ class Airbench(nn.Module):
         self.scale = scale  # logits are scaled down: the raw head is too confident early on
         self.whiten = nn.Conv2d(3, whiten_width, self.whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from data by `init_whitening`, then frozen
+        if zero_whiten_bias:  # airbench94 starts the (trained) whitening bias at 0; False: PyTorch's uniform
+            nn.init.zeros_(self.whiten.bias)  # init, which the default recipe's measured runs used
         self.group1 = _ConvGroup(whiten_width, widths[0], bn_momentum)
         self.group2 = _ConvGroup(widths[0], widths[1], bn_momentum)
         self.group3 = _ConvGroup(widths[1], widths[2], bn_momentum)
@@ -238,7 +240,7 @@ class EpochImages:
     `flip`: "none", "random" (each image with p=1/2 each epoch) or "alternate" (airbench:
     a seeded random half is flipped in even epochs, the other half in odd epochs, so every image
     is seen both ways in any two consecutive epochs). `translate`: max shift in pixels (reflect
-    padding), 0 = none.
+    padding), 0 = none. `drop_last`: leave out each epoch's last, incomplete batch (airbench94 does).
 
     Under DistributedDataParallel (`world_size` > 1) every rank builds the same epoch and takes
     every `world_size`-th image of each global batch of `batch_size`: the ranks' half-batches are
@@ -250,21 +252,22 @@ class EpochImages:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
                  mean: list[float], std: list[float], flip: str, translate: int,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
         if batch_size % world_size:  # unequal shards would weight the ranks' mean losses unequally
             raise StageError(f"batch_size {batch_size} does not divide among train.nproc={world_size} processes: "
                              f"make the recipe's batch_size a multiple of {world_size}")
         self.images, self.labels = images, labels  # uint8 N x 3 x 32 x 32 and int64 N, on the device
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last or world_size > 1
         self.mean, self.std, self.flip, self.translate = mean, std, flip, translate
         self.dtype, self.channels_last = dtype, channels_last
         base = torch.Generator().manual_seed(seed)
         self.base_flip = torch.rand(len(images), generator=base) < 0.5  # for "alternate"
         self._plain = None  # normalised un-augmented set, reused when there is no augmentation
 
-    def __len__(self) -> int:  # batches per epoch; the last one may be smaller (single process)
-        if self.world_size > 1:
+    def __len__(self) -> int:  # batches per epoch; the last one may be smaller (single process, drop_last off)
+        if self.drop_last:
             return len(self.images) // self.batch_size
         return -(-len(self.images) // self.batch_size)
 
