@@ -351,6 +351,24 @@ def test_version_swap_under_load_fails_no_request(workspace, tmp_path):
         srv.stop()
 
 
+def test_poll_interval_swaps_in_a_replaced_file(workspace, tmp_path):
+    served = tmp_path / "m" / "model.onnx"
+    served.parent.mkdir()
+    shutil.copy(workspace / "models/cnn/model.onnx", served)
+    srv = Server(tmp_path, "--model", f"clf={served}", "--poll-s", "0.2", cwd=tmp_path)
+    try:
+        new = export_models(tmp_path / "v2", seed=2) / "cnn/model.onnx"
+        shutil.copy(new, served.with_suffix(".tmp"))
+        os.replace(served.with_suffix(".tmp"), served)
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/v2/models/clf").json()["versions"] != [files.digest(new, "md5")]:
+            assert time.monotonic() < deadline, "the poll never swapped the new file in"
+            time.sleep(0.2)
+        assert 'ptpipe_model_reloads_total{model="clf",result="swapped"} 1.0' in httpx.get(srv.url + "/metrics").text
+    finally:
+        srv.stop()
+
+
 def test_bad_command_lines_are_one_line_errors(workspace, tmp_path):
     missing = ptpipe_no_torch(tmp_path, "serve", "--model", "nowhere/model.onnx", cwd=workspace)
     assert missing.returncode == 2 and "not NAME@vX.Y.Z, NAME#STAGE" in missing.stderr
