@@ -19,7 +19,6 @@ on the same CPU as the server: the numbers are only comparable within one run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
