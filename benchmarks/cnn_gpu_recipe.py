@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from ptpipe import data, download, evaluate_cnn, prepare, train_cnn, trainer
-from ptpipe.cnn import load_model, normalize, predict
+from ptpipe.kinds.cnn import load_model, normalize, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "airbench94"
@@ -92,12 +92,13 @@ def tta_seconds(prepared: Path, model_path: Path, device: torch.device) -> float
     model, config = load_model(model_path)
     model = model.to(device, memory_format=torch.channels_last)
     images, _ = data.load_cifar(prepared, "test")
-    x = normalize(images.to(device), config["mean"], config["std"]).contiguous(memory_format=torch.channels_last)
+    x = normalize(images.to(device), config["data"]["mean"], config["data"]["std"]).contiguous(
+        memory_format=torch.channels_last)
     watch = trainer.Stopwatch(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        predict(model, x[:2000], tta=config["tta"], batch_size=2000)  # cuDNN autotuning, outside the timing
+        predict(model, x[:2000], tta=config["params"]["tta"], batch_size=2000)  # cuDNN autotuning, outside the timing
         with watch.timing():
-            predict(model, x, tta=config["tta"], batch_size=2000)
+            predict(model, x, tta=config["params"]["tta"], batch_size=2000)
     return watch.seconds
 
 

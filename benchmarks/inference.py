@@ -31,10 +31,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ptpipe import export, files, generate, params as params_mod
-from ptpipe.kinds.cnn import build_model as build_cnn
+from ptpipe import export, files, inference, kinds, params as params_mod
 from ptpipe.inference import DEFAULT_THREADS, open_session
-from ptpipe.kinds.lstm import build_model as build_lstm, load_model as load_lstm
 
 VOCAB = 72
 PARAMS = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")
@@ -77,23 +75,21 @@ def timed(fns: dict, n: int) -> dict:
     return secs
 
 
-def export_both(kind: str, model: torch.nn.Module, folder: Path):
-    """(TorchScript module loaded back from its file, path of the ONNX file), as the stage writes them."""
-    meta = {"ptpipe.kind": kind, "classes": [str(i) for i in range(10)]}
-    if kind == "lstm":  # from the model itself: --models-dir may time another size
-        meta.update(vocab=[chr(32 + i) for i in range(model.embed.num_embeddings)],
-                    num_layers=model.num_layers, hidden_size=model.hidden_size)
-    proto = export.to_onnx(kind, model, 17, meta)
-    files.write_bytes(folder / f"{kind}.onnx", proto.SerializeToString())
+def export_both(model: torch.nn.Module, config: dict, folder: Path):
+    """(TorchScript module loaded back from its file, path of the ONNX file, metadata), as the stage writes them."""
+    kind = kinds.get(config["kind"])
+    meta = kind.describe(config)
+    proto = export.to_onnx(kind, model, config, 17, meta)
+    files.write_bytes(folder / f"{kind.name}.onnx", proto.SerializeToString())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(export.to_torchscript(model), str(folder / f"{kind}.ts"))
-        scripted = torch.jit.load(str(folder / f"{kind}.ts")).eval()
-    return scripted, folder / f"{kind}.onnx"
+        torch.jit.save(export.to_torchscript(model), str(folder / f"{kind.name}.ts"))
+        scripted = torch.jit.load(str(folder / f"{kind.name}.ts")).eval()
+    return scripted, folder / f"{kind.name}.onnx", meta
 
 
-def bench_cnn(name: str, model: torch.nn.Module, folder: Path, runs: int) -> dict:
-    scripted, onnx_path = export_both("cnn", model, folder)
+def bench_cnn(model: torch.nn.Module, config: dict, folder: Path, runs: int) -> dict:
+    scripted, onnx_path, _ = export_both(model, config, folder)
     sessions = {"ort": open_session(onnx_path, DEFAULT_THREADS), "ort(1t)": open_session(onnx_path, threads=1)}
     result = {}
     for batch, label, n in ((1, "latency_us_b1", runs), (256, "throughput_img_s_b256", max(10, runs // 10))):
@@ -106,8 +102,8 @@ def bench_cnn(name: str, model: torch.nn.Module, folder: Path, runs: int) -> dic
     return result
 
 
-def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
-    scripted, onnx_path = export_both("lstm", model, folder)
+def bench_lstm(model: torch.nn.Module, config: dict, folder: Path, runs: int) -> dict:
+    scripted, onnx_path, meta = export_both(model, config, folder)
     sessions = {"ort": open_session(onnx_path, DEFAULT_THREADS), "ort(1t)": open_session(onnx_path, threads=1)}
     result = {}
     for batch, seq, label, n in ((1, 1, "step_latency_us_b1", runs),
@@ -120,32 +116,31 @@ def bench_lstm(model: torch.nn.Module, folder: Path, runs: int) -> dict:
         secs = timed(fns, n)
         result[label] = {k: (s * 1e6 if batch == 1 else batch * seq / s) for k, s in secs.items()}
     # generation: 1,000 characters through the shared sampler (numpy in, numpy out, state carried)
-    steps = {"eager": generate.torch_step(model), "eager(1t)": generate.torch_step(model),
-             "torchscript": generate.torch_step(scripted),
-             **{k: (lambda i, hh, cc, s=s: s.run(None, {"ids": i, "h0": hh, "c0": cc})) for k, s in sessions.items()}}
+    runs_ = {"eager": kinds.runner(model, meta), "eager(1t)": kinds.runner(model, meta),
+             "torchscript": kinds.runner(scripted, meta),
+             **{k: inference.onnx_runner(s) for k, s in sessions.items()}}
     gen = {}
     texts = {}
-    for name, step in steps.items():
+    for name, run in runs_.items():
         threads = torch_threads(1) if name == "eager(1t)" else torch_threads(torch.get_num_threads())
         with threads:
-            gen[name], texts[name] = _generate_speed(step, model)
+            gen[name], texts[name] = _generate_speed(run, meta)
     result["generate_chars_s"] = gen
     result["generated_text_identical"] = len({tuple(t) for t in texts.values()}) == 1
     return result
 
 
-def _generate_speed(step, model) -> tuple[float, list[int]]:
+def _generate_speed(run, meta) -> tuple[float, list[int]]:
     """(characters/s, the 1,000 sampled ids): one character = one sampling draw + one step call;
     the median interval between consecutive step calls over 1,000 characters, after a warm-up."""
-    state = tuple(t.numpy() for t in model.init_state(1))
-    generate.sample(step, [1, 2, 3], 50, 0.8, 0, state)  # warm-up
+    list(inference.sample_ids(run, meta, [1, 2, 3], 50, 0.8, 0))  # warm-up
     stamps = []
 
-    def stamped(ids, h, c):
+    def stamped(feeds):
         stamps.append(time.perf_counter())
-        return step(ids, h, c)
+        return run(feeds)
 
-    ids = generate.sample(stamped, [1, 2, 3, 4, 5], 1000, 0.8, 1, state)
+    ids = list(inference.sample_ids(stamped, meta, [1, 2, 3, 4, 5], 1000, 0.8, 1))
     intervals = np.diff(stamps[1:])  # stamps[0] is the prompt call
     return 1 / float(np.median(intervals)), ids
 
@@ -176,17 +171,21 @@ def one_round(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.models_dir:
-            cnn, _ = export.load_cnn(Path(args.models_dir) / "cnn/model.pt")
-            results["cnn"] = bench_cnn("cnn", cnn, tmp, args.runs)
-            lstm, _ = load_lstm(Path(args.models_dir) / "lstm/model.pt")
+            _, cnn, cnn_config = kinds.load(Path(args.models_dir) / "cnn/model.pt")
+            results["cnn"] = bench_cnn(cnn, cnn_config, tmp, args.runs)
+            _, lstm, lstm_config = kinds.load(Path(args.models_dir) / "lstm/model.pt")
         else:
             for name, (arch, model_args) in CNN_MODELS.items():
-                model = export.RawImageClassifier(build_cnn(arch, **model_args), MEAN, STD).eval()
-                results[name] = bench_cnn(name, model, tmp, args.runs)
+                config = {"kind": "cnn", "model_args": {"arch": arch, **model_args, "num_classes": 10}, "params": {},
+                          "data": {"classes": [str(i) for i in range(10)], "mean": MEAN, "std": STD}}
+                results[name] = bench_cnn(kinds.get("cnn").build(config).eval(), config, tmp, args.runs)
             la = PARAMS.lstm
-            lstm = build_lstm(vocab_size=VOCAB, embedding_size=la.embedding_size, hidden_size=la.hidden_size,
-                              num_layers=la.num_layers, dropout=la.dropout, tie_weights=la.tie_weights).eval()
-        results["lstm"] = bench_lstm(lstm, tmp, args.runs)
+            args_ = dict(vocab_size=VOCAB, embedding_size=la.embedding_size, hidden_size=la.hidden_size,
+                         num_layers=la.num_layers, dropout=la.dropout, tie_weights=la.tie_weights)
+            lstm_config = {"kind": "lstm", "model_args": args_, "params": {},
+                           "data": {"vocab": [chr(32 + i) for i in range(VOCAB)]}}
+            lstm = kinds.get("lstm").build(lstm_config).eval()
+        results["lstm"] = bench_lstm(lstm, lstm_config, tmp, args.runs)
     print(f"round done (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
     return results
 

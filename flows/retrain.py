@@ -93,7 +93,8 @@ def _is_download(stage: str) -> bool:
 
 
 def _is_validate(stage: str) -> bool:
-    return stage.rsplit(":", 1)[-1] == "validate"
+    name = stage.rsplit(":", 1)[-1]
+    return name == "validate" or name.startswith("validate@")  # one per model kind: validate@cnn
 
 
 @flow(name="retrain", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])

@@ -83,7 +83,7 @@ def test_a_failed_compile_under_always_is_an_error_and_writes_no_model(tiny, mon
 
 
 def test_the_warm_up_changes_no_weight_statistic_gradient_or_rng(tiny):
-    from ptpipe.cnn import EpochImages, build_model
+    from ptpipe.kinds.cnn import EpochImages, build_model
 
     model = build_model("airbench", widths=[8, 16, 16])
     images, labels = torch.randint(0, 255, (150, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (150,))

@@ -399,14 +399,25 @@ def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path
     serve_data(server, repo)
     write_params(repo, **TINY_TRAINING)
     first = sh("dvc", "repro", "validate", cwd=repo)
-    for stage in ("train_cnn", "train_lstm", "export", "validate"):
+    for stage in ("train_cnn", "train_lstm", "export@cnn", "export@lstm", "validate@cnn", "validate@lstm"):
         assert f"Running stage '{stage}'" in first.stdout
-    report = json.loads((repo / "metrics/validate.json").read_text())
-    assert report["passed"] and set(report["max_abs_diff"]) == {"cnn", "lstm"}
-    shown = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
-    assert "metrics/validate.json" in shown and "max_abs_diff" in shown
+    for kind in ("cnn", "lstm"):
+        metric = json.loads((repo / f"metrics/validate/{kind}.json").read_text())
+        assert metric["passed"] and set(metric["max_abs_diff"][kind]) == {"torchscript", "onnxruntime"}
+        assert json.loads((repo / f"reports/validate/{kind}.json").read_text())["checks"]  # the per-case rows
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    columns = json.dumps(shown)
+    assert "metrics/validate/lstm.json" in columns and "max_abs_diff" in columns
+    assert "checks" not in columns and "seq=37" not in columns  # a few numbers, not the per-case table
+
     again = sh("dvc", "repro", "validate", cwd=repo)
     assert "Running stage" not in again.stdout
+    # each model exports and validates on its own: a change to the LSTM's kind leaves the CNN's stages alone
+    with open(repo / "src/ptpipe/kinds/lstm.py", "a") as f:
+        f.write("# edited\n")
+    changed = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    assert {"train_lstm", "export@lstm", "validate@lstm"} <= set(changed)
+    assert not {"train_cnn", "export@cnn", "validate@cnn"} & set(changed), changed
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)

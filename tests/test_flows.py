@@ -234,7 +234,8 @@ def test_stage_order_puts_dependencies_first_and_finds_new_stages(tmp_path):
     assert order[:4] == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
     # (each branch adds its stages; whatever they are, each comes after what it depends on)
     before = [("prepare@cifar10", "train_cnn"), ("train_cnn", "evaluate_cnn"), ("prepare@alice", "train_lstm"),
-              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export"), ("train_lstm", "export"), ("export", "validate")]
+              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export@cnn"), ("train_lstm", "export@lstm"),
+              ("export@cnn", "validate@cnn"), ("export@lstm", "validate@lstm")]
     for first, then in before:
         if first in order and then in order:
             assert order.index(first) < order.index(then), (first, then, order)
@@ -467,7 +468,7 @@ def test_retrain_whose_validate_stage_fails_still_tabulates_the_failing_shapes(p
     # both runs record an incident (the hooks run after the Failed state reaches the API)
     records = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(
         [json.loads(p.read_text()) for p in (repo / "incidents").glob("*.json")]), "both incident records")
-    assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate"), ("validate-onnx", "validate")}
+    assert {(r["flow"], r["stage"]) for r in records} == {("retrain", "validate@cnn"), ("validate-onnx", "validate")}
     for path in (repo / "incidents").glob("*.json"):
         path.unlink()
     sh("git", "checkout", "params.yaml", cwd=repo)

@@ -18,7 +18,7 @@ import yaml
 
 import ptpipe
 from fixtures import tool_env, write_prepared_text
-from ptpipe import cli, evaluate_lstm, generate, train_lstm
+from ptpipe import cli, evaluate_lstm, files, generate, train_lstm
 from ptpipe.kinds.lstm import batchify, build_model, load_model, stream_loss
 from ptpipe.stage import StageError
 
@@ -194,6 +194,9 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     assert proc.returncode == 0, out
     assert "resuming from" in out
 
+    # same weights, same bytes (DVC's hash and the exports' source_md5 agree)
+    assert files.digest(runs["straight"] / "models/lstm/model.pt", "md5") == files.digest(
+        killed / "models/lstm/model.pt", "md5")
     a = torch.load(runs["straight"] / "models/lstm/model.pt", weights_only=True)
     b = torch.load(killed / "models/lstm/model.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()

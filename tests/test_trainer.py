@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptpipe import trainer
+from ptpipe import files, trainer
 from ptpipe.stage import StageError
 
 
@@ -110,6 +110,46 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(StageError, match=r"train.nproc asks for 2 processes but this machine has 1 GPU\(s\)"):
         trainer.resolve_device("cuda", trainer.Distributed(rank=1, world_size=2, local_rank=1))
     assert trainer.resolve_device("cuda", trainer.Distributed(rank=0, world_size=2, local_rank=0)).index == 0
+
+
+def test_same_weights_same_bytes_for_a_straight_and_a_resumed_run(tmp_path):
+    """model.pt is byte-reproducible: the atomic write's random temporary name must not end up inside
+    the zip archive, so an uninterrupted run and a resumed one (other folders) hash the same."""
+    def run(folder, task):
+        folder.mkdir(exist_ok=True)
+        spec = trainer.Fit(epochs=3, model_path=folder / "model.pt", checkpoint_path=folder / "ckpt.pt",
+                           config={"lr": 0.01}, progress=False)
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        return trainer.fit(model, task, torch.optim.SGD(model.parameters(), lr=0.01), None, spec,
+                           torch.device("cpu"))
+
+    run(tmp_path / "straight", StopsAtEpoch(stop=None))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", StopsAtEpoch(stop=1))
+    run(tmp_path / "resumed", StopsAtEpoch(stop=None))
+    assert files.digest(tmp_path / "straight/model.pt", "md5") == files.digest(tmp_path / "resumed/model.pt", "md5")
+
+
+def test_the_explicit_lr_of_each_step_is_what_lambdalr_gave():
+    """The loop sets every group's lr itself from one schedule function (no LambdaLR); at step k it must
+    be what LambdaLR stepped k times gave, so the CNN and LSTM metrics stay what they were."""
+    schedule = trainer.lr_schedule("onecycle", 40, warmup_fraction=0.2, initial_lr_factor=0.1, final_lr_factor=0.05)
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
+
+    def groups():
+        return [{"params": [params[0]], "lr": 0.3}, {"params": [params[1]], "lr": 0.3 * 64},
+                {"params": [params[2]], "lr": 0.3, "frozen_after": 12}]
+
+    old = torch.optim.SGD(groups(), lr=0.3, momentum=0.9)
+    lambdalr = torch.optim.lr_scheduler.LambdaLR(old, [schedule, schedule, lambda s: schedule(s) if s < 12 else 0.0])
+    new = trainer.make_optimizer(groups(), "sgd", 0.3, momentum=0.9)
+    for step in range(45):
+        trainer.set_lr(new, schedule, step)
+        assert [g["lr"] for g in new.param_groups] == [g["lr"] for g in old.param_groups], step
+        old.step()  # (no gradients: moves nothing; LambdaLR expects it first)
+        lambdalr.step()
+    assert new.param_groups[2]["lr"] == 0.0 and new.param_groups[0]["lr"] == pytest.approx(0.3 * 0.05)
 
 
 class Counting(NanAtStep):

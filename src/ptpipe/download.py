@@ -15,7 +15,6 @@ folder appears in one rename: after any failure it does not exist.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tarfile
 import tempfile
@@ -28,7 +27,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from ptpipe import files, params
+from ptpipe import files, params, stage
 from ptpipe.stage import StageError, run
 
 RAW_DIR = Path("data/raw")
@@ -154,17 +153,18 @@ def fetch(url: str, md5: str, out_dir: Path, *, retries: int, timeout_s: float, 
     return out_dir
 
 
-def main(name: str, raw_dir: Path = RAW_DIR) -> Path:
-    p = params.load()
+def main(name: str, raw_dir: Path = RAW_DIR, params_file: str | Path = params.PARAMS_FILE) -> Path:
+    p = params.load(params_file)
     source = getattr(p.download, name)
     return fetch(source.url, source.md5, Path(raw_dir) / name,
                  retries=p.download.retries, timeout_s=p.download.timeout_s, key=f"download.{name}")
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = stage.parser(__doc__, raw=str(RAW_DIR))  # writes RAW/<name>
     parser.add_argument("name", choices=["cifar10", "alice"], help="which data set (a key of params.yaml's download)")
-    run(main, parser.parse_args().name)
+    args = parser.parse_args()
+    run(main, args.name, args.raw, args.params)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the prepared test split; writes
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -73,13 +72,8 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
 
 
 def _cli() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=params_mod.PARAMS_FILE, help="params file (default: %(default)s)")
-    ap.add_argument("--prepared", default="data/prepared/cifar10", help="prepared CIFAR-10 dir (default: %(default)s)")
-    ap.add_argument("--model", default="models/cnn/model.pt", help="model file (default: %(default)s)")
-    ap.add_argument("--metrics", default="metrics/cnn.json", help="metrics JSON (default: %(default)s)")
-    ap.add_argument("--plots", default="plots/cnn", help="plots directory (default: %(default)s)")
-    args = ap.parse_args()
+    args = stage.parser(__doc__, prepared="data/prepared/cifar10", model="models/cnn/model.pt",
+                        metrics="metrics/cnn.json", plots="plots/cnn").parse_args()
     stage.run(main, args.params, args.prepared, args.model, args.metrics, args.plots)
 
 

@@ -56,5 +56,11 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     return metrics
 
 
+def _cli() -> None:
+    args = stage.parser(__doc__, prepared="data/prepared/alice", model="models/lstm/model.pt",
+                        metrics="metrics/lstm.json", samples="reports/lstm_samples.txt").parse_args()
+    stage.run(main, args.params, args.prepared, args.model, args.metrics, args.samples)
+
+
 if __name__ == "__main__":
-    stage.run(main)
+    _cli()

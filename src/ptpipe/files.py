@@ -77,11 +77,16 @@ def write_json(dest: str | os.PathLike, obj) -> None:
 
 
 def save_torch(dest: str | os.PathLike, obj) -> None:
-    """torch.save through a temporary file (checkpoints, state_dicts)."""
+    """torch.save, atomically (checkpoints, model files). Saved to memory first: torch's zip archive names
+    its records after the file it is saved to, so saving to the random temporary name would put that
+    name inside the file, and identical weights would give different bytes (and DVC hashes)."""
+    import io
+
     import torch
 
-    with atomic_path(dest, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(dest, buf.getvalue())
 
 
 def digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

@@ -16,7 +16,6 @@ unigram entropy (bits/char), the baseline the language model has to beat.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptpipe import files, params
+from ptpipe import files, params, stage
 from ptpipe.stage import StageError, run
 
 RAW_DIR = Path("data/raw")
@@ -172,8 +171,9 @@ def prepare_text(raw_dir: Path, out_dir: Path, val_fraction: float) -> dict:
     return stats
 
 
-def main(name: str, raw_dir: Path = RAW_DIR, prepared_dir: Path = PREPARED_DIR) -> dict:
-    p = params.load().prepare
+def main(name: str, raw_dir: Path = RAW_DIR, prepared_dir: Path = PREPARED_DIR,
+         params_file: str | Path = params.PARAMS_FILE) -> dict:
+    p = params.load(params_file).prepare
     raw, out = Path(raw_dir) / name, Path(prepared_dir) / name
     if name == "cifar10":
         result = prepare_cifar(raw, out, p.cifar10.val_size, p.cifar10.seed)
@@ -184,9 +184,10 @@ def main(name: str, raw_dir: Path = RAW_DIR, prepared_dir: Path = PREPARED_DIR) 
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = stage.parser(__doc__, raw=str(RAW_DIR), prepared=str(PREPARED_DIR))  # RAW/<name> -> PREPARED/<name>
     parser.add_argument("name", choices=["cifar10", "alice"], help="which data set (a key of params.yaml's prepare)")
-    run(main, parser.parse_args().name)
+    args = parser.parse_args()
+    run(main, args.name, args.raw, args.prepared, args.params)
 
 
 if __name__ == "__main__":

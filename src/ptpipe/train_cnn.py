@@ -12,9 +12,7 @@ timed region (CUDA events on a GPU) is the whitening init plus the training step
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import math
 import time
 import warnings
 from pathlib import Path
@@ -111,56 +109,35 @@ class Lookahead:
         self.steps = state["steps"]
 
 
-def lr_factor(step: int, total: int, r: CnnRecipe) -> float:
-    """Multiplier of the peak lr at optimizer step `step` of `total`: linear warm-up from
-    `initial_lr_factor` over `warmup_fraction`, then linear (onecycle) or cosine decay to `final_lr_factor`."""
-    if r.schedule == "constant":
-        return 1.0
-    warm = int(total * r.warmup_fraction)
-    if step < warm:
-        return r.initial_lr_factor + (1 - r.initial_lr_factor) * step / warm
-    frac = min(1.0, (step - warm) / max(1, total - warm))
-    if r.schedule == "onecycle":
-        return 1 + (r.final_lr_factor - 1) * frac
-    return r.final_lr_factor + (1 - r.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 def make_optimizer(model: nn.Module, r: CnnRecipe, lr: float, steps_per_epoch: int):
-    """Param groups (BN biases at `bias_lr_scale` x lr, the whitening bias frozen after
-    `whiten_bias_epochs`), the optimizer by name, and a per-step LambdaLR schedule."""
+    """(optimizer, schedule) of the recipe, from the shared factory: param groups with BN biases at
+    `bias_lr_scale` x lr and the whitening bias frozen after `whiten_bias_epochs`; Lookahead around it."""
     total = r.epochs * steps_per_epoch
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     whiten = [p for n, p in named if n.startswith("whiten.")]
     norm_biases = [p for n, p in named if ".norm" in n]
     other = [p for n, p in named if not n.startswith("whiten.") and ".norm" not in n]
-    groups, lambdas = [], []
-    sched = lambda step: lr_factor(step, total, r)  # noqa: E731
+    groups = []
     if other:
         groups.append({"params": other, "lr": lr, "weight_decay": r.weight_decay})
-        lambdas.append(sched)
     if norm_biases:  # airbench: biases learn faster (x bias_lr_scale) with as much decay per step
         groups.append({"params": norm_biases, "lr": lr * r.bias_lr_scale,
                        "weight_decay": r.weight_decay / r.bias_lr_scale})
-        lambdas.append(sched)
     if whiten:
-        stop = r.whiten_bias_epochs * steps_per_epoch
-        groups.append({"params": whiten, "lr": lr, "weight_decay": r.weight_decay})
-        lambdas.append(lambda step: sched(step) if step < stop else 0.0)
+        groups.append({"params": whiten, "lr": lr, "weight_decay": r.weight_decay,
+                       "frozen_after": r.whiten_bias_epochs * steps_per_epoch})
     device_ok = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    if r.optimizer == "sgd":
-        if r.nesterov and r.momentum == 0:
-            raise StageError("cnn recipe: nesterov needs momentum > 0: set momentum or nesterov: false")
-        opt = torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov, fused=device_ok or None)
-    elif r.optimizer in ("adam", "adamw"):  # momentum = beta1
-        cls = torch.optim.Adam if r.optimizer == "adam" else torch.optim.AdamW
-        opt = cls(groups, lr=lr, betas=(r.momentum, 0.999), fused=device_ok or None)
-    else:
-        opt = torch.optim.RMSprop(groups, lr=lr, momentum=r.momentum, foreach=True)
-    # a constant lr without a whitening group needs no scheduler: its per-step call would be pure overhead
+    try:
+        opt = trainer.make_optimizer(groups, r.optimizer, lr, momentum=r.momentum, nesterov=r.nesterov,
+                                     fused=device_ok or None)
+    except StageError as err:
+        raise StageError(f"cnn recipe: {err}") from None
+    # a constant lr without a whitening group needs no schedule: setting the same lr every step is overhead
     constant = r.schedule == "constant" and not whiten
-    scheduler = None if constant else torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    schedule = None if constant else trainer.lr_schedule(r.schedule, total, r.warmup_fraction,
+                                                         r.initial_lr_factor, r.final_lr_factor)
     wrapped = Lookahead(opt, model, total, steps_per_epoch) if r.lookahead else opt
-    return wrapped, scheduler
+    return wrapped, schedule
 
 
 def _dynamo_counts() -> dict[str, int]:
@@ -266,7 +243,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
         with watch.timing():
             model.init_whitening(whiten_images)
 
-    optimizer, scheduler = make_optimizer(model, r, lr, len(train_set))
+    optimizer, schedule = make_optimizer(model, r, lr, len(train_set))
 
     config = {  # the self-describing shape every trainer saves (ptpipe.kinds)
         "kind": "cnn", "model_args": {"arch": r.arch, **model_args},
@@ -292,7 +269,7 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
               f"{facts['warmup_seconds']:.1f} s (not counted as training time)")
     setup_seconds = time.perf_counter() - t_start - facts["warmup_seconds"] - watch.seconds
 
-    result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
+    result = trainer.fit(model, task, optimizer, schedule, spec, device, ddp)
     facts["recompiles"] = _dynamo_counts()["graphs"] - counts["graphs"]  # graphs compiled inside the timed epochs
     if facts["recompiles"]:
         print(f"warning: torch.compile compiled {facts['recompiles']} more graph(s) during training "
@@ -312,13 +289,8 @@ def main(params_file: str | Path = params_mod.PARAMS_FILE, prepared_dir: str | P
 
 
 def _cli() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=params_mod.PARAMS_FILE, help="params file (default: %(default)s)")
-    ap.add_argument("--prepared", default="data/prepared/cifar10", help="prepared CIFAR-10 dir (default: %(default)s)")
-    ap.add_argument("--model", default="models/cnn/model.pt", help="model file to write (default: %(default)s)")
-    ap.add_argument("--live", default="dvclive/cnn", help="DVCLive directory (default: %(default)s)")
-    ap.add_argument("--metrics", default="metrics/cnn_train.json", help="timing metrics (default: %(default)s)")
-    args = ap.parse_args()
+    args = stage.parser(__doc__, prepared="data/prepared/cifar10", model="models/cnn/model.pt", live="dvclive/cnn",
+                        metrics="metrics/cnn_train.json").parse_args()
     stage.run(trainer.run_stage, "ptpipe.train_cnn",
               lambda: main(args.params, args.prepared, args.model, args.live, args.metrics),
               args.params, sys.argv[1:])

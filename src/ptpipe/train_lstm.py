@@ -12,6 +12,7 @@ Writes models/lstm/model.pt = {state_dict, config: {kind, model_args, params, da
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -62,25 +63,8 @@ class LstmTask:
         return {"val/loss": nats / n, "val/bits_per_char": bits(nats / n)}
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-
-
-def make_scheduler(name: str, optimizer, total_steps: int):
-    if name == "constant":
-        return None
-    # Cosine from lr to 0 over total_steps (steps_per_epoch x epochs, an upper bound: an epoch whose random
-    # phase makes it one step shorter leaves the last lr a hair above 0); clamped at 0 past the end.
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
-
-
 def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, device: torch.device):
-    """(model, task, optimizer, scheduler, config) for validated params; the benchmark reuses it."""
+    """(model, task, optimizer, schedule, config) for validated params; the benchmark reuses it."""
     cfg = p.lstm
     lr = cfg.lr if cfg.lr is not None else p.lr
     train_ids, val_ids, vocab = data.load_text(prepared_dir)
@@ -90,16 +74,19 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
     model_args = dict(vocab_size=len(vocab), embedding_size=cfg.embedding_size, hidden_size=cfg.hidden_size,
                       num_layers=cfg.num_layers, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
     model = build_model(**model_args).to(device)
-    optimizer = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay)
+    optimizer = trainer.make_optimizer([{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}],
+                                       cfg.optimizer, lr, momentum=0.9)
     task = LstmTask(train_ids, val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_streams, cfg.seed, device, ddp)
-    scheduler = make_scheduler(cfg.schedule, optimizer, cfg.epochs * task.steps_per_epoch)
+    # cosine from lr to 0 over steps_per_epoch x epochs (an upper bound: an epoch whose random phase makes
+    # it one step shorter leaves the last lr a hair above 0); held at 0 past the end
+    schedule = trainer.lr_schedule(cfg.schedule, cfg.epochs * task.steps_per_epoch)
     config = {  # the self-describing shape every trainer saves (ptpipe.kinds)
         "kind": "lstm",
         "model_args": model_args,
         "params": {**cfg.model_dump(exclude={"sample"}), "lr": lr, "device": p.train.device},  # lr resolved
         "data": {"vocab": vocab},
     }
-    return model, task, optimizer, scheduler, config
+    return model, task, optimizer, schedule, config
 
 
 def non_finite_hint(p: params.Params) -> str:
@@ -116,7 +103,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     trainer.set_threads(p.lstm.threads)
     ddp = trainer.setup_distributed(p.train.device)
     device = trainer.resolve_device(p.train.device, ddp)
-    model, task, optimizer, scheduler, config = setup(p, prepared_dir, ddp, device)
+    model, task, optimizer, schedule, config = setup(p, prepared_dir, ddp, device)
     model_path = Path(model_path)
     spec = trainer.Fit(
         epochs=p.lstm.epochs,
@@ -131,14 +118,20 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
         monitor_mode="min",
         patience=p.lstm.patience,
         progress=progress,
-        scheduler_per_step=True,
     )
-    result = trainer.fit(model, task, optimizer, scheduler, spec, device, ddp)
+    result = trainer.fit(model, task, optimizer, schedule, spec, device, ddp)
     if ddp.is_main:
         print(f"best epoch {result.best['epoch'] + 1}: val {result.best['val/bits_per_char']:.3f} bits/char; "
               f"{result.train_seconds:.0f} s training; wrote {model_path}")
     return result
 
 
+def _cli() -> None:
+    args = stage.parser(__doc__, prepared="data/prepared/alice", model="models/lstm/model.pt",
+                        live="dvclive/lstm").parse_args()
+    stage.run(trainer.run_stage, "ptpipe.train_lstm", lambda: main(args.params, args.prepared, args.model, args.live),
+              args.params, sys.argv[1:])
+
+
 if __name__ == "__main__":
-    stage.run(trainer.run_stage, "ptpipe.train_lstm", main)
+    _cli()

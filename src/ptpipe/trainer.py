@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -163,6 +163,63 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- the optimizer and its learning-rate schedule, for every trainer ---------------------------------
+
+def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0.9, nesterov: bool = False,
+                   fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` (sgd | adam | adamw | rmsprop) over param `groups` ({"params", "lr",
+    "weight_decay", optional "frozen_after": the step from which the group's lr is 0}). `momentum` is
+    SGD/RMSprop momentum and Adam's beta1; `fused`: torch's fused SGD/Adam kernels (None = torch's default).
+    Each group's peak lr is kept as "initial_lr": `set_lr` scales it every step."""
+    if name == "sgd":
+        if nesterov and momentum == 0:
+            raise StageError("nesterov needs momentum > 0: set momentum or nesterov: false")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
+    elif name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        opt = cls(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
+    elif name == "rmsprop":
+        opt = torch.optim.RMSprop(groups, lr=lr, momentum=momentum, foreach=True)
+    else:
+        raise StageError(f"unknown optimizer {name!r}: choose sgd, adam, adamw or rmsprop")
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return opt
+
+
+def lr_schedule(name: str, total_steps: int, warmup_fraction: float = 0.0, initial_lr_factor: float = 1.0,
+                final_lr_factor: float = 0.0) -> Callable[[int], float]:
+    """step -> multiplier of the peak lr at optimizer step `step` (0-based) of `total_steps`: constant, or a
+    linear warm-up from `initial_lr_factor` over `warmup_fraction` of the steps, then a linear (onecycle)
+    or cosine decay to `final_lr_factor`, held there past the end."""
+    warm = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warm:
+            return initial_lr_factor + (1 - initial_lr_factor) * step / warm
+        frac = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if name == "onecycle":
+            return 1 + (final_lr_factor - 1) * frac
+        return final_lr_factor + (1 - final_lr_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    if name not in ("constant", "onecycle", "cosine"):
+        raise StageError(f"unknown schedule {name!r}: choose constant, onecycle or cosine")
+    return factor
+
+
+def set_lr(optimizer: torch.optim.Optimizer, schedule: Callable[[int], float] | None, step: int) -> None:
+    """Every group's lr for optimizer step `step`: its peak lr x schedule(step), 0 once the group is frozen
+    (`frozen_after`). No schedule: the lr stays what the optimizer was built with."""
+    if schedule is None:
+        return
+    factor = schedule(step)
+    for group in optimizer.param_groups:
+        frozen = group.get("frozen_after") is not None and step >= group["frozen_after"]
+        group["lr"] = 0.0 if frozen else group.setdefault("initial_lr", group["lr"]) * factor
+
+
 class Stopwatch:
     """Seconds of the work inside `with watch.timing():` blocks, summed. On a GPU they are CUDA
     events (what the device did between the two points, as airbench times its runs: no host sync
@@ -223,7 +280,6 @@ class Fit:
     patience: int | None = None  # epochs without improvement before stopping early
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU
     progress: bool = True
-    scheduler_per_step: bool = True  # scheduler.step() after every optimizer step (else per epoch)
     extra_state: dict = field(default_factory=dict)
 
 
@@ -258,12 +314,13 @@ def fit(
     model: nn.Module,
     task: Task,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    schedule: Callable[[int], float] | None,
     spec: Fit,
     device: torch.device,
     ddp: Distributed = Distributed(),
 ) -> FitResult:
     start_epoch, history, best_state, best_value, bad_epochs = 0, [], None, None, 0
+    step = 0  # optimizer steps taken: the schedule's clock (an LSTM epoch can be a step shorter)
     if not spec.validate and (spec.monitor is not None or spec.patience is not None):
         raise ValueError("Fit: monitor/patience need validation (validate=True)")
     watch = spec.stopwatch or Stopwatch(device)
@@ -281,8 +338,7 @@ def fit(
         if ckpt.get("run_key") == run_key:
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt.get("scheduler") is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
+            step = ckpt["step"]
             _set_rng_state(ckpt["rng"])
             start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
             best_state, best_value, bad_epochs = ckpt["best_state"], ckpt["best_value"], ckpt["bad_epochs"]
@@ -310,7 +366,7 @@ def fit(
             stopped_early = True
             break
         with watch.timing():
-            row = _train_epoch(model, task, optimizer, scheduler, spec, device, ddp, epoch)
+            row, step = _train_epoch(model, task, optimizer, schedule, step, spec, device, ddp, epoch)
 
         # -- validate; keep the weights of the best epoch --------------------------------
         if spec.validate:
@@ -338,7 +394,7 @@ def fit(
                 "epoch": epoch,
                 "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "step": step,
                 "rng": _rng_state(),
                 "history": history,
                 "best_state": best_state,
@@ -419,7 +475,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 SYNC_EVERY = 50
 
 
-def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Distributed, epoch: int) -> dict:
+def _train_epoch(model, task, optimizer, schedule, step: int, spec: Fit, device, ddp: Distributed, epoch: int
+                 ) -> tuple[dict, int]:
+    """One pass over the task's training batches; returns (metrics, optimizer steps taken so far)."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     pending: list[torch.Tensor] = []  # detached scalar losses since the last sync, in step order
@@ -432,17 +490,15 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
                disable=not show, dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
     for batch in bar:
-        # forward -> loss
+        set_lr(optimizer, schedule, step)
         with autocast(device, spec.autocast_dtype):
-            loss, n = task.loss(model, batch)
-        # backward -> clip -> step
+            loss, n = task.loss(model, batch)  # forward -> loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), spec.clip_grad_norm)
         optimizer.step()
-        if scheduler is not None and spec.scheduler_per_step:
-            scheduler.step()
+        step += 1
         pending.append(loss.detach())
         steps += 1
         items += n
@@ -456,13 +512,11 @@ def _train_epoch(model, task, optimizer, scheduler, spec: Fit, device, ddp: Dist
     if steps == 0:
         raise StageError(f"epoch {epoch + 1} had no training batches: the training split is smaller than one batch")
     loss_sum = _sync(pending, loss_sum, steps, epoch, spec.non_finite_hint)
-    if scheduler is not None and not spec.scheduler_per_step:
-        scheduler.step()
     train_loss = loss_sum / steps
     if ddp.world_size > 1:
         dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
     seconds = time.perf_counter() - t0
-    return {"train/loss": train_loss.item(), f"train/{task.unit}_per_s": items * ddp.world_size / seconds}
+    return {"train/loss": train_loss.item(), f"train/{task.unit}_per_s": items * ddp.world_size / seconds}, step
 
 
 def _sync(pending: list[torch.Tensor], loss_sum: torch.Tensor, steps: int, epoch: int, hint: str) -> torch.Tensor:
