@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import shutil
@@ -332,3 +333,35 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
         "kind": "gpt", "model_args": gpt_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
         models_dir / "gpt" / "model.pt")
     return models_dir
+
+
+def model_registry(repo: Path, remote: Path, versions: list[tuple[str, Path, dict]],
+                   name: str = "tiny-cnn") -> Path:
+    """A small git + DVC project that releases artifact `name` (folder models/cnn) once per
+    (version, onnx file, metrics/cnn.json content): a `publish` stage copies the committed
+    candidate/model.onnx to models/cnn/model.onnx, pushed to the local `remote` by ptpipe.registry.release."""
+    from ptpipe import registry
+
+    repo.mkdir(parents=True)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "remote", "add", "-d", "storage", str(remote), cwd=repo)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({
+        "stages": {"publish": {"cmd": "mkdir -p models/cnn && cp candidate/model.onnx models/cnn/model.onnx",
+                               "deps": ["candidate/model.onnx"], "outs": ["models/cnn/model.onnx"]}},
+        "artifacts": {name: {"path": "models/cnn", "type": "model"}}}))
+    for version, onnx_file, metrics in versions:
+        add_candidate(repo, onnx_file, metrics)
+        registry.release(name, version, repo=repo)
+    return repo
+
+
+def add_candidate(repo: Path, onnx_file: Path, metrics: dict) -> None:
+    """Commit a new model (and its metrics/cnn.json) in a `model_registry` repo, reproduced but not released."""
+    (repo / "candidate").mkdir(exist_ok=True)
+    shutil.copy(onnx_file, repo / "candidate" / "model.onnx")
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics" / "cnn.json").write_text(json.dumps(metrics))
+    sh("dvc", "repro", "-q", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", f"candidate {onnx_file.parent.name}", cwd=repo)

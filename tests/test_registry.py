@@ -55,7 +55,7 @@ def released(tmp_path_factory):
     sh("git", "commit", "-qam", "tiny params, local remote", cwd=repo)
 
     first = sh("dvc", "repro", cwd=repo)
-    assert "Running stage 'validate'" in first.stdout and "Running stage 'evaluate_lstm'" in first.stdout
+    assert "Running stage 'validate@" in first.stdout and "Running stage 'evaluate_lstm'" in first.stdout
     assert "Running stage" not in sh("dvc", "repro", cwd=repo).stdout  # a second repro runs nothing
 
     # a stale dvc.lock or a dirty workspace is refused, and nothing is tagged

@@ -4,8 +4,9 @@
     ptpipe predict cat.jpg dog.png [--top-k 3] [--json] [--model cnn]
     ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod [--force]
     ptpipe unassign cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn      (any folder of the repo, or --repo)
+    ptpipe serve [--model cifar10-cnn#prod] [--port 8000]      (docs/serving.md)
 
-`predict` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
+`predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
 model kind (`ptpipe.kinds`: its file under models/<kind>/) or a model file's path.
 """
 from __future__ import annotations
@@ -88,6 +89,12 @@ def _versions(args: argparse.Namespace) -> None:
         print(f"{row['version']:<10} {row['commit'][:8]}  {row['created_at']:%Y-%m-%d %H:%M}  {', '.join(row['stages'])}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from ptpipe import serve
+
+    serve.main(args.model, args.repo, args.models_dir, args.host, args.port, serve.options_from(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     for registry_command in (rel, pro, una, ver):
         registry_command.add_argument("--repo", default=None,
                                       help="the project (default: the repository holding the current folder)")
+
+    srv = sub.add_parser("serve", help="HTTP inference server for the exported models (onnxruntime, no torch)")
+    srv.add_argument("--model", action="append", default=[],
+                     help="NAME@vX.Y.Z, NAME#STAGE (registry) or [NAME=]PATH; repeatable (default: models/*/model.onnx)")
+    srv.add_argument("--repo", default=None, help="registry git repo, path or URL (default: this directory)")
+    srv.add_argument("--models-dir", default="models", help="workspace models folder (default models)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--no-batching", action="store_true", help="one onnxruntime call per request")
+    srv.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batch gathering window (default 2)")
+    srv.add_argument("--max-batch", type=int, default=64, help="images per request and per call (default 64)")
+    srv.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit in MiB (default 16)")
+    srv.add_argument("--poll-s", type=float, default=0.0,
+                     help="re-resolve the models every N s and swap in new versions (default 0: only on "
+                          "POST /v2/repository/models/NAME/load)")
+    srv.add_argument("--threads", type=_threads, default=1,
+                     help="onnxruntime intra-op threads per call (default 1: the event loop needs the other cores; "
+                          "0 = one per core)")
+    srv.set_defaults(func=_serve)
     return parser
 
 

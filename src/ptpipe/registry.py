@@ -138,7 +138,7 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
 
     targets = _outs_under(repo, artifact["path"])
     with Repo(str(repo)) as dvc_repo:
-        pushed = dvc_repo.push(targets=[str(repo / target) for target in targets])  # from any folder
+        pushed = dvc_repo.push(targets=[str(repo.resolve() / target) for target in targets])  # from any folder
     # A local path remote would let a missing file go unnoticed on this machine (DVC reads the
     # repository's own cache): ask the remote itself, before the tag promises the files exist.
     missing = missing_on_remote(repo, targets)
@@ -231,3 +231,22 @@ def load_model(name: str, version: str | None = None, stage: str | None = None, 
     from ptpipe import inference
 
     return inference.open_session(fetch_model(name, version, stage, repo, cache_dir))
+
+
+def version_of(name: str, stage: str | None = None, repo: str | None = None) -> str:
+    """The version tag that registry `stage` (None: the latest version) names now, as `dvc artifacts` resolves it."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from gto.tag import find
+
+    where = repo or "this repository"
+    try:
+        with Repo.open(repo, subrepos=True, uninitialized=True) as dvc_repo:
+            rev = dvc_repo.artifacts.get_rev(name, stage=stage)
+            tags = find(name=name, scm=dvc_repo.scm)
+    except DvcException as exc:
+        raise StageError(f"no {f'stage {stage}' if stage else 'version'} of {name} in {where} ({exc})") from None
+    found = [t.name.split("@", 1)[1] for t in tags if t.target == rev and SEMVER.match(t.name.partition("@")[2])]
+    if not found:
+        raise StageError(f"{name}{f'#{stage}' if stage else ''} in {where} points at {rev[:8]}, which has no version tag")
+    return found[-1]

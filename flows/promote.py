@@ -1,0 +1,111 @@
+"""Prefect flow `promote`: release a retrained model and move a registry stage to it, only if it is better.
+
+    python flows/promote.py cifar10-cnn v1.2.0 [--stage prod] [--repo .]
+
+The candidate is `version` if it is already released, else the committed HEAD (released as
+`version` when it wins, through `ptpipe.registry.release`: the same checks as `ptpipe release`).
+Its metric is read from git at its commit and compared with the metric at the commit of the
+version the stage names now (`ptpipe serve --model NAME#prod` serves that one):
+
+    models/cnn  -> metrics/cnn.json   test.acc            higher is better
+    models/lstm -> metrics/lstm.json  val_bits_per_char   lower is better
+
+(by the artifact's folder; other kinds pass metric_file / metric_key / higher_is_better). Only a
+strictly better candidate is released and promoted; without a current version in the stage the
+candidate is promoted. A worse or equal one changes nothing (no tag, no push) and the run says
+why. Run it after `retrain` has committed its results; a server polling the stage
+(`ptpipe serve --poll-s`) or a POST /v2/repository/models/NAME/load then swaps the new version in.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from ptpipe import registry
+from ptpipe.stage import StageError
+
+CRITERIA = {  # artifact folder -> (metrics file, dotted key, higher is better)
+    "cnn": ("metrics/cnn.json", "test.acc", True),
+    "lstm": ("metrics/lstm.json", "val_bits_per_char", False),
+}
+
+
+def criterion(repo: str, name: str, metric_file: str | None, metric_key: str | None,
+              higher_is_better: bool | None) -> tuple[str, str, bool]:
+    folder = Path(registry.artifacts(repo)[name]["path"]).name if name in registry.artifacts(repo) else name
+    default = CRITERIA.get(folder)
+    if default is None and not (metric_file and metric_key and higher_is_better is not None):
+        raise StageError(f"no default metric for {name} (folder {folder}): pass metric_file, metric_key and "
+                         f"higher_is_better")
+    file, key, higher = default or (None, None, None)
+    return metric_file or file, metric_key or key, higher if higher_is_better is None else higher_is_better
+
+
+def is_better(candidate: float, current: float | None, higher: bool) -> bool:
+    return current is None or (candidate > current if higher else candidate < current)
+
+
+@task(name="read-metric")
+def read_metric(repo: str, commit: str, file: str, key: str) -> float:
+    """The metric as committed at `commit` (metrics files are kept in git: cache: false in dvc.yaml)."""
+    shown = subprocess.run(["git", "show", f"{commit}:{file}"], cwd=repo, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise StageError(f"{file} is not committed at {commit[:8]}: {shown.stderr.strip()}")
+    value = json.loads(shown.stdout)
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise StageError(f"{file} at {commit[:8]} has no {key}")
+        value = value[part]
+    return float(value)
+
+
+@task(name="find-versions")
+def find_versions(repo: str, name: str, version: str, stage: str) -> tuple[dict, dict | None]:
+    """(candidate {version, commit, released}, current {version, commit} of `stage` or None)."""
+    rows = registry.versions(name, repo)
+    current = next(({"version": r["version"], "commit": r["commit"]} for r in rows if stage in r["stages"]), None)
+    released = next((r for r in rows if r["version"] == version), None)
+    if released:
+        return {"version": version, "commit": released["commit"], "released": True}, current
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    return {"version": version, "commit": head.stdout.strip(), "released": False}, current
+
+
+@flow(name="promote")
+def promote(name: str, version: str, stage: str = "prod", repo: str = ".", metric_file: str | None = None,
+            metric_key: str | None = None, higher_is_better: bool | None = None) -> dict:
+    """Release (if needed) and assign `stage` to `version` of `name` only if its metric beats the stage's."""
+    log = get_run_logger()
+    file, key, higher = criterion(repo, name, metric_file, metric_key, higher_is_better)
+    candidate, current = find_versions(repo, name, version, stage)
+    candidate["metric"] = read_metric(repo, candidate["commit"], file, key)
+    if current:
+        current["metric"] = read_metric(repo, current["commit"], file, key)
+    better = is_better(candidate["metric"], current and current["metric"], higher)
+    result = {"name": name, "stage": stage, "metric": key, "candidate": candidate, "current": current,
+              "promoted": better}
+    if not better:
+        log.info(f"{name} {version}: {key} {candidate['metric']} is not better than {current['version']}'s "
+                 f"{current['metric']}: {stage} stays at {current['version']}")
+        return result
+    if not candidate["released"]:
+        registry.release(name, version, repo=repo)
+    registry.promote(name, version, stage, repo=repo)
+    log.info(f"{name} {version} -> {stage} ({key} {candidate['metric']}"
+             + (f", was {current['version']} with {current['metric']})" if current else ")"))
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("version")
+    ap.add_argument("--stage", default="prod")
+    ap.add_argument("--repo", default=".")
+    args = ap.parse_args()
+    print(json.dumps(promote(args.name, args.version, args.stage, args.repo), indent=2))

@@ -1,0 +1,98 @@
+"""Micro-batching: requests that arrive close together run as one model call.
+
+An asyncio queue per served model version. One worker task takes the first waiting request,
+then everything else that is already queued or arrives within `window_s` of it, up to
+`max_items` rows; it waits only while `arriving()` says requests for this model are still being
+read (so a lone request runs at once, not after the window), concatenates the rows, runs ONE call of `run` in a worker thread (the event loop
+keeps accepting requests meanwhile; they queue up for the next batch) and hands each request
+its own rows of the result. While a batch runs, the next one gathers: under load the batches
+grow by themselves, and a lone request waits at most `window_s`.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+_CLOSE = object()
+
+
+class MicroBatcher:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_s: float = 0.002, max_items: int = 64,
+                 on_batch: Callable[[int], None] | None = None, arriving: Callable[[], int] = lambda: 1):
+        self.run, self.window_s, self.max_items, self.arriving = run, window_s, max_items, arriving
+        self.on_batch = on_batch or (lambda n: None)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        # one thread: one onnxruntime call at a time, each using the session's intra-op threads
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
+        self.worker: asyncio.Task | None = None
+        self.closed = False
+
+    def submit(self, rows: np.ndarray) -> asyncio.Future:
+        """Queue `rows` (N x ...); the future resolves to their N rows of output. Synchronous on purpose:
+        a caller that picked this batcher cannot lose the race with close() (nothing awaits in between)."""
+        assert not self.closed, "submit after close"
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.put_nowait((rows, future))
+        if self.worker is None:
+            self.worker = loop.create_task(self._work())
+        return future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop (a swapped-out model version)."""
+        self.closed = True
+        if self.worker is None:
+            self.executor.shutdown(wait=False)
+        else:
+            self.queue.put_nowait(_CLOSE)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        carried = None  # a request that did not fit into the previous batch
+        while True:
+            first = carried or await self.queue.get()
+            carried = None
+            if first is _CLOSE:
+                break
+            batch, rows = [first], len(first[0])
+            deadline = loop.time() + self.window_s
+            closing = False
+            while rows < self.max_items:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    if self.arriving() == 0 or loop.time() >= deadline:
+                        break
+                    await asyncio.sleep(0)  # let the requests being read reach the queue
+                    continue
+                if item is _CLOSE:
+                    closing = True
+                    break
+                if rows + len(item[0]) > self.max_items:
+                    carried = item
+                    break
+                batch.append(item)
+                rows += len(item[0])
+            await self._run(loop, batch, rows)
+            if closing:
+                break
+        self.executor.shutdown(wait=False)
+
+    async def _run(self, loop, batch: list, rows: int) -> None:
+        inputs = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
+        try:
+            out = await loop.run_in_executor(self.executor, self.run, inputs)
+        except Exception as exc:  # every waiting request gets the error, the worker lives on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.on_batch(rows)
+        start = 0
+        for part, future in batch:
+            if not future.done():  # a client that went away cancelled its future
+                future.set_result(out[start:start + len(part)])
+            start += len(part)
