@@ -716,7 +716,8 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     diff = re.search(r"cnn onnxruntime batch=1: max \|diff\| ([0-9.e-]+)", message)
     assert diff and abs(float(diff.group(1)) - 0.01) < 1e-5, message  # the 0.01 put into the bias
     found = artifacts(client, state.state_details.flow_run_id)
-    assert set(found) - {None} == {"onnx-cnn", "onnx-lstm", "onnx-detail"}  # one table per model + the detail
+    # one table per model + the detail
+    assert set(found) - {None} == {*(flows.artifact_key(kind) for kind in kinds.names()), "onnx-detail"}
     data = found["onnx-cnn"].data
     table = json.loads(data) if isinstance(data, str) else data
     rows = {row["backend"]: row for row in table}

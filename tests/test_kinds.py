@@ -109,7 +109,7 @@ def test_validate_shapes_of_an_unknown_kind_are_refused_naming_the_key(tmp_path)
     text = (ROOT / "params.yaml").read_text().replace("    lstm:\n      batch: [1, 5]", "    lstn:\n      batch: [1, 5]")
     (tmp_path / "params.yaml").write_text(text)
     known = ", ".join(kinds.known())
-    with pytest.raises(StageError, match=rf"validate.shapes: Value error, unknown model kind 'lstn' \(known kinds are {known}\)"):
+    with pytest.raises(StageError, match=rf"validate.shapes: unknown model kind 'lstn' \(known kinds are {known}\)"):
         params.load(tmp_path / "params.yaml")
 
 

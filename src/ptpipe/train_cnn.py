@@ -12,6 +12,7 @@ timed region (CUDA events on a GPU) is the whitening init plus the training step
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings

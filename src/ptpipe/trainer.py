@@ -315,7 +315,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, ddp: Distributed) -> nn.Mod
 
 
 # What `fit` saves each epoch; a file without all of them is ignored like an unreadable one.
-CHECKPOINT_KEYS = frozenset({"run_key", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history",
+CHECKPOINT_KEYS = frozenset({"run_key", "config", "epoch", "model", "optimizer", "step", "rng", "history",
                              "best_state", "best_value", "bad_epochs"})
 
 
