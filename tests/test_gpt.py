@@ -252,3 +252,18 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     for m in final:
         m.pop("train_seconds")
     assert final[0] == final[1]
+
+
+def test_a_run_that_diverges_but_stays_finite_writes_no_model(tmp_path):
+    """lr 10 without clipping: the loss stays finite but ends far above the unigram baseline and chance;
+    the run stops naming the gpt keys in effect (weight decay included), and no model file is written."""
+    write_prepared_text(tmp_path, PHRASE * 40)
+    params_file = write_params(tmp_path, lr=10.0, clip=None, epochs=2, steps_per_epoch=10, weight_decay=0.5)
+    model_path = tmp_path / "models/gpt/model.pt"
+    with pytest.raises(StageError, match=r"training diverged: .*far above the larger of twice the unigram baseline"
+                                         r".*lower the learning rate \(gpt.lr: 10\), set a gradient clip \(gpt.clip\) "
+                                         r"or lower gpt.weight_decay \(0.5\)"):
+        train_gpt.main(params_file, tmp_path / "data/prepared/alice", model_path, live_dir=tmp_path / "dvclive/gpt",
+                       metrics_path=tmp_path / "metrics/gpt.json", progress=False)
+    assert not model_path.exists() and not (tmp_path / "metrics/gpt.json").exists()
+    assert not (tmp_path / "dvclive/gpt").exists()

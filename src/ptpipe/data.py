@@ -12,6 +12,7 @@ Layout (written by `ptpipe.prepare`):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator of epoch `epoch` (data order, augmentation): a function of (seed, epoch)
     alone, so every rank, every device and a resumed run draw the same numbers."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def text_loss_ceiling(prepared_dir: str | Path, vocab_size: int) -> tuple[float, str]:
+    """(val loss in nats, its reason) above which a finished text-model run counts as diverged: twice the
+    unigram baseline of stats.json, and never below chance (an untrained model guesses uniformly)."""
+    unigram_bits = load_stats(prepared_dir)["unigram_bits_per_char"]
+    ceiling = max(2 * unigram_bits * math.log(2), math.log(vocab_size))
+    return ceiling, (f"the larger of twice the unigram baseline ({unigram_bits:.3g} bits/char) and chance "
+                     f"({math.log2(vocab_size):.3g} bits/char)")

@@ -108,9 +108,8 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
 
 
 def non_finite_hint(p: params.Params) -> str:
-    """What to change when the loss blows up, naming the params keys in effect."""
-    clip = "set a gradient clip (gpt.clip)" if p.gpt.clip is None else f"lower gpt.clip ({p.gpt.clip:g})"
-    return f"lower the learning rate (gpt.lr: {p.gpt.lr:g}) or {clip}"
+    """What to change when the loss blows up, naming the params keys in effect (the optimizer is AdamW)."""
+    return trainer.non_finite_hint("gpt", p.gpt.lr, p.gpt.clip, p.gpt.weight_decay)
 
 
 def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
@@ -123,6 +122,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     model, task, optimizer, schedule, config = setup(p, prepared_dir, ddp, device)
     stats = data.load_stats(prepared_dir)  # read now: a missing file is an error before training, not after
     model_path = Path(model_path)
+    ceiling, ceiling_reason = data.text_loss_ceiling(prepared_dir, config["model_args"]["vocab_size"])
     spec = trainer.Fit(
         epochs=p.gpt.epochs,
         model_path=model_path,
@@ -132,6 +132,8 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
         live_dir=Path(live_dir) if live_dir is not None else None,
         clip_grad_norm=p.gpt.clip,
         non_finite_hint=non_finite_hint(p),
+        loss_ceiling=ceiling,
+        loss_ceiling_reason=ceiling_reason,
         monitor="val/loss",  # the kept weights (and early stopping): the best validation loss
         monitor_mode="min",
         patience=p.gpt.patience,

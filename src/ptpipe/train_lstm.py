@@ -91,20 +91,7 @@ def setup(p: params.Params, prepared_dir: str | Path, ddp: trainer.Distributed, 
 
 def non_finite_hint(p: params.Params) -> str:
     """What to change when the loss blows up, naming the params keys in effect."""
-    changes = [f"lower the learning rate (lstm.lr: {p.lstm.lr:g}, lstm.optimizer: {p.lstm.optimizer})",
-               "set a gradient clip (lstm.clip)" if p.lstm.clip is None else f"lower lstm.clip ({p.lstm.clip:g})"]
-    if p.lstm.weight_decay > 0:
-        changes.append(f"lower lstm.weight_decay ({p.lstm.weight_decay:g})")
-    return trainer.alternatives(changes)
-
-
-def loss_ceiling(prepared_dir: str | Path, vocab_size: int) -> tuple[float, str]:
-    """(val loss in nats, its reason) above which a finished run counts as diverged: twice the unigram
-    baseline of stats.json, and never below chance (an untrained model guesses uniformly)."""
-    unigram_bits = data.load_stats(prepared_dir)["unigram_bits_per_char"]
-    ceiling = max(2 * unigram_bits * math.log(2), math.log(vocab_size))
-    return ceiling, (f"the larger of twice the unigram baseline ({unigram_bits:.3g} bits/char) and chance "
-                     f"({math.log2(vocab_size):.3g} bits/char)")
+    return trainer.non_finite_hint("lstm", p.lstm.lr, p.lstm.clip, p.lstm.weight_decay, p.lstm.optimizer)
 
 
 def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "data/prepared/alice",
@@ -116,7 +103,7 @@ def main(params_file: str | Path = "params.yaml", prepared_dir: str | Path = "da
     device = trainer.resolve_device(p.train.device, ddp)
     model, task, optimizer, schedule, config = setup(p, prepared_dir, ddp, device)
     model_path = Path(model_path)
-    ceiling, ceiling_reason = loss_ceiling(prepared_dir, config["model_args"]["vocab_size"])
+    ceiling, ceiling_reason = data.text_loss_ceiling(prepared_dir, config["model_args"]["vocab_size"])
     spec = trainer.Fit(
         epochs=p.lstm.epochs,
         model_path=model_path,

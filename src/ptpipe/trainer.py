@@ -449,6 +449,17 @@ def _fit(
     return FitResult(history=history, best=best, train_seconds=train_seconds, other_seconds=other_seconds)
 
 
+def non_finite_hint(section: str, lr: float, clip: float | None, weight_decay: float,
+                    optimizer: str | None = None) -> str:
+    """What to change when a text model's loss blows up or diverges, naming `section`'s keys in effect."""
+    optimizer_key = f", {section}.optimizer: {optimizer}" if optimizer else ""
+    changes = [f"lower the learning rate ({section}.lr: {lr:g}{optimizer_key})",
+               f"set a gradient clip ({section}.clip)" if clip is None else f"lower {section}.clip ({clip:g})"]
+    if weight_decay > 0:
+        changes.append(f"lower {section}.weight_decay ({weight_decay:g})")
+    return alternatives(changes)
+
+
 def alternatives(changes: list[str]) -> str:
     """["a", "b", "c"] -> "a, b or c": a hint listing what the user can change."""
     return changes[0] if len(changes) == 1 else ", ".join(changes[:-1]) + " or " + changes[-1]
