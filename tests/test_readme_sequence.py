@@ -33,7 +33,7 @@ def test_readme_offline_then_experiments_sequence_works_as_typed(server, tmp_pat
     typed = [f"{arg.split('=')[0]}={loopback[arg.split('=')[0]]}" if arg.startswith("download.") else arg
              for arg in offline]
     first = sh(*typed, cwd=repo)
-    assert "Running stage 'validate'" in first.stdout
+    assert "Running stage 'validate@cnn'" in first.stdout and "Running stage 'validate@gpt'" in first.stdout
 
     commit = readme_command(r"git add .*dvc\.lock.* git commit")
     sh("bash", "-c", commit, cwd=repo)
@@ -43,6 +43,6 @@ def test_readme_offline_then_experiments_sequence_works_as_typed(server, tmp_pat
     assert "Running stage 'train_cnn'" in experiment.stdout and "Running stage 'download" not in experiment.stdout
 
     # a temp-dir run (as every --queue experiment is) reuses the committed data from the DVC cache
-    temp = sh("dvc", "exp", "run", "--temp", "-S", "lr=0.02", "train_lstm", cwd=repo)
+    temp = sh("dvc", "exp", "run", "--temp", "-S", "lstm.lr=0.02", "train_lstm", cwd=repo)  # lstm.lr: its own
     assert "Running stage 'train_lstm'" in temp.stdout
     assert "Running stage 'download" not in temp.stdout and "Running stage 'prepare" not in temp.stdout
