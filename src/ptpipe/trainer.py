@@ -320,13 +320,14 @@ CHECKPOINT_KEYS = frozenset({"run_key", "config", "epoch", "model", "optimizer",
 
 
 def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None, spec: Fit, device: torch.device,
+        schedule: Callable[[int], float] | None, spec: Fit, device: torch.device,
         ddp: Distributed = Distributed()) -> FitResult:
-    """Train `model` on `task` as `spec` says, on `device`. A run that fails leaves no DVCLive
+    """Train `model` on `task` as `spec` says, on `device`; `schedule` (from `lr_schedule`, or None for a
+    constant lr) sets every group's lr before each optimizer step. A run that fails leaves no DVCLive
     directory behind (its params.yaml and metrics would look like a finished run's); a resumed
     run rebuilds it from the checkpoint's history."""
     try:
-        return _fit(model, task, optimizer, scheduler, spec, device, ddp)
+        return _fit(model, task, optimizer, schedule, spec, device, ddp)
     except BaseException:
         if spec.live_dir is not None and ddp.is_main:
             shutil.rmtree(spec.live_dir, ignore_errors=True)
