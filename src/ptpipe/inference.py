@@ -34,7 +34,6 @@ Session options, chosen on purpose (benchmarks/inference.py measures them):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Callable, Iterator
 import numpy as np
 import onnxruntime as ort
 
-from ptpipe import kinds
+from ptpipe import files, kinds
 from ptpipe.stage import StageError
 
 MODELS_DIR = Path("models")
@@ -112,13 +111,10 @@ def check_fresh(path: str | Path, meta: dict) -> None:
     recorded = meta.get("source_md5")
     if not source.is_file() or recorded is None:
         return
-    h = hashlib.md5()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != recorded:
+    actual = files.digest(source, "md5")  # the hash export recorded, and dvc.lock records
+    if actual != recorded:
         raise StageError(f"{path} is stale: it was exported from another {source} (source_md5 {recorded[:8]}..., "
-                         f"the file now hashes {h.hexdigest()[:8]}...): run `dvc repro export`")
+                         f"the file now hashes {actual[:8]}...): run `dvc repro export`")
 
 
 _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32"}

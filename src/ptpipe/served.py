@@ -14,7 +14,6 @@ its GTO version tag. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptpipe import inference
+from ptpipe import files, inference
 from ptpipe.stage import StageError
 
 ONNX_FILE = "model.onnx"
@@ -87,16 +86,12 @@ def parse_specs(models: list[str], models_dir: str | Path = "models", repo: str 
     return specs
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
 def resolve(spec: Spec) -> tuple[Path, str]:
     """(local ONNX file, version) that `spec` names now: cheap enough to call on every reload poll."""
     if spec.path:
         if not spec.path.is_file():
             raise StageError(f"{spec.path} is missing")
-        return spec.path, md5(spec.path)
+        return spec.path, files.digest(spec.path, "md5")
     from ptpipe import registry
 
     version = spec.version or registry.version_of(spec.artifact, stage=spec.stage, repo=spec.repo)
