@@ -87,10 +87,10 @@ def _compare(ref: list[dict], got: list[dict], logits: str) -> dict:
 
 def validate_kind(name: str, model_dir: Path, prepared_root: Path, shapes: dict) -> dict:
     """{backend: {case label: {<output>..., top1}}} for one model."""
+    if name not in shapes:  # a params problem: said before any file is read
+        raise StageError(f"params.yaml: validate.shapes.{name}: missing (the sizes to validate {name} at)")
     kind, eager, config = kinds.load(model_dir / "model.pt", expect=name)
     backends = _open_exports(kind, config, model_dir)
-    if name not in shapes:
-        raise StageError(f"params.yaml: validate.shapes.{name}: missing (the sizes to validate {name} at)")
     cases = kind.validation_cases(config, prepared_root / kind.prepared, shapes[name])
     reference = kinds.runner(eager, kind.signature(config))
     logits = kind.outputs[0].name
