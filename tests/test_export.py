@@ -268,6 +268,22 @@ def test_load_image_maps_any_size_and_mode_to_32x32_rgb(tmp_path):
         load_image(tmp_path / "fake.jpg")
 
 
+def test_load_image_turns_an_image_upright_by_its_exif_orientation(tmp_path):
+    # a phone photo stored sideways with Orientation 6 ("rotate 90 clockwise to view"): the 32 x 32
+    # path that skips crop and resize must still turn it, like a larger image
+    rng = np.random.default_rng(2)
+    for size in (32, 64):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(pixels).save(tmp_path / f"side{size}.png", exif=exif)
+        Image.fromarray(pixels).save(tmp_path / f"plain{size}.png")
+        upright = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270).resize((32, 32), Image.BICUBIC)
+        np.testing.assert_array_equal(load_image(tmp_path / f"side{size}.png"),
+                                      np.asarray(upright).transpose(2, 0, 1))
+        assert not np.array_equal(load_image(tmp_path / f"side{size}.png"), load_image(tmp_path / f"plain{size}.png"))
+
+
 def test_load_image_scales_16_bit_grey_and_puts_transparency_on_white(tmp_path, monkeypatch):
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # 16-bit grey, dark to light
     Image.fromarray(ramp).save(tmp_path / "deep.png")

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from fixtures import ROOT, cifar_images, model_registry, tool_env, write_models
-from ptpipe import export, files, inference, registry
+from ptpipe import export, files, inference, registry, serve
 
 NO_TORCH = '''
 import sys
@@ -196,6 +196,23 @@ def test_the_blocker_refuses_torch(workspace, tmp_path):
     assert torch_backend.returncode != 0 and "BLOCKED import of torch" in torch_backend.stderr
 
 
+def test_multipart_bodies_are_read_as_clients_write_them():
+    # what httpx/curl/browsers send: quoted and raw UTF-8 file names (RFC 7578 4.2), a plain field beside the
+    # files, a file under another field name (ignored), a delimiter string inside the data that is
+    # not at a line start, transport padding after a delimiter, a preamble and an epilogue
+    body = (b"preamble\r\n--B\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a; b.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\nfirst--B\r\nstill first\r\n--B  \r\n"
+            b"content-disposition: form-data; name=\"top_k\"\r\n\r\n2\r\n--B\r\n"
+            b"Content-Disposition: form-data; name=\"other\"; filename=\"c.png\"\r\n\r\nnot ours\r\n--B\r\n"
+            + "Content-Disposition: form-data; name=images; filename=\"\u00e9t\u00e9.png\"\r\n\r\n".encode()
+            + b"\r\n--B--\r\nepilogue")
+    uploads, fields = serve._multipart(body, "multipart/form-data; boundary=B", max_files=64)
+    assert uploads == [("a; b.png", b"first--B\r\nstill first"), ("\u00e9t\u00e9.png", b"")]
+    assert fields == {"top_k": "2"}
+    with pytest.raises(serve.ApiError, match="at most 2 images"):
+        serve._multipart(body, "multipart/form-data; boundary=B", max_files=2)
+
+
 BAD = [  # (method path, request kwargs, status, field, words in the message)
     ("/v1/models/nope/classify", {"files": {"images": b"x"}}, 404, "name", "unknown model 'nope'"),
     ("/v1/models/cifar10-cnn/classify", {"files": {"images": ("a.txt", b"not an image")}}, 400, "images[0]",
@@ -206,6 +223,13 @@ BAD = [  # (method path, request kwargs, status, field, words in the message)
     ("/v1/models/cifar10-cnn/classify", {"files": {"images": b"x"}, "data": {"top_k": "11"}}, 400, "top_k",
      "1 to 10"),
     ("/v1/models/alice-lstm/classify", {"files": {"images": b"x"}}, 400, "name", "text-generation model"),
+    ("/v1/models/cifar10-cnn/classify", {"content": b"--zz\r\nContent-Disposition: form-data; name=images; "
+                                                   b"filename=a.png\r\n\r\n\x89PNG", "headers": {
+        "content-type": "multipart/form-data; boundary=zz"}}, 400, "images", "no closing --zz--"),
+    ("/v1/models/cifar10-cnn/classify", {"content": b"--zz\r\nX: y\r\n\r\ndata\r\n--zz--\r\n", "headers": {
+        "content-type": "multipart/form-data; boundary=zz"}}, 400, "images", "no Content-Disposition"),
+    ("/v1/models/cifar10-cnn/classify", {"content": b"", "headers": {"content-type": "multipart/form-data"}}, 400,
+     "images", "no boundary"),
     ("/v2/models/cifar10-cnn/infer", {"content": b"{not json"}, 400, "body", "not JSON"),
     ("/v2/models/cifar10-cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [1, 3, 32, 32],
                                                             "datatype": "FP32", "data": [0] * 3072}]}}, 400,

@@ -185,15 +185,17 @@ def load_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # in place: an upright image is not copied
+            img = _to_rgb(img)
     except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
         raise StageError(f"{path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise StageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+    if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):  # a CIFAR-sized image is its own crop (`ptpipe serve`'s usual case)
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # HWC -> CHW
 
 
