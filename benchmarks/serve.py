@@ -1,7 +1,7 @@
 """HTTP serving throughput and latency: `ptpipe serve` with and without micro-batching vs the FastAPI +
 eager PyTorch server a user would write first, side by side in one run.
 
-    python benchmarks/serve.py [--clients 1 8 32] [--requests 400] [--out benchmarks/results/serve.json]
+    python benchmarks/serve.py [--clients 1 8 32] [--requests 2000] [--repeat 3] [--out benchmarks/results/serve.json]
 
 Model: the default CNN (params.yaml's `cnn.recipes.default`: airbench, its widths), random seeded
 weights (speed does not depend on them), saved as train_cnn saves it and exported through
@@ -13,8 +13,12 @@ ptpipe.export like the stage. Servers, each in its own process on a free loopbac
 The load: one client process (raw HTTP/1.1 keep-alive connections, asyncio) keeps exactly N requests in flight (N = 1, 8, 32
 clients) until `--requests` have completed, after `--warmup` untimed ones; each request uploads
 one 32 x 32 PNG (distinct images) to the classify endpoint and gets top-3 labels back. Reported:
-requests/s, p50 and p99 latency, and the 1-minute load average before each cell. The client runs
-on the same CPU as the server: the numbers are only comparable within one run.
+requests/s, p50 and p99 latency, the 1-minute load average before each cell and the share of CPU
+time the hypervisor gave to other guests during it (steal, from /proc/stat: this VM's neighbours
+take 0-30% in bursts, and a cell with steal is slower by about as much). `--repeat N` runs the
+whole sweep N times, servers interleaved round by round, and reports each cell's median: a burst
+of steal then spoils one round, not one server. The client runs on the same CPU as the server:
+the numbers are only comparable within one run.
 """
 from __future__ import annotations
 
@@ -154,16 +158,34 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     raise SystemExit(f"server {cmd} did not start:\n{log.read_text()}")
 
 
-def _mean_batch(port: int) -> float:
-    """Mean rows per onnxruntime call so far (ptpipe_batch_size histogram of `ptpipe serve`)."""
+def _batches(port: int) -> tuple[float, float]:
+    """(rows, onnxruntime calls) of the micro-batcher so far (ptpipe_batch_size histogram of `ptpipe serve`)."""
     import httpx
 
-    values = {}
+    values = {"sum": 0.0, "count": 0.0}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
-        for key in ("sum", "count"):
+        for key in values:
             if line.startswith(f"ptpipe_batch_size_{key}"):
                 values[key] = float(line.split()[-1])
-    return values.get("sum", 0) / max(values.get("count", 1), 1)
+    return values["sum"], values["count"]
+
+
+def _cpu_times() -> list[int]:
+    """The machine's CPU time counters (user ... steal) from /proc/stat; [] where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return []
+
+
+def _shares(before: list[int], after: list[int]) -> dict:
+    """% of the CPU time between two _cpu_times() that was idle, and stolen by other guests."""
+    if not before:
+        return {"idle_pct": None, "steal_pct": None}
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta) or 1
+    return {"idle_pct": 100 * (delta[3] + delta[4]) / total, "steal_pct": 100 * delta[7] / total}
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -171,11 +193,33 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+def _cell(label: str, clients: int, port: int, work: Path, args, round_: int) -> dict:
+    """One (server, clients) measurement: the client process's latencies, the CPU shares, the batch sizes."""
+    load, before = os.getloadavg()[0], _cpu_times()
+    batches = _batches(port) if label.startswith("a") else None
+    out = subprocess.run([sys.executable, str(work / "client.py"), str(port), "/v1/models/bench/classify",
+                          str(clients), str(args.requests), str(args.warmup), str(work / "images.json")],
+                         capture_output=True, text=True, check=True)
+    result, shares = json.loads(out.stdout), _shares(before, _cpu_times())
+    lat = sorted(result["latencies"])
+    r = {"server": label, "clients": clients, "round": round_, "requests": len(lat), "failures": result["failures"],
+         "throughput_rps": len(lat) / result["wall_s"], "p50_ms": 1000 * statistics.median(lat),
+         "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "load_avg_1m_before": load, **shares}
+    if batches:  # rows per onnxruntime call in this cell (warm-up included), from the server's own metrics
+        rows, calls = (after - before for after, before in zip(_batches(port), batches))
+        r["mean_batch"] = rows / max(calls, 1)
+    print(f"round {round_}  {label:<32} {clients:>3} clients  {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+          f"p99 {r['p99_ms']:6.1f} ms  (load {load:.2f}, steal {r['steal_pct'] or 0:.1f}%, {r['failures']} failed"
+          + (f", mean batch {r['mean_batch']:.1f})" if "mean_batch" in r else ")"), flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=400, help="timed requests per cell (default 400)")
-    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=2000, help="timed requests per cell (default 2000)")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the whole sweep; cells report medians (default 3)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
     args = ap.parse_args()
 
@@ -202,46 +246,42 @@ def main() -> None:
                                                  str(p)],
     }
     rows = []
-    for label, command in servers.items():
-        port = free_port()
-        proc = start(command(port), port, work / f"{label[0]}.log")
-        try:
-            for clients in args.clients:
-                load = os.getloadavg()[0]
-                out = subprocess.run([sys.executable, str(work / "client.py"), str(port), "/v1/models/bench/classify",
-                                      str(clients),
-                                      str(args.requests), str(args.warmup), str(work / "images.json")],
-                                     capture_output=True, text=True, check=True)
-                result = json.loads(out.stdout)
-                lat = sorted(result["latencies"])
-                rows.append({"server": label, "clients": clients, "requests": len(lat),
-                             "failures": result["failures"], "throughput_rps": len(lat) / result["wall_s"],
-                             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
-                             "load_avg_1m_before": load})
-                r = rows[-1]
-                if label.startswith("a"):  # how much the micro-batcher gathered, from its own metrics
-                    r["mean_batch"] = _mean_batch(port)
-                print(f"{label:<32} {clients:>3} clients  {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                      f"p99 {r['p99_ms']:6.1f} ms  (load {load:.2f}, {r['failures']} failed"
-                      + (f", mean batch so far {r['mean_batch']:.1f})" if "mean_batch" in r else ")"), flush=True)
-        finally:
-            stop(proc)
+    for round_ in range(1, args.repeat + 1):
+        for label, command in servers.items():
+            port = free_port()
+            proc = start(command(port), port, work / f"{label[0]}.log")
+            try:
+                for clients in args.clients:
+                    rows.append(_cell(label, clients, port, work, args, round_))
+            finally:
+                stop(proc)
 
-    by = {(r["server"][0], r["clients"]): r for r in rows}
-    top = max(args.clients)
-    ratios = {}
-    if ("a", top) in by and ("c", top) in by:
-        ratios = {f"a/c at {top}": by["a", top]["throughput_rps"] / by["c", top]["throughput_rps"],
-                  f"a/b at {top}": by["a", top]["throughput_rps"] / by["b", top]["throughput_rps"]}
-    print("\n| server | clients | req/s | p50 ms | p99 ms | load avg |\n|---|---|---|---|---|---|")
+    cells = {}
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['load_avg_1m_before']:.2f} |")
+        cells.setdefault((r["server"], r["clients"]), []).append(r)
+    median = {key: {k: statistics.median(r[k] for r in group) for k in ("throughput_rps", "p50_ms", "p99_ms")}
+              for key, group in cells.items()}
+    top = max(args.clients)
+    label = {s[0]: s for s in servers}
+    ratios = {}
+    if (label["a"], top) in median:
+        a, b, c = (median[label[k], top]["throughput_rps"] for k in "abc")
+        ratios = {f"a/c at {top}": a / c, f"a/b at {top}": a / b}
+    print(f"\nmedians of {args.repeat} round(s), {args.requests} requests a cell; steal = % of CPU time taken by other guests\n")
+    print("| server | clients | req/s | p50 ms | p99 ms | mean batch | load avg | steal % |\n|---|---|---|---|---|---|---|---|")
+    for (server, clients), m in median.items():
+        group = cells[server, clients]
+        batch = statistics.median(r["mean_batch"] for r in group) if "mean_batch" in group[0] else None
+        steal = [r["steal_pct"] for r in group if r["steal_pct"] is not None]
+        print(f"| {server} | {clients} | {m['throughput_rps']:.1f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
+              + (f"{batch:.1f}" if batch else "-") + f" | {max(r['load_avg_1m_before'] for r in group):.2f} | "
+              + (f"{min(steal):.1f}-{max(steal):.1f}" if steal else "-") + " |")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "rows": rows, "ratios": ratios, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "rows": rows, "medians": [{"server": k[0], "clients": k[1], **v} for k, v in median.items()],
+        "ratios": ratios, "repeat": args.repeat, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "load_avg_end": os.getloadavg(), "requests": args.requests, "warmup": args.warmup}, indent=2))
     print(f"wrote {args.out}")
 

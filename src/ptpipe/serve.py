@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -44,6 +45,7 @@ from ptpipe.batching import MicroBatcher
 from ptpipe.stage import StageError
 
 log = logging.getLogger("ptpipe.serve")
+SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval of the server process (main() says why)
 
 
 @dataclass(frozen=True)
@@ -581,6 +583,11 @@ def main(models: list[str], repo: str | None = None, models_dir: str = "models",
     # 32 clients before, measured by a gc callback: every request in flight waited on it, the p99).
     gc.collect()
     gc.freeze()
+    # A thread that ends an onnxruntime call needs the GIL back to hand its result over; while the
+    # event loop runs Python it waits for the switch interval, 5 ms by default, twice per batch (the
+    # call starts and ends) and once per request without batching. 0.5 ms: +11% classify requests/s
+    # at 32 clients (840 -> 933, 3 runs each, steal < 5%).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
