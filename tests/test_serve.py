@@ -213,6 +213,28 @@ def test_multipart_bodies_are_read_as_clients_write_them():
         serve._multipart(body, "multipart/form-data; boundary=B", max_files=2)
 
 
+def test_a_batch_takes_at_most_half_of_the_requests_in_flight():
+    # two groups keep the event loop and the batch thread both busy (ptpipe.batching says why);
+    # a request larger than the limit still runs, alone and whole
+    from ptpipe.batching import MicroBatcher
+
+    async def scenario(in_flight: int, sizes: list[int]) -> tuple[list[int], list[np.ndarray]]:
+        calls = []
+        batcher = MicroBatcher(lambda x: calls.append(len(x)) or x * 2, max_items=64, arriving=lambda: 0,
+                               in_flight=lambda: in_flight)
+        rows = [np.full((n, 1), i) for i, n in enumerate(sizes)]
+        futures = [batcher.submit(r) for r in rows]  # all queued before the worker first runs
+        out = await asyncio.gather(*futures)
+        batcher.close()
+        assert all((o == 2 * r).all() for o, r in zip(out, rows))  # each request gets its own rows back
+        return calls, out
+
+    assert asyncio.run(scenario(8, [1] * 8))[0] == [4, 4]
+    assert asyncio.run(scenario(32, [1] * 40))[0] == [16, 16, 8]
+    assert asyncio.run(scenario(1, [1, 1]))[0] == [1, 1]
+    assert asyncio.run(scenario(8, [10, 1, 1]))[0] == [10, 2]
+
+
 BAD = [  # (method path, request kwargs, status, field, words in the message)
     ("/v1/models/nope/classify", {"files": {"images": b"x"}}, 404, "name", "unknown model 'nope'"),
     ("/v1/models/cifar10-cnn/classify", {"files": {"images": ("a.txt", b"not an image")}}, 400, "images[0]",
