@@ -6,7 +6,8 @@ eager PyTorch server a user would write first, side by side in one run.
 Model: the default CNN (params.yaml's `cnn.recipes.default`: airbench, its widths), random seeded
 weights (speed does not depend on them), saved as train_cnn saves it and exported through
 ptpipe.export like the stage. Servers, each in its own process on a free loopback port:
-  (a) `ptpipe serve` (micro-batching on, defaults: 2 ms window, <= 64 images, 1 onnxruntime thread)
+  (a) `ptpipe serve` (micro-batching on, defaults: 2 ms window, <= 64 images and <= half the requests
+      in flight per call, 1 onnxruntime thread)
   (b) `ptpipe serve --no-batching` (one onnxruntime call per request, concurrent calls in threads)
   (c) a minimal FastAPI app: `def classify(images: UploadFile)` decoding with the same
       ptpipe.inference.load_image and running the eager nn.Module per request (torch's default threads)
