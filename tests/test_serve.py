@@ -214,8 +214,7 @@ def test_multipart_bodies_are_read_as_clients_write_them():
 
 
 def test_a_batch_takes_at_most_half_of_the_requests_in_flight():
-    # two groups keep the event loop and the batch thread both busy (ptpipe.batching says why);
-    # a request larger than the limit still runs, alone and whole
+    # two groups keep the event loop and the batch thread both busy (ptpipe.batching says why)
     from ptpipe.batching import MicroBatcher
 
     async def scenario(in_flight: int, sizes: list[int]) -> tuple[list[int], list[np.ndarray]]:
@@ -232,7 +231,8 @@ def test_a_batch_takes_at_most_half_of_the_requests_in_flight():
     assert asyncio.run(scenario(8, [1] * 8))[0] == [4, 4]
     assert asyncio.run(scenario(32, [1] * 40))[0] == [16, 16, 8]
     assert asyncio.run(scenario(1, [1, 1]))[0] == [1, 1]
-    assert asyncio.run(scenario(8, [10, 1, 1]))[0] == [10, 2]
+    assert asyncio.run(scenario(8, [10, 1, 1, 1, 1]))[0] == [13, 1]  # half of the requests, whatever their rows
+    assert asyncio.run(scenario(32, [60, 10, 1]))[0] == [60, 11]  # and at most max_items rows
 
 
 BAD = [  # (method path, request kwargs, status, field, words in the message)

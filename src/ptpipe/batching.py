@@ -2,7 +2,7 @@
 
 An asyncio queue per served model version. One worker task takes the first waiting request,
 then everything else that is already queued or arrives within `window_s` of it, up to
-`max_items` rows and at most half of the requests in flight (`in_flight()`); it waits only while
+`max_items` rows and half of the requests in flight (`in_flight()`); it waits only while
 `arriving()` says requests for this model are still being read (so a lone request runs at once,
 not after the window), concatenates the rows, runs ONE call of `run` in a worker thread (the event
 loop keeps accepting requests meanwhile; they queue up for the next batch) and hands each request
@@ -13,7 +13,7 @@ Why half: serving is a two-stage pipeline, the event loop (read, decode, answer)
 thread (the model), and the stages overlap only while the requests in flight form at least two
 groups. A batch holding all of them leaves the loop idle during the call and the model idle while
 the loop answers and reads them again: at 32 clients, 64-row batches left 35-40% of the 2 cores
-idle and served ~920 requests/s; at most 16 rows, 19% idle and ~1,190/s (the model's cost per
+idle and served ~920 requests/s; 16 per batch, 19% idle and ~1,190/s (the model's cost per
 image is flat beyond 8 rows, 0.53-0.56 ms, so smaller batches lose nothing there).
 """
 from __future__ import annotations
@@ -69,9 +69,9 @@ class MicroBatcher:
                 break
             batch, rows = [first], len(first[0])
             deadline = loop.time() + self.window_s
-            limit = min(self.max_items, max(1, self.in_flight() // 2))
+            most = max(1, self.in_flight() // 2)  # requests in this batch
             closing = False
-            while rows < limit:
+            while rows < self.max_items and len(batch) < most:
                 try:
                     item = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -82,7 +82,7 @@ class MicroBatcher:
                 if item is _CLOSE:
                     closing = True
                     break
-                if rows + len(item[0]) > limit:
+                if rows + len(item[0]) > self.max_items:
                     carried = item
                     break
                 batch.append(item)
