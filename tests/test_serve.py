@@ -211,6 +211,11 @@ def test_multipart_bodies_are_read_as_clients_write_them():
     assert fields == {"top_k": "2"}
     with pytest.raises(serve.ApiError, match="at most 2 images"):
         serve._multipart(body, "multipart/form-data; boundary=B", max_files=2)
+    field = b"--B\r\nContent-Disposition: form-data; name=f\r\n\r\nx\r\n"
+    with pytest.raises(serve.ApiError, match=r"too many form fields \(at most 16\)"):
+        serve._multipart(field * 17 + b"--B--\r\n", "multipart/form-data; boundary=B", max_files=64)
+    with pytest.raises(serve.ApiError, match="too many parts"):  # more than the split takes off: not read on
+        serve._multipart(field * 100 + b"--B--\r\n", "multipart/form-data; boundary=B", max_files=64)
 
 
 def test_a_batch_takes_at_most_half_of_the_requests_in_flight():
