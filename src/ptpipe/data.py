@@ -1,16 +1,19 @@
 """Loading what the `prepare` stage wrote: whole splits as tensors, read in one go.
 
-Layout (written by `ptpipe.prepare`):
+Two layouts, whatever the data set's format (params.yaml `datasets.<name>.format`):
 
-    data/prepared/cifar10/{train,val,test}_images.npy   uint8  N x 3 x 32 x 32
-    data/prepared/cifar10/{train,val,test}_labels.npy   uint8  N          (0..9)
-    data/prepared/cifar10/card.json    classes, counts per class per split, train mean/std (0..1 scale)
-    data/prepared/alice/{train,val}_ids.npy             uint8  n_chars    (index into vocab)
-    data/prepared/alice/vocab.json     {"chars": [...]}    the characters, sorted, index = id
-    data/prepared/alice/stats.json     characters, vocab size, unigram bits/char
+images (cifar10-python, image-folder):
+    data/prepared/<name>/{train,val,test}_images.npy   uint8  N x 3 x S x S
+    data/prepared/<name>/{train,val,test}_labels.npy   uint8  N          (index into classes)
+    data/prepared/<name>/card.json    classes, counts per class per split, image_size, train mean/std (0..1)
+text:
+    data/prepared/<name>/{train,val}_ids.npy           uint8  n_chars    (index into vocab; int32 past 256)
+    data/prepared/<name>/vocab.json   {"chars": [...]}    the characters, sorted, index = id
+    data/prepared/<name>/stats.json   characters, vocab size, unigram bits/char
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ptpipe import files
 from ptpipe.stage import StageError
 
 
 def _existing(path: Path) -> Path:
     if not path.exists():
-        raise StageError(f"{path} is missing: run `dvc repro prepare` first")
+        raise StageError(f"{path} is missing: run `dvc repro prepare@{path.parent.name}` first")
     return path
 
 
@@ -31,8 +35,8 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(_existing(path), allow_pickle=False)
 
 
-def load_cifar(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 N x 3 x 32 x 32, labels int64 N) of one split."""
+def load_images(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 N x 3 x S x S, labels int64 N) of one split."""
     prepared_dir = Path(prepared_dir)
     images = torch.from_numpy(_load_npy(prepared_dir / f"{split}_images.npy"))
     labels = torch.from_numpy(_load_npy(prepared_dir / f"{split}_labels.npy")).long()
@@ -40,7 +44,7 @@ def load_cifar(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
 
 
 def load_card(prepared_dir: str | Path) -> dict:
-    return json.loads(_existing(Path(prepared_dir) / "card.json").read_text())
+    return json.loads(_existing(Path(prepared_dir) / "card.json").read_text(encoding="utf-8"))
 
 
 def load_stats(prepared_dir: str | Path) -> dict:
@@ -55,6 +59,34 @@ def load_text(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, lis
     val = torch.from_numpy(_load_npy(prepared_dir / "val_ids.npy")).long()
     vocab = json.loads(_existing(prepared_dir / "vocab.json").read_text(encoding="utf-8"))["chars"]
     return train, val, vocab
+
+
+def digest(prepared_dir: str | Path) -> str:
+    """md5 over the names and md5s of every file of a prepared data set: what a model records of its data,
+    so that validate and evaluate can tell the data it was trained on from other data."""
+    root = Path(prepared_dir)
+    h = hashlib.md5()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()} {files.digest(f, 'md5')}\n".encode())
+    return h.hexdigest()
+
+
+def describe(prepared_dir: str | Path, name: str, fmt: str) -> dict:
+    """What a model file records of the data set it trains on: {"name", "format", "md5"}."""
+    prepared_dir = Path(prepared_dir)
+    layout_file = "card.json" if fmt != "text" else "vocab.json"
+    if not (prepared_dir / layout_file).is_file():
+        raise StageError(f"{prepared_dir} holds no prepared {fmt} data ({layout_file} is missing): "
+                         f"run `dvc repro prepare@{name}` first")
+    return {"name": name, "format": fmt, "md5": digest(prepared_dir)}
+
+
+def check_same_data(config: dict, prepared_dir: str | Path, model_path: str | Path) -> None:
+    """A StageError unless `prepared_dir` holds the data the model at `model_path` was trained on."""
+    recorded = config["data"]
+    if "md5" in recorded and digest(prepared_dir) != recorded["md5"]:
+        raise StageError(f"{model_path} was trained on data set {recorded.get('name')!r} as prepared then, not on "
+                         f"{prepared_dir} as it is now: run `dvc repro train@{Path(model_path).parent.name}`")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

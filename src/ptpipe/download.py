@@ -1,9 +1,13 @@
-"""Stage `download`: fetch one data set (CIFAR-10 or the Alice text) into `data/raw/<name>/`.
+"""Stage `download`: fetch one data set of params.yaml (`datasets.<name>`) into `data/raw/<name>/`.
 
-    python -m ptpipe.download cifar10     # reads params.yaml: download.cifar10.{url,md5}, retries, timeout_s
+    python -m ptpipe.download cifar10 --raw data/raw/cifar10   # datasets.cifar10.{url,md5}, download.*
 
 The URL and md5 come from params.yaml, so a mirror or a local copy is a `-S` away:
-`dvc exp run -S download.cifar10.url=file:///path/cifar-10-python.tar.gz -S download.cifar10.md5=...`.
+`dvc exp run -S datasets.cifar10.url=file:///path/cifar-10-python.tar.gz -S datasets.cifar10.md5=...`.
+What arrives is kept as it is, one file: an archive is not unpacked (prepare reads it in place, so
+DVC tracks one file, not the 10^4-10^6 files a folder of images has). A `file://` URL may also name a
+folder (your own images): it is packed into one uncompressed tar, members sorted and their times and
+owners cleared, so the same folder gives the same bytes; its md5 must be left empty.
 
 Guarantees: the body is streamed to a temporary file (a progress bar per file); a body that
 breaks off is resumed with a Range request (or restarted when the server ignores Range),
@@ -15,6 +19,7 @@ folder appears in one rename: after any failure it does not exist.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 import tempfile
@@ -27,11 +32,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from ptpipe import files, params, stage
-from ptpipe.stage import StageError, run
+from ptpipe import files, params as params_mod, stage
+from ptpipe.stage import StageError
 
-RAW_DIR = Path("data/raw")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CHUNK = 1 << 16  # a cut-off read loses at most this much of what arrived
 
 
@@ -101,8 +104,28 @@ def _no_network_message(url: str, key: str, exc: Exception) -> str:
             f"dvc exp run -S {key}.url=file:///path/to/file -S {key}.md5=<md5 of that file>")
 
 
+def _local_path(url: str) -> Path:
+    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+
+
+def _pack_folder(src: Path, dest: Path) -> None:
+    """`src` as an uncompressed tar at `dest`, members under src's name, in sorted order with times, owners
+    and modes cleared: the same folder gives the same bytes (and the same DVC hash)."""
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (info.isfile() or info.isdir()):
+            return None  # links and devices: not data (prepare would refuse them in an archive)
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    paths = sorted(src.rglob("*"), key=lambda p: p.relative_to(src).as_posix())
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in tqdm(paths, desc=f"packing {src.name}", unit="file", dynamic_ncols=True, mininterval=0.5):
+            tar.add(path, arcname=f"{src.name}/{path.relative_to(src).as_posix()}", recursive=False, filter=plain)
+
+
 def _fetch_file(url: str, dest: Path, key: str) -> None:
-    src = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+    src = _local_path(url)
     if not src.is_file():
         raise StageError(f"{src} does not exist: check {key}.url")
     with open(src, "rb") as fin, open(dest, "wb") as fout, tqdm.wrapattr(
@@ -110,26 +133,22 @@ def _fetch_file(url: str, dest: Path, key: str) -> None:
         shutil.copyfileobj(wrapped, fout, CHUNK)
 
 
-def check_members(archive: tarfile.TarFile, url: str) -> None:
-    """Refuse any member that could write outside the target or is not a plain file/folder."""
-    for member in archive.getmembers():
-        path = PurePosixPath(member.name)
-        if path.is_absolute() or ".." in path.parts:
-            raise StageError(f"refusing to unpack {url}: member {member.name!r} points outside the target folder")
-        if member.issym() or member.islnk():
-            raise StageError(f"refusing to unpack {url}: member {member.name!r} is a link")
-        if not (member.isfile() or member.isdir()):
-            raise StageError(f"refusing to unpack {url}: member {member.name!r} is a device or special file")
-
-
 def fetch(url: str, md5: str, out_dir: Path, *, retries: int, timeout_s: float, key: str) -> Path:
-    """Download `url`, verify `md5`, and place it (unpacked, for archives) at `out_dir` atomically."""
+    """Download `url` (a folder behind file://: packed), verify `md5`, place it in `out_dir` atomically."""
+    local = _local_path(url) if url.startswith("file://") else None
     name = PurePosixPath(urllib.parse.urlsplit(url).path).name or "download"
+    if local is not None and local.is_dir():
+        if md5:
+            raise StageError(f"{key}.md5 is set but {key}.url names a folder ({local}): leave md5 empty "
+                             f"(it checks one downloaded file)")
+        name += ".tar"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     files.remove_leftovers(out_dir.parent, f".{out_dir.name}-download-")  # a killed run's partial download
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-download-") as tmp:
         partial = Path(tmp) / name
-        if url.startswith("file://"):
+        if local is not None and local.is_dir():
+            _pack_folder(local, partial)
+        elif local is not None:
             _fetch_file(url, partial, key)
         else:
             _fetch_http(url, partial, retries=retries, timeout_s=timeout_s, key=key)
@@ -139,33 +158,28 @@ def fetch(url: str, md5: str, out_dir: Path, *, retries: int, timeout_s: float, 
                              f"Nothing was kept. If this is a mirror, set {key}.md5={actual}")
         with files.atomic_path(out_dir) as staging:
             staging.mkdir()
-            if name.endswith(ARCHIVE_SUFFIXES):
-                try:
-                    with tarfile.open(partial) as archive:
-                        check_members(archive, url)
-                        archive.extractall(staging, filter="data")
-                except tarfile.TarError as exc:
-                    raise StageError(f"{url} is not a readable tar archive ({exc})") from None
-            else:
-                shutil.copyfile(partial, staging / name)
-        # the temporary folder (and the downloaded file in it) goes away here: only out_dir remains
-    print(f"{key}: md5 {actual} -> {out_dir}")
+            os.replace(partial, staging / name)
+        # the temporary folder goes away here: only out_dir remains
+    print(f"{key}: md5 {actual} -> {out_dir / name}")
     return out_dir
 
 
-def main(name: str, raw_dir: Path = RAW_DIR, params_file: str | Path = params.PARAMS_FILE) -> Path:
-    p = params.load(params_file)
-    source = getattr(p.download, name)
-    return fetch(source.url, source.md5, Path(raw_dir) / name,
-                 retries=p.download.retries, timeout_s=p.download.timeout_s, key=f"download.{name}")
+def download(name: str, raw_dir: str | Path, params_file: str | Path = params_mod.PARAMS_FILE) -> Path:
+    """datasets.<name> of `params_file` -> raw_dir/<the file's name>."""
+    p = params_mod.load(params_file)
+    if name not in p.datasets:
+        raise StageError(f"no data set {name!r} in {params_file}'s datasets (there are {', '.join(p.datasets)})")
+    source = p.datasets[name]
+    return fetch(source.url, source.md5, Path(raw_dir), retries=p.download.retries,
+                 timeout_s=p.download.timeout_s, key=f"datasets.{name}")
 
 
-def cli() -> None:
-    parser = stage.parser(__doc__, raw=str(RAW_DIR))  # writes RAW/<name>
-    parser.add_argument("name", choices=["cifar10", "alice"], help="which data set (a key of params.yaml's download)")
-    args = parser.parse_args()
-    run(main, args.name, args.raw, args.params)
+def main() -> None:
+    ap = stage.parser(__doc__, "raw")
+    ap.add_argument("name", help="the data set: a key of params.yaml's datasets")
+    args = ap.parse_args()
+    stage.run(download, args.name, args.raw, args.params)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -1,7 +1,6 @@
 """Stage `export`: a trained model -> a TorchScript file and a self-describing ONNX file, for any kind.
 
-    python -m ptpipe.export cnn --model-dir models/cnn   # models/cnn/model.pt -> model.ts + model.onnx
-    python -m ptpipe.export                              # every kind, under models/
+    python -m ptpipe.export --model-dir models/cnn   # models/cnn/model.pt -> model.ts + model.onnx beside it
 
 What a model's graph takes and returns, which axes are dynamic and what its metadata says come
 from its kind (`ptpipe.kinds.<kind>.KIND`): this module has no model-specific code. E.g. the CNN's
@@ -23,8 +22,8 @@ constants (TracerWarnings), scripting keeps them, and every shape stays dynamic.
 
 Every ONNX file carries `metadata_props` (values are JSON): `ptpipe.kind`, `ptpipe.task`,
 `inputs`/`outputs` ([{name, dtype, shape}], dynamic axes by name), the kind's own facts (the CNN's
-`classes`, `mean`/`std`; a text model's `vocab` and `generation`), `model_args`, `params` (the
-training params from model.pt), `git_revision` (HEAD, "+dirty" if the work tree differs) and
+`classes`, `mean`/`std`; a text model's `vocab` and `generation`), `data` (the data set it trained on:
+name and md5 of the prepared data), `model_args`, `params` (the training recipe from model.pt), `git_revision` (HEAD, "+dirty" if the work tree differs) and
 `source_md5` (md5 of model.pt: the hash `dvc.lock` records for it; `ptpipe generate/predict` refuse
 an export whose model.pt has changed since). Weights are inside the .onnx file (no external-data
 sidecar). The TorchScript file carries the same as `config.json` in its extra files. Both files are
@@ -44,9 +43,6 @@ from torch import nn
 
 from ptpipe import files, kinds, params, stage
 from ptpipe.stage import StageError
-
-MODELS_DIR = Path("models")
-
 
 def git_revision(cwd: str | Path = ".") -> str:
     """HEAD's sha, with "+dirty" when tracked files differ from it; "unknown" outside git."""
@@ -124,43 +120,26 @@ def torchscript_bytes(scripted: torch.jit.ScriptModule, meta: dict) -> bytes:
     return buf.getvalue()
 
 
-def export_model(kind_name: str, model_dir: str | Path, opset: int, revision: str | None = None) -> dict:
-    """models/<kind>/model.pt -> model.ts and model.onnx beside it; returns {ts, onnx} paths.
-    A model.pt of another kind than `kind_name` (or of an unknown kind) is a StageError."""
+def export(model_dir: str | Path, params_file: str | Path = params.PARAMS_FILE, revision: str | None = None) -> dict:
+    """model_dir/model.pt (any kind: its file says which) -> model.ts and model.onnx beside it; {ts, onnx} paths."""
+    opset = params.load(params_file).export.opset  # validated before anything is written
     model_dir = Path(model_dir)
     source = model_dir / "model.pt"
-    kind, model, config = kinds.load(source, expect=kind_name)
+    kind, model, config = kinds.load(source)
     meta = metadata(kind, config, source, revision or git_revision())
     proto = to_onnx(kind, model, config, opset, meta)
     scripted = to_torchscript(model)
     out = {"ts": model_dir / "model.ts", "onnx": model_dir / "model.onnx"}
     files.write_bytes(out["ts"], torchscript_bytes(scripted, meta))
     files.write_bytes(out["onnx"], proto.SerializeToString())
+    print(f"{model_dir.name} ({kind.name}): wrote {out['ts']} and {out['onnx']} (opset {opset})")
     return out
 
 
-def main(kind_names: list[str], models_dir: str | Path = MODELS_DIR, model_dir: str | Path | None = None,
-         params_file: str | Path = params.PARAMS_FILE) -> dict:
-    p = params.load(params_file)
-    revision = git_revision()
-    written = {}
-    for name in kind_names:
-        folder = Path(model_dir) if model_dir is not None else Path(models_dir) / name
-        written[name] = export_model(name, folder, p.export.opset, revision)
-        print(f"{name}: wrote {written[name]['ts']} and {written[name]['onnx']} (opset {p.export.opset})")
-    return written
-
-
-def _cli() -> None:
-    parser = stage.parser(__doc__, params=True)
-    stage.add_kinds(parser)
-    parser.add_argument("--models", default=str(MODELS_DIR), help="folder of models/<kind>/ (default: %(default)s)")
-    parser.add_argument("--model-dir", default=None,
-                        help="the one kind's folder holding model.pt, where the exports go (default: MODELS/<kind>)")
-    args = parser.parse_args()
-    chosen = stage.chosen_kinds(parser, args, single=args.model_dir is not None)
-    stage.run(main, chosen, args.models, args.model_dir, args.params)
+def main() -> None:
+    args = stage.parser(__doc__, "model-dir").parse_args()
+    stage.run(export, args.model_dir, args.params)
 
 
 if __name__ == "__main__":
-    _cli()
+    main()

@@ -37,160 +37,73 @@ def _md5(value: str) -> str:
 
 
 
-class Source(Section):
-    url: Annotated[str, AfterValidator(_url)]
-    md5: Annotated[str, AfterValidator(_md5)]
+class _Dataset(Section):
+    url: Annotated[str, AfterValidator(_url)]  # http(s):// or file:// (a file, an archive or a folder)
+    md5: Annotated[str, AfterValidator(_md5)]  # of the downloaded file; empty: not checked
+
+
+class CifarDataset(_Dataset):
+    """CIFAR-10's official "python version" archive (cifar-10-python.tar.gz)."""
+
+    format: Literal["cifar10-python"]
+    val_size: int = Field(ge=1, le=25000)  # images carved out of the training set for validation
+    seed: int
+
+
+class ImageFolderDataset(_Dataset):
+    """Images in class folders (<class>/<image>, or train/<class>/..., test/<class>/...), as a folder or an archive."""
+
+    format: Literal["image-folder"]
+    image_size: int = Field(ge=8, le=512)  # every image: centre square, resized to image_size x image_size
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5, strict=False)]  # of the training images, seeded
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5, strict=False)]  # when the folder has no test/ of its own
+    seed: int
+
+
+class TextDataset(_Dataset):
+    """One UTF-8 text file (or an archive holding exactly one)."""
+
+    format: Literal["text"]
+    gutenberg: bool  # cut Project Gutenberg's header and footer (*** START OF / *** END OF)
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5, strict=False)]  # the last part of the text
+
+
+Dataset = Annotated[Union[CifarDataset, ImageFolderDataset, TextDataset], Field(discriminator="format")]
+FORMATS = ("cifar10-python", "image-folder", "text")
+IMAGE_FORMATS = ("cifar10-python", "image-folder")  # prepared as class-labelled uint8 images (ptpipe.data)
 
 
 class Download(Section):
     retries: int = Field(ge=0, le=20)
     timeout_s: Annotated[float, Field(gt=0, strict=False)]
-    cifar10: Source
-    alice: Source
-
-
-class PrepareCifar(Section):
-    val_size: int = Field(ge=1, le=25000)  # the CNN trainer validates every epoch
-    seed: int
-
-
-class PrepareAlice(Section):
-    val_fraction: Annotated[float, Field(gt=0, lt=0.5, strict=False)]
-
-
-class Prepare(Section):
-    cifar10: PrepareCifar
-    alice: PrepareAlice
 
 
 class Train(Section):
-    """Plumbing shared by both trainers."""
+    """Plumbing shared by every model."""
 
     device: Literal["auto", "cpu", "cuda", "mps"]
     nproc: int = Field(ge=1, le=64)
 
 
-class CnnRecipe(Section):
-    """One CIFAR-10 training recipe (`cnn.recipes.<name>`); units and reasons are in params.yaml."""
+class Model(Section):
+    """A model: its kind, the data set it trains on and the recipe it trains with."""
 
-    arch: Literal["lenet", "airbench"]
-    model_args: dict[str, Union[bool, int, float, list[int]]]  # checked against the arch by ptpipe.kinds.cnn.build_model
-    epochs: int = Field(ge=1, le=1000)
-    batch_size: int = Field(ge=2, le=65536)
-    drop_last: bool  # drop each epoch's last, partial batch (airbench94 does)
-    train_split: Literal["train", "train+val"]
-    validation: Literal["auto", "always", "never"]  # per-epoch validation; auto = when train_split holds val out
-    checkpoint_every: int = Field(ge=1, le=1000)  # epochs between checkpoints
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
-    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]  # null: the top-level lr
-    momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    nesterov: bool
-    weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    bias_lr_scale: Annotated[float, Field(gt=0, le=1000, strict=False)]
-    schedule: Literal["constant", "onecycle", "cosine"]
-    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
-    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
-    label_smoothing: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    lookahead: bool
-    whiten_bias_epochs: int = Field(ge=0)
-    translate: int = Field(ge=0, le=8)
-    flip: Literal["none", "random", "alternate"]
-    mean: Optional[list[Annotated[float, Field(ge=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
-    std: Optional[list[Annotated[float, Field(gt=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
-    tta: int = Field(ge=0, le=2)
-    compile: Literal["auto", "always", "never"]
-    autocast: Literal["auto", "bfloat16", "none"]  # auto = bfloat16 on a GPU, none (float32) elsewhere
-    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
-    seed: int
-
-
-class Cnn(Section):
+    kind: str
+    data: str
     recipe: str
-    recipes: dict[str, CnnRecipe]
-
-    @model_validator(mode="after")
-    def _recipe_exists(self) -> "Cnn":
-        if self.recipe not in self.recipes:
-            raise ValueError(f"recipe {self.recipe!r} is not one of cnn.recipes ({', '.join(sorted(self.recipes))})")
-        return self
-
-    @property
-    def selected(self) -> CnnRecipe:
-        return self.recipes[self.recipe]
 
 
-class LstmSample(Section):
-    """Text the `evaluate_lstm` stage generates from the trained model."""
+class Sample(Section):
+    """Text the evaluate stage generates from a trained text model."""
 
-    prompt: str = Field(min_length=1)
+    prompt: Optional[str] = Field(min_length=1)  # null: the validation text's first 10 characters
     length: int = Field(ge=1, le=100_000)
     seed: int
     temperatures: list[Annotated[float, Field(ge=0, strict=False)]] = Field(min_length=1)
 
 
-class Lstm(Section):
-    """The character-level LSTM (`train_lstm`, `evaluate_lstm`)."""
-
-    embedding_size: int = Field(ge=1)
-    hidden_size: int = Field(ge=1)
-    num_layers: int = Field(ge=1, le=16)
-    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    tie_weights: bool
-    seq_len: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
-    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_lstm does not read the top-level lr
-    optimizer: Literal["adam", "adamw", "sgd"]
-    weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    schedule: Literal["constant", "cosine"]
-    patience: Optional[int] = Field(ge=1)
-    seed: int
-    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
-    eval_streams: int = Field(ge=1)
-    sample: LstmSample
-
-    @model_validator(mode="after")
-    def _tie_needs_equal_sizes(self) -> "Lstm":
-        if self.tie_weights and self.embedding_size != self.hidden_size:
-            raise ValueError("tie_weights: true needs embedding_size == hidden_size "
-                             f"(got {self.embedding_size} and {self.hidden_size})")
-        return self
-
-
-class Gpt(Section):
-    """The character-level transformer (`train_gpt`); units and reasons are in params.yaml."""
-
-    block_size: int = Field(ge=1, le=65536)
-    n_layer: int = Field(ge=1, le=64)
-    n_head: int = Field(ge=1)
-    n_embd: int = Field(ge=1)
-    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    init_std: Annotated[float, Field(gt=0, le=1, strict=False)]
-    batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    steps_per_epoch: int = Field(ge=1)
-    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # its own: train_gpt does not read the top-level lr
-    weight_decay: Annotated[float, Field(ge=0, strict=False)]
-    beta2: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
-    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
-    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
-    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
-    patience: Optional[int] = Field(ge=1)
-    seed: int
-    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
-    eval_stride: int = Field(ge=1)
-
-    @model_validator(mode="after")
-    def _shapes_fit(self) -> "Gpt":
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.eval_stride > self.block_size:
-            raise ValueError(f"eval_stride ({self.eval_stride}) must be at most block_size ({self.block_size}): "
-                             f"windows further apart would leave characters unscored")
-        return self
+class Evaluate(Section):
+    sample: Sample
 
 
 class Export(Section):
@@ -211,27 +124,99 @@ class Validate(Section):
     def _known_kinds(cls, shapes: dict) -> dict:
         from ptpipe import kinds
 
-        unknown = sorted(set(shapes) - set(kinds.known()))
+        unknown = sorted(set(shapes) - set(kinds.KINDS))
         if unknown:
-            raise ValueError(f"unknown model kind {unknown[0]!r} (known kinds are {', '.join(kinds.known())})")
+            raise ValueError(f"unknown model kind {unknown[0]!r} (known kinds are {', '.join(kinds.KINDS)})")
         return shapes
 
 
 class Params(Section):
-    lr: Annotated[float, Field(gt=0, le=10, strict=False)]
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # the CNN recipes' lr where their own is null
+    datasets: dict[str, Dataset]
     download: Download
-    prepare: Prepare
     train: Train
-    cnn: Cnn
-    lstm: Lstm
-    gpt: Gpt
+    models: dict[str, Model]
+    recipes: dict[str, dict[str, dict]]  # recipes.<kind>.<name>: checked against the kind's own schema by `parse`
+    evaluate: Evaluate
     export: Export
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")
 
+    @field_validator("datasets", "models")
+    @classmethod
+    def _names(cls, entries: dict) -> dict:
+        bad = [n for n in entries if not NAME.fullmatch(n)]
+        if bad:  # names become stage names, folders and artifact names
+            raise ValueError(f"name {bad[0]!r}: use letters, digits, '-' and '_' (it names stages and folders)")
+        return entries
 
-def _describe(err: dict) -> str:
-    key = ".".join(str(part) for part in err["loc"]) or "<top level>"
+    def recipe(self, model: str):
+        """The validated recipe `models.<model>` trains with (the kind's own schema)."""
+        m = self.models[model]
+        return _typed_recipe(m.kind, m.recipe, self.recipes[m.kind][m.recipe])
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _typed_recipe(kind: str, name: str, raw: dict):
+    from ptpipe import kinds
+
+    return kinds.get(kind, "params.yaml").recipe.model_validate(raw)
+
+
+def _check_models(p: Params) -> list[str]:
+    """One line per model that names a missing data set, kind or recipe, or data its kind cannot take."""
+    from ptpipe import kinds
+
+    problems = []
+    for name, m in p.models.items():
+        key = f"models.{name}"
+        if m.kind not in kinds.KINDS:
+            problems.append(f"{key}.kind: unknown model kind {m.kind!r} (known kinds are {', '.join(kinds.KINDS)})")
+            continue
+        if m.data not in p.datasets:
+            problems.append(f"{key}.data: no data set {m.data!r} in datasets (there are {', '.join(p.datasets)})")
+        else:
+            fmt, takes = p.datasets[m.data].format, kinds.get(m.kind).formats
+            if fmt not in takes:
+                problems.append(f"{key}.data: {m.data!r} is {fmt} data, and a {m.kind} model trains on "
+                                f"{' or '.join(takes)}: bind it to such a data set, or choose another kind")
+        if m.recipe not in p.recipes.get(m.kind, {}):
+            problems.append(f"{key}.recipe: {m.recipe!r} is not one of recipes.{m.kind} "
+                            f"({', '.join(sorted(p.recipes.get(m.kind, {}))) or 'none'})")
+        elif m.data in p.datasets:
+            try:
+                problem = kinds.get(m.kind).check_data(p.recipe(name), p.datasets[m.data])
+            except ValidationError:  # the recipe itself is wrong: _check_recipes says how
+                problem = None
+            if problem:
+                problems.append(f"{key}: recipes.{m.kind}.{m.recipe} on datasets.{m.data}: {problem}")
+    return problems
+
+
+def _check_recipes(p: Params) -> list[str]:
+    """Every recipes.<kind>.<name> against its kind's schema, errors named by their full key."""
+    from ptpipe import kinds
+
+    problems = []
+    for kind, recipes in p.recipes.items():
+        if kind not in kinds.KINDS:
+            problems.append(f"recipes.{kind}: unknown model kind (known kinds are {', '.join(kinds.KINDS)})")
+            continue
+        for name, raw in recipes.items():
+            try:
+                _typed_recipe(kind, name, raw)
+            except ValidationError as exc:
+                problems += [_describe(e, f"recipes.{kind}.{name}.") for e in exc.errors()]
+    return problems
+
+
+def _describe(err: dict, prefix: str = "") -> str:
+    loc = list(err["loc"])
+    if loc[:1] == ["datasets"] and len(loc) > 2 and loc[2] in FORMATS:  # pydantic adds the format's tag
+        del loc[2]
+    key = (prefix + ".".join(str(part) for part in loc)).rstrip(".") or "<top level>"
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling and section)"
     if err["type"] == "missing":
@@ -243,10 +228,14 @@ def _describe(err: dict) -> str:
 
 def parse(raw: object, source: str = PARAMS_FILE) -> Params:
     try:
-        return Params.model_validate(raw)
+        p = Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: {_describe(e)}" for e in exc.errors()]
-        raise StageError("invalid params\n  " + "\n  ".join(lines)) from None
+        problems = [_describe(e) for e in exc.errors()]
+    else:
+        problems = _check_recipes(p) + _check_models(p)
+    if problems:
+        raise StageError("invalid params\n  " + "\n  ".join(f"{source}: {line}" for line in problems))
+    return p
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -1,35 +1,42 @@
-"""Stage `prepare`: raw downloads -> the compact arrays the trainers load in one read.
+"""Stage `prepare`: one downloaded data set -> the compact arrays the trainers load in one read.
 
-    python -m ptpipe.prepare cifar10   # data/raw/cifar10 -> data/prepared/cifar10 (layout: ptpipe.data)
-    python -m ptpipe.prepare alice     # data/raw/alice   -> data/prepared/alice
+    python -m ptpipe.prepare cifar10 --raw data/raw/cifar10 --prepared data/prepared/cifar10
 
-CIFAR-10: the five training batches and the test batch of the official "python version"
-become uint8 N x 3 x 32 x 32 arrays; a seeded validation split is carved from the training
-set, the test set is left untouched, and `card.json` records counts per class per split and
-the training split's per-channel mean/std. The pickles are read with an unpickler that only
-admits numpy arrays, so a tampered archive cannot run code.
+What it reads depends on the data set's format (params.yaml `datasets.<name>.format`); the layouts
+it writes are two (ptpipe.data): class-labelled images, or character ids.
 
-Text: the Project Gutenberg header and footer are cut at the `*** START OF` / `*** END OF`
-lines when present, line endings become "\\n", and the characters become ids over a sorted
-vocabulary; the last `val_fraction` of the text is the validation split. `stats.json` holds the
-unigram entropy (bits/char), the baseline the language model has to beat.
+cifar10-python: the five training batches and the test batch of CIFAR-10's "python version"
+archive, read in place (never unpacked), become uint8 N x 3 x 32 x 32 arrays; a seeded validation
+split is carved from the training set, the test set is left untouched. The pickles are read with an
+unpickler that only admits numpy arrays, so a tampered archive cannot run code.
+
+image-folder: images in class folders, a folder or an archive (`ptpipe.images.read_image_folder`),
+each centre-cropped and resized to `image_size` as `ptpipe predict` and `ptpipe serve` do; the
+folder's own train/ and test/ split when it has one, else a seeded test split; then a seeded
+validation split of the training images. Both image formats write `card.json`: class names, counts
+per class per split, image size and the training split's per-channel mean/std.
+
+text: one UTF-8 file; with `gutenberg: true` Project Gutenberg's header and footer are cut at the
+`*** START OF` / `*** END OF` lines; line endings become "\\n", and the characters become ids over a
+sorted vocabulary; the last `val_fraction` of the text is the validation split. `stats.json` holds
+the unigram entropy (bits/char), the baseline a language model has to beat.
 """
 from __future__ import annotations
 
+import io
 import math
 import pickle
+import tarfile
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ptpipe import files, params, stage
-from ptpipe.stage import StageError, run
+from ptpipe import files, params as params_mod, stage
+from ptpipe.stage import StageError
 
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-NUM_CLASSES = 10
+CIFAR_CLASSES = 10
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -47,13 +54,25 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 batch file -> (images uint8 N x 3 x 32 x 32, labels uint8 N), validated."""
-    if not path.is_file():
-        raise StageError(f"{path} is missing: the archive is not the CIFAR-10 python version")
+def _cifar_members(archive: Path, key: str) -> dict[str, bytes]:
+    """{file name: bytes} of the regular files under cifar-10-batches-py/ in the archive, read in place."""
     try:
-        with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        with tarfile.open(archive) as tar:
+            return {PurePosixPath(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
+                    if m.isfile() and PurePosixPath(m.name).parent.name == "cifar-10-batches-py"}
+    except tarfile.TarError as exc:
+        raise StageError(f"{archive} is not a readable tar archive ({exc}): {key}.format cifar10-python takes "
+                         f"CIFAR-10's cifar-10-python.tar.gz; for a folder of images use format image-folder") from None
+
+
+def _read_batch(members: dict[str, bytes], name: str, archive: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file -> (images uint8 N x 3 x 32 x 32, labels uint8 N), validated."""
+    path = f"{archive}: cifar-10-batches-py/{name}"
+    if name not in members:
+        raise StageError(f"{path} is missing: the archive is not CIFAR-10's python version (for your own images "
+                         f"in class folders, use format: image-folder, docs/own-data.md)")
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(members[name]), encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise StageError(f"{path}: not a CIFAR-10 batch ({exc})") from None
@@ -61,76 +80,81 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected N x 3072 uint8")
     if labels.shape != (data.shape[0],):
         raise StageError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    if labels.size and (labels.min() < 0 or labels.max() >= CIFAR_CLASSES):
         raise StageError(f"{path}: labels outside 0..9 (found {labels.min()}..{labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
-def _class_names(batches_dir: Path) -> list[str]:
-    path = batches_dir / "batches.meta"
-    if not path.is_file():
-        raise StageError(f"{path} is missing: the archive is not the CIFAR-10 python version")
+def _class_names(members: dict[str, bytes], archive: Path) -> list[str]:
+    path = f"{archive}: cifar-10-batches-py/batches.meta"
+    if "batches.meta" not in members:
+        raise StageError(f"{path} is missing: the archive is not CIFAR-10's python version")
     try:
-        with open(path, "rb") as f:
-            meta = _ArrayUnpickler(f, encoding="bytes").load()
+        meta = _ArrayUnpickler(io.BytesIO(members["batches.meta"]), encoding="bytes").load()
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise StageError(f"{path}: not CIFAR-10's batches.meta ({exc})") from None
-    if len(names) != NUM_CLASSES:
-        raise StageError(f"{batches_dir / 'batches.meta'}: {len(names)} class names, expected 10")
+    if len(names) != CIFAR_CLASSES:
+        raise StageError(f"{path}: {len(names)} class names, CIFAR-10 has 10 (for your own classes use "
+                         f"format: image-folder, docs/own-data.md)")
     return names
 
 
-def prepare_cifar(raw_dir: Path, out_dir: Path, val_size: int, seed: int) -> dict:
-    batches_dir = raw_dir / "cifar-10-batches-py"
-    train = [_read_batch(batches_dir / name) for name in CIFAR_TRAIN_BATCHES]
+def prepare_cifar(archive: Path, out_dir: Path, val_size: int, seed: int, key: str) -> dict:
+    members = _cifar_members(archive, key)
+    train = [_read_batch(members, name, archive) for name in CIFAR_TRAIN_BATCHES]
     train_x = np.concatenate([x for x, _ in train])
     train_y = np.concatenate([y for _, y in train])
-    test_x, test_y = _read_batch(batches_dir / "test_batch")
-    classes = _class_names(batches_dir)
+    test_x, test_y = _read_batch(members, "test_batch", archive)
+    classes = _class_names(members, archive)
+    del members
     if val_size >= len(train_x):
-        raise StageError(f"prepare.cifar10.val_size={val_size} leaves no training images ({len(train_x)} in all)")
-
+        raise StageError(f"{key}.val_size={val_size} leaves no training images ({len(train_x)} in all)")
     order = np.random.default_rng(seed).permutation(len(train_x))
     val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
-    splits = {
-        "train": (train_x[train_idx], train_y[train_idx]),
-        "val": (train_x[val_idx], train_y[val_idx]),
-        "test": (test_x, test_y),
-    }
+    splits = {"train": (train_x[train_idx], train_y[train_idx]), "val": (train_x[val_idx], train_y[val_idx]),
+              "test": (test_x, test_y)}
+    return write_images(out_dir, splits, classes, {"val_size": val_size, "seed": seed})
+
+
+def write_images(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                 extra: dict) -> dict:
+    """The images layout (ptpipe.data) in one atomic rename: arrays per split and card.json."""
     # One channel at a time in float32: a float64 copy of the whole split would double peak memory.
     channels = [splits["train"][0][:, c].astype(np.float32) / 255.0 for c in range(3)]
     card = {
         "classes": classes,
-        "counts": {split: np.bincount(y, minlength=NUM_CLASSES).tolist() for split, (_, y) in splits.items()},
+        "counts": {split: np.bincount(y, minlength=len(classes)).tolist() for split, (_, y) in splits.items()},
+        "image_size": int(splits["train"][0].shape[-1]),
         "mean": [round(float(ch.mean(dtype=np.float64)), 6) for ch in channels],
         "std": [round(float(ch.std(dtype=np.float64)), 6) for ch in channels],
-        "val_size": val_size,
-        "seed": seed,
+        **extra,
     }
     with files.atomic_path(out_dir) as staging:
         staging.mkdir()
         for split, (x, y) in splits.items():
             np.save(staging / f"{split}_images.npy", np.ascontiguousarray(x))
-            np.save(staging / f"{split}_labels.npy", y)
+            np.save(staging / f"{split}_labels.npy", y.astype(np.uint8 if len(classes) <= 256 else np.int32))
         files.write_json(staging / "card.json", card)
     return card
 
 
-def clean_text(raw: bytes, source: Path) -> str:
+def clean_text(raw: bytes, source: Path, gutenberg: bool, key: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise StageError(f"{source} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})") from None
+        raise StageError(f"{source} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}): "
+                         f"{key} (format text) takes UTF-8; convert it, e.g. iconv -f latin1 -t utf-8") from None
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
-    start = next((i for i, line in enumerate(lines) if line.startswith("*** START OF")), None)
-    end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), None)
-    if start is not None or end is not None:
+    if gutenberg:
+        start = next((i for i, line in enumerate(lines) if line.startswith("*** START OF")), None)
+        end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), None)
         lines = lines[(start + 1 if start is not None else 0):(end if end is not None else len(lines))]
     text = "\n".join(lines).strip("\n") + "\n"
     if not text.strip():
-        raise StageError(f"{source} holds no text (after removing the Gutenberg header and footer)")
+        cut = " after cutting the Project Gutenberg header and footer" if gutenberg else ""
+        raise StageError(f"{source} holds no text{cut}")
     return text
 
 
@@ -138,11 +162,8 @@ def _entropy_bits(counts: Counter, total: int) -> float:
     return -sum(c / total * math.log2(c / total) for c in counts.values())
 
 
-def prepare_text(raw_dir: Path, out_dir: Path, val_fraction: float) -> dict:
-    sources = sorted(p for p in raw_dir.iterdir() if p.is_file()) if raw_dir.is_dir() else []
-    if len(sources) != 1:
-        raise StageError(f"{raw_dir} should hold exactly one text file (found {len(sources)}): run `dvc repro download@alice`")
-    text = clean_text(sources[0].read_bytes(), sources[0])
+def prepare_text(source: Path, out_dir: Path, gutenberg: bool, val_fraction: float, key: str) -> dict:
+    text = clean_text(source.read_bytes(), source, gutenberg, key)
     vocab = sorted(set(text))
     index = {ch: i for i, ch in enumerate(vocab)}
     ids = np.array([index[ch] for ch in text], dtype=np.uint8 if len(vocab) <= 256 else np.int32)
@@ -171,24 +192,43 @@ def prepare_text(raw_dir: Path, out_dir: Path, val_fraction: float) -> dict:
     return stats
 
 
-def main(name: str, raw_dir: Path = RAW_DIR, prepared_dir: Path = PREPARED_DIR,
-         params_file: str | Path = params.PARAMS_FILE) -> dict:
-    p = params.load(params_file).prepare
-    raw, out = Path(raw_dir) / name, Path(prepared_dir) / name
-    if name == "cifar10":
-        result = prepare_cifar(raw, out, p.cifar10.val_size, p.cifar10.seed)
+def prepare_image_folder(source: Path, out_dir: Path, d: params_mod.ImageFolderDataset, key: str) -> dict:
+    raise NotImplementedError  # filled in with ptpipe.images
+
+
+def _raw_file(raw_dir: Path, name: str) -> Path:
+    """The one file the download stage left in raw_dir."""
+    found = sorted(p for p in raw_dir.iterdir() if p.is_file()) if raw_dir.is_dir() else []
+    if len(found) != 1:
+        raise StageError(f"{raw_dir} should hold the one file `dvc repro download@{name}` writes "
+                         f"(found {len(found)}): run it first")
+    return found[0]
+
+
+def prepare(name: str, raw_dir: str | Path, prepared_dir: str | Path,
+            params_file: str | Path = params_mod.PARAMS_FILE) -> dict:
+    """datasets.<name> of `params_file`: raw_dir (what download@<name> wrote) -> prepared_dir."""
+    p = params_mod.load(params_file)
+    if name not in p.datasets:
+        raise StageError(f"no data set {name!r} in {params_file}'s datasets (there are {', '.join(p.datasets)})")
+    d, key, out = p.datasets[name], f"datasets.{name}", Path(prepared_dir)
+    source = _raw_file(Path(raw_dir), name)
+    if d.format == "cifar10-python":
+        result = prepare_cifar(source, out, d.val_size, d.seed, key)
+    elif d.format == "image-folder":
+        result = prepare_image_folder(source, out, d, key)
     else:
-        result = prepare_text(raw, out, p.alice.val_fraction)
-    print(f"prepare {name} -> {out}")
+        result = prepare_text(source, out, d.gutenberg, d.val_fraction, key)
+    print(f"prepare {name} ({d.format}) -> {out}")
     return result
 
 
-def cli() -> None:
-    parser = stage.parser(__doc__, raw=str(RAW_DIR), prepared=str(PREPARED_DIR))  # RAW/<name> -> PREPARED/<name>
-    parser.add_argument("name", choices=["cifar10", "alice"], help="which data set (a key of params.yaml's prepare)")
-    args = parser.parse_args()
-    run(main, args.name, args.raw, args.prepared, args.params)
+def main() -> None:
+    ap = stage.parser(__doc__, "raw", "prepared")
+    ap.add_argument("name", help="the data set: a key of params.yaml's datasets")
+    args = ap.parse_args()
+    stage.run(prepare, args.name, args.raw, args.prepared, args.params)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

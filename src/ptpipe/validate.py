@@ -1,13 +1,13 @@
-"""Stage `validate`: the exported files compute what the trained weights compute, for any kind.
+"""Stage `validate`: the exported files compute what the trained weights compute, for any model.
 
-    python -m ptpipe.validate lstm --models models --prepared data/prepared \
-        --metrics metrics/validate/lstm.json --report reports/validate/lstm.json
-    python -m ptpipe.validate          # every kind -> metrics/validate.json, reports/validate.json
+    python -m ptpipe.validate --model-dir models/lstm --data data/prepared/alice \
+        --metrics metrics/lstm/validate.json --report reports/lstm/validate.json
 
-`validate_models` is THE check (the Prefect validation flow calls it too): for each model, the
+`validate_models` is THE check (the stage and the Prefect validation flow call it): for each model, the
 eager PyTorch model rebuilt from model.pt is the reference; the TorchScript file (torch.jit.load)
 and the ONNX file (onnxruntime, the session options of `ptpipe.inference`) run the same real
-prepared data at shapes the export never saw. The cases come from the model's kind
+prepared data it was trained on (the data set its model.pt names) at shapes the export never saw.
+The cases come from the model's kind
 (`ptpipe.kinds.<kind>.KIND.validation_cases`, sizes from `validate.shapes.<kind>` in params.yaml):
 e.g. the CNN's first 1, 7, 64 test images; the LSTM's batch 1 and 5 streams of validation text at
 lengths 1, 37, 256, each from a zero state and then the next window from the state that backend
@@ -29,14 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ptpipe import files, inference, kinds, params, stage
+from ptpipe import data, files, inference, kinds, params, stage
 from ptpipe.export import load_torchscript
 from ptpipe.stage import StageError
 
-MODELS_DIR = Path("models")
-PREPARED_DIR = Path("data/prepared")
-METRICS = Path("metrics/validate.json")
-REPORT = Path("reports/validate.json")
 BACKENDS = ("torchscript", "onnxruntime")
 
 
@@ -85,13 +81,14 @@ def _compare(ref: list[dict], got: list[dict], logits: str) -> dict:
     return out
 
 
-def validate_kind(name: str, model_dir: Path, prepared_root: Path, shapes: dict) -> dict:
-    """{backend: {case label: {<output>..., top1}}} for one model."""
-    if name not in shapes:  # a params problem: said before any file is read
-        raise StageError(f"params.yaml: validate.shapes.{name}: missing (the sizes to validate {name} at)")
-    kind, eager, config = kinds.load(model_dir / "model.pt", expect=name)
+def validate_model(model_dir: Path, data_dir: Path, shapes: dict) -> dict:
+    """{backend: {case label: {<output>..., top1}}} for one model, on `data_dir` (the data it trained on)."""
+    kind, eager, config = kinds.load(model_dir / "model.pt")
+    if kind.name not in shapes:  # a params problem: said before the exports are read
+        raise StageError(f"params.yaml: validate.shapes.{kind.name}: missing (the sizes to validate {kind.name} at)")
+    data.check_same_data(config, data_dir, model_dir / "model.pt")
     backends = _open_exports(kind, config, model_dir)
-    cases = kind.validation_cases(config, prepared_root / kind.prepared, shapes[name])
+    cases = kind.validation_cases(config, data_dir, shapes[kind.name])
     reference = kinds.runner(eager, kind.signature(config))
     logits = kind.outputs[0].name
     report = {b: {} for b in BACKENDS}
@@ -102,14 +99,13 @@ def validate_kind(name: str, model_dir: Path, prepared_root: Path, shapes: dict)
     return report
 
 
-def validate_models(models_dir: str | Path = MODELS_DIR, prepared_dir: str | Path = PREPARED_DIR,
-                    atol: float | None = None, models: list[str] | tuple[str, ...] | None = None,
-                    shapes: dict | None = None, params_file: str | Path = params.PARAMS_FILE) -> dict:
+def validate_models(models: dict[str, tuple[Path, Path]], atol: float | None = None, shapes: dict | None = None,
+                    params_file: str | Path = params.PARAMS_FILE) -> dict:
     """Compare eager vs TorchScript vs onnxruntime; returns the report, raises ValidationFailed.
 
-    `models`: kinds (default all); models_dir/<kind>/ holds each, prepared_dir/<kind's data set> its data.
-    Tolerance and shapes not given are read from `params_file`'s `validate` section (the defaults
-    live there alone). The report:
+    `models`: {model name: (its folder holding model.pt and the exports, the prepared data it trained on)}
+    (`workspace_models` lists a project's). Tolerance and shapes not given are read from `params_file`'s
+    `validate` section (the defaults live there alone). The report:
         {"atol", "passed", "tolerance": {"atol", "top1_agreement"},
          "max_abs_diff": {model: {backend: x}},
          "<model>": {backend: {case label: {<output>, ..., "top1"}}},
@@ -121,12 +117,10 @@ def validate_models(models_dir: str | Path = MODELS_DIR, prepared_dir: str | Pat
         v = params.load(params_file).validation
         atol = v.atol if atol is None else atol
         shapes = v.shapes if shapes is None else shapes
-    models = list(models or kinds.names())
-    models_dir, prepared_dir = Path(models_dir), Path(prepared_dir)
     report: dict = {"atol": atol, "passed": True, "tolerance": {"atol": atol, "top1_agreement": 1.0},
                     "max_abs_diff": {}}
-    for model in models:
-        report[model] = validate_kind(model, models_dir / model, prepared_dir, shapes)
+    for model, (model_dir, data_dir) in models.items():
+        report[model] = validate_model(Path(model_dir), Path(data_dir), shapes)
     checks, failures = [], []
     for model in models:
         report["max_abs_diff"][model] = {}
@@ -153,17 +147,27 @@ def validate_models(models_dir: str | Path = MODELS_DIR, prepared_dir: str | Pat
     return report
 
 
+def workspace_models(root: str | Path = ".", params_file: str | Path = params.PARAMS_FILE,
+                     models_dir: str | Path | None = None) -> dict[str, tuple[Path, Path]]:
+    """{name: (models/<name>, data/prepared/<its data set>)} of every model in params.yaml
+    (`models_dir`: another folder of models/<name>/, e.g. a revision's, fetched by the validation flow)."""
+    root = Path(root)
+    p = params.load(params_file)
+    folder = Path(models_dir) if models_dir is not None else root / "models"
+    return {name: (folder / name, root / "data" / "prepared" / m.data) for name, m in p.models.items()}
+
+
 def summary(report: dict) -> dict:
     """The DVC metric: a few numbers per model (the per-case rows are in the report file)."""
     return {"passed": report["passed"], "atol": report["atol"], "max_abs_diff": report["max_abs_diff"]}
 
 
-def main(models: list[str] | None = None, models_dir: str | Path = MODELS_DIR, prepared_dir: str | Path = PREPARED_DIR,
-         metrics_path: str | Path = METRICS, report_path: str | Path = REPORT,
-         params_file: str | Path = params.PARAMS_FILE) -> dict:
-    metrics_path, report_path = Path(metrics_path), Path(report_path)
+def validate(model_dir: str | Path, data_dir: str | Path, metrics_path: str | Path, report_path: str | Path,
+             params_file: str | Path = params.PARAMS_FILE) -> dict:
+    """The stage: one model; the metric only when everything passed, the report whenever it got as far as comparing."""
+    metrics_path, report_path, model_dir = Path(metrics_path), Path(report_path), Path(model_dir)
     try:
-        report = validate_models(models_dir, prepared_dir, models=models, params_file=params_file)
+        report = validate_models({model_dir.name: (model_dir, Path(data_dir))}, params_file=params_file)
     except ValidationFailed as err:
         metrics_path.unlink(missing_ok=True)  # an earlier passing metric must not look current
         files.write_json(report_path, err.report)  # which cases failed, for the user to read
@@ -180,14 +184,10 @@ def main(models: list[str] | None = None, models_dir: str | Path = MODELS_DIR, p
     return report
 
 
-def _cli() -> None:
-    parser = stage.parser(__doc__, models=str(MODELS_DIR), prepared=str(PREPARED_DIR), metrics=str(METRICS),
-                          report=str(REPORT))
-    stage.add_kinds(parser)
-    args = parser.parse_args()
-    stage.run(main, stage.chosen_kinds(parser, args), args.models, args.prepared, args.metrics, args.report,
-              args.params)
+def main() -> None:
+    args = stage.parser(__doc__, "model-dir", "data", "metrics", "report").parse_args()
+    stage.run(validate, args.model_dir, args.data, args.metrics, args.report, args.params)
 
 
 if __name__ == "__main__":
-    _cli()
+    main()

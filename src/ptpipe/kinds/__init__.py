@@ -1,28 +1,28 @@
-"""Model kinds: what the rest of the pipeline needs to know about a model, in one module per model.
+"""Model kinds: what the rest of the pipeline needs to know about a model, in one module per kind.
 
-Every module of this package is a kind (`cnn`, `lstm`, ...) and defines `KIND = ModelKind(...)`:
-how to build the deployable module from a saved config, its ONNX/TorchScript signature, example
-inputs for the export, the metadata inference reads, and the validation cases. `export`,
-`validate`, `generate`, `inference`, the registry and the flows look kinds up here and nowhere
-else; adding a model is adding a module here (plus its training stage, params and dvc.yaml block).
-docs/add-a-model.md walks through it.
+`KINDS` lists them; each is a module of this package that defines `KIND = ModelKind(...)`: the data
+formats it trains on, its recipe schema (params.yaml's `recipes.<kind>.<name>`), how it trains
+(`training`: the parts the shared loop in `ptpipe.train` runs), the metric that ranks two trained
+models, how to build the deployable module from a saved config, its ONNX/TorchScript signature,
+example inputs for the export, the metadata inference reads, and the validation cases. A *model*
+(params.yaml's `models.<name>`) is a kind, a data set and a recipe; `export`, `validate`, `evaluate`,
+`generate`, inference, the registry and the flows read everything else from the model file.
+docs/add-a-model.md walks through adding a kind.
 
-This file imports no torch at module level: `names()` lists the package's modules without importing
-them, so the torch-free runtime (`ptpipe.inference`) can tell a ptpipe model from a foreign file.
-`get(name)` imports the kind's module (and so torch).
+This file imports no torch at module level, so the torch-free runtime (`ptpipe.inference`) can tell a
+ptpipe model from a foreign file; `get(name)` imports the kind's module (and so torch).
 
-Every trainer saves models/<kind>/model.pt as
-    {"state_dict": ..., "config": {"kind": "cnn", "model_args": {...}, "params": {resolved training params},
-                                   "data": {"classes": [...], ...} or {"vocab": [...]}}}
+Every trainer saves models/<model>/model.pt as
+    {"state_dict": ..., "config": {"kind": "cnn", "model_args": {...}, "params": {the resolved recipe},
+                                   "data": {"name": "cifar10", "md5": <prepared data>, "classes": [...], ...}}}
 """
 from __future__ import annotations
 
 import importlib
 import pickle
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from ptpipe.stage import StageError
 
@@ -30,16 +30,17 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
+KINDS = ("cnn", "lstm", "gpt")  # the kinds: modules of this package (tests monkeypatch this and `get`)
 TASKS = ("image-classification", "text-generation")
 DTYPES = ("uint8", "int64", "float32")
 CONFIG_KEYS = ("kind", "model_args", "params", "data")  # what every saved config holds
 
 
 class UnknownKind(StageError):
-    """A model file names a kind this version of ptpipe does not have."""
+    """A model file or params.yaml names a kind this version of ptpipe does not have."""
 
     def __init__(self, kind: object, where: str | Path):
-        super().__init__(f"unknown model kind {kind!r} in {where}: known kinds are {', '.join(known())}")
+        super().__init__(f"unknown model kind {kind!r} in {where}: known kinds are {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,29 @@ class Case:
 
 @dataclass(frozen=True)
 class ModelKind:
-    name: str  # "cnn": also the models/<name>/ folder
-    task: str  # one of TASKS: which runtime class serves it (ptpipe.inference.open_model)
-    train_stage: str  # named in "run `dvc repro <stage>`" messages
-    prepared: str  # the prepared data set it trains and validates on: data/prepared/<prepared>
+    name: str  # "cnn": what params.yaml's models.<model>.kind says
+    task: str  # one of TASKS: which runtime class serves it (ptpipe.inference.open_model), how it is evaluated
+    formats: tuple[str, ...]  # the data set formats it trains on (params.yaml datasets.<name>.format)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]  # the first output is the logits (top-1 agreement, sampling)
     build: Callable[[dict], "nn.Module"]  # saved config -> the DEPLOYABLE module (weights not loaded)
     example_inputs: Callable[["nn.Module", dict], tuple]  # what the export runs once
     metadata: Callable[[dict], dict]  # task facts for inference (classes, vocab, generation), JSON-able
-    validation_cases: Callable[[dict, Path, dict], list[Case]]  # (config, prepared dir, validate.shapes.<name>)
+    validation_cases: Callable[[dict, Path, dict], list[Case]]  # (config, prepared dir, validate.shapes.<kind>)
+    recipe: Any = None  # the pydantic schema of recipes.<kind>.<name> (ptpipe.params.Section); None: not trainable
+    training: Callable[..., Any] | None = None  # (recipe, data dir, device, ddp) -> ptpipe.train.Training
+    # text kinds: (eval-mode model, ids, the recorded recipe) -> (summed nats, characters scored)
+    text_loss: Callable[["nn.Module", Any, dict], tuple[float, int]] | None = None
+    # (recipe, params.yaml's datasets.<name>) -> why this recipe cannot train on that data, or None
+    check_data: Callable[[Any, Any], str | None] = lambda recipe, dataset: None
     # the part of the deployable module whose weights model.pt holds (the CNN's trained net sits
     # behind the input normalisation); the whole module by default
     trained_part: Callable[["nn.Module"], "nn.Module"] = lambda module: module
+
+    @property
+    def metric(self) -> tuple[str, bool]:
+        """(key in metrics/<model>/evaluate.json, higher is better): what ranks two trained models."""
+        return ("test.acc", True) if self.task == "image-classification" else ("val_bits_per_char", False)
 
     def signature(self, config: dict) -> dict:
         """{"inputs": [...], "outputs": [...]} resolved against the config's model_args."""
@@ -92,72 +103,53 @@ class ModelKind:
     def describe(self, config: dict) -> dict:
         """The torch-free description of a trained model of this kind: what the exported files carry
         as metadata (export adds source_md5 and git_revision) and what eager generation reads."""
+        data = {k: config["data"][k] for k in ("name", "md5") if k in config["data"]}
         return {"ptpipe.kind": self.name, "ptpipe.task": self.task, **self.signature(config),
-                **self.metadata(config), "model_args": config["model_args"], "params": config["params"]}
-
-
-def names() -> list[str]:
-    """The kinds, sorted: the modules of this package (listed without importing them)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-
-
-
-_registered: dict[str, ModelKind] = {}
-
-
-def register(kind: ModelKind) -> ModelKind:
-    """Add a kind that is not a module of this package (the test suite's own model)."""
-    _registered[kind.name] = kind
-    return kind
-
-
-def known() -> list[str]:
-    return sorted({*names(), *_registered})
+                **self.metadata(config), "data": data, "model_args": config["model_args"], "params": config["params"]}
 
 
 def get(name: object, where: str | Path = "the request") -> ModelKind:
     """The kind called `name`; UnknownKind (a one-line StageError naming the known kinds) otherwise."""
-    if isinstance(name, str) and name in _registered:
-        return _registered[name]
-    if not isinstance(name, str) or name not in names():
-        raise UnknownKind(name, where)
-    return importlib.import_module(f"{__name__}.{name}").KIND
+    return importlib.import_module(f"{__name__}.{check_known(name, where)}").KIND
 
 
 def check_known(name: object, where: str | Path) -> str:
     """`name` if it is a known kind (torch-free: nothing is imported), else UnknownKind."""
-    if not isinstance(name, str) or name not in known():
+    if not isinstance(name, str) or name not in KINDS:
         raise UnknownKind(name, where)
     return name
 
 
-def load_file(path: str | Path, stage: str | None = None) -> dict:
+def retrain_hint(path: str | Path) -> str:
+    """How to make the model file `path` again: its stage is train@<its folder's name>."""
+    return f"`dvc repro train@{Path(path).parent.name}`"
+
+
+def load_file(path: str | Path) -> dict:
     """What a trainer saved at `path` ({state_dict, config}), loaded with weights_only=True, its config
-    checked for the self-describing shape. A missing or foreign file is a StageError naming the stage to
-    rerun (`stage`: the expected kind's train stage, when the caller knows it)."""
+    checked for the self-describing shape. A missing or foreign file is a StageError naming the stage to rerun."""
     import torch
 
     path = Path(path)
-    rerun = f"`dvc repro {stage}`" if stage else "`dvc repro`"
-    writer = f"`dvc repro {stage}`" if stage else "a ptpipe training stage"
     if not path.exists():
-        raise StageError(f"{path} is missing: run {rerun} first")
+        raise StageError(f"{path} is missing: run {retrain_hint(path)} first")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise StageError(f"{path}: not a model file written by {writer} ({type(exc).__name__})") from None
+        raise StageError(f"{path}: not a model file written by a ptpipe train stage ({type(exc).__name__})") from None
     if not isinstance(saved, dict) or "state_dict" not in saved or not isinstance(saved.get("config"), dict):
-        raise StageError(f"{path}: not a model file written by {writer} (no state_dict and config)")
+        raise StageError(f"{path}: not a model file written by a ptpipe train stage (no state_dict and config)")
     missing = [k for k in CONFIG_KEYS if k not in saved["config"]]
     if missing:
-        raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe ({rerun})")
+        raise StageError(f"{path}: config lacks {', '.join(missing)}: retrain it with this version of ptpipe "
+                         f"({retrain_hint(path)})")
     return saved
 
 
 def load(path: str | Path, expect: str | None = None) -> tuple[ModelKind, "nn.Module", dict]:
     """(kind, eval-mode deployable module on the CPU, config) from a model.pt alone (not params.yaml).
     `expect`: the kind the caller needs; a file of another kind is a StageError."""
-    saved = load_file(path, get(expect).train_stage if expect else None)
+    saved = load_file(path)
     config = saved["config"]
     kind = get(config["kind"], path)
     if expect and kind.name != expect:
@@ -167,7 +159,7 @@ def load(path: str | Path, expect: str | None = None) -> tuple[ModelKind, "nn.Mo
         kind.trained_part(module).load_state_dict(saved["state_dict"])
     except RuntimeError as exc:  # weights of another shape than model_args says
         raise StageError(f"{path}: weights do not match its model_args ({str(exc).splitlines()[0]}): "
-                         f"retrain it (`dvc repro {kind.train_stage}`)") from None
+                         f"retrain it ({retrain_hint(path)})") from None
     return kind, module.eval(), config
 
 
@@ -176,7 +168,6 @@ def shape_params(validate_params: dict, kind: str, key: str) -> list[int]:
     if key not in validate_params:
         raise StageError(f"params.yaml: validate.shapes.{kind}.{key}: missing (the sizes to validate {kind} at)")
     return list(validate_params[key])
-
 
 
 def runner(module: "nn.Module", meta: dict) -> Callable[[dict], dict]:

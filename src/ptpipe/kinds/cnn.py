@@ -1,31 +1,39 @@
-"""Model kind `cnn`: the CIFAR-10 classifiers and their tensor-side data path (training, evaluation, export).
+"""Model kind `cnn`: image classifiers (CIFAR-10 or a folder of your own images) and their tensor-side
+data path (training, evaluation, export).
 
-- `LeNet`: the PyTorch tutorial's network, exactly.
+- `LeNet`: the PyTorch tutorial's network, exactly (at 32x32; other sizes resize its first linear layer).
 - `Airbench`: the airbench94 network (Keller Jordan's CIFAR-10 speedruns) with configurable widths:
   a frozen 2x2 patch-whitening conv, three conv groups (conv, pool, BN, GELU, conv, BN, GELU),
   a max-pool, a linear head and a fixed output scale.
 - `build_model(arch, **model_args)`: the one way to build either from what a model file records;
-  `load_model(path)`: a trained model back from models/cnn/model.pt.
+  `load_model(path)`: a trained model back from models/<model>/model.pt.
 - `RawImageClassifier` and `KIND`: the deployable model (raw uint8 images in, the training
   normalisation folded into the graph) and what export, validate and inference need to know.
 - `EpochImages`: the whole training split as one uint8 tensor on the device; each epoch one seeded
   permutation, random translate (reflect padding) and flip as batched tensor ops over the whole set,
   normalised once; batches are contiguous slices of that tensor (views, no per-step gather).
 - `normalize`, `predict` (with test-time augmentation): the same ops at evaluation and inference.
+- `Recipe`, `training`: what params.yaml's recipes.cnn.<name> may say, and the parts of training that are
+  this kind's (data on the device, param groups, Lookahead, torch.compile) for the loop in `ptpipe.train`.
 """
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptpipe import kinds
-from ptpipe.data import epoch_generator, load_cifar
+from pydantic import Field
+
+from ptpipe import data, kinds, train
+from ptpipe.data import epoch_generator
+from ptpipe.params import Section
 from ptpipe.stage import StageError
 
 
@@ -34,19 +42,22 @@ from ptpipe.stage import StageError
 class LeNet(nn.Module):
     """The tutorial's net: conv 3->6 k5, pool 2, conv 6->16 k5, pool 2, fc 400->120->84->10, ReLU."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
         super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2  # after conv 5, pool 2, conv 5, pool 2: 5 at 32
+        if side < 1:
+            raise ValueError(f"lenet needs images of at least 16x16 (got {image_size})")
         self.conv1 = nn.Conv2d(3, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc1 = nn.Linear(16 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B x 3 x 32 x 32 (normalised)
         x = self.pool(F.relu(self.conv1(x)))  # B x 6 x 14 x 14
         x = self.pool(F.relu(self.conv2(x)))  # B x 16 x 5 x 5
-        x = torch.flatten(x, 1)  # B x 400
+        x = torch.flatten(x, 1)  # B x 400 (at 32x32)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)  # B x num_classes logits
@@ -93,16 +104,20 @@ class Airbench(nn.Module):
     """airbench94's net; `widths` = channels of the three conv groups (airbench94: 64, 256, 256).
 
     Shapes for a B x 3 x 32 x 32 input: whiten -> B x 24 x 31 x 31 -> group1 -> 15 x 15
-    -> group2 -> 7 x 7 -> group3 -> 3 x 3 -> max-pool -> B x widths[2] -> B x num_classes.
+    -> group2 -> 7 x 7 -> group3 -> 3 x 3 -> max-pool (over what is left) -> B x widths[2] -> B x num_classes.
     """
 
     whiten_kernel = 2  # 2x2 patches: 3*2*2 = 12 dims, whitened as +/- 12 eigenvectors = 24 channels
 
     def __init__(self, widths: list[int] | tuple[int, int, int] = (64, 256, 256), num_classes: int = 10,
-                 bn_momentum: float = 0.4, scale: float = 1 / 9, zero_whiten_bias: bool = False):
+                 bn_momentum: float = 0.4, scale: float = 1 / 9, zero_whiten_bias: bool = False,
+                 image_size: int = 32):
         super().__init__()
         if len(widths) != 3 or any(int(w) < 1 for w in widths):
             raise ValueError(f"widths must be 3 positive channel counts, got {list(widths)}")
+        side = (image_size - self.whiten_kernel + 1) // 2 // 2 // 2  # three pooling groups: 3 at 32
+        if side < 1:
+            raise ValueError(f"airbench needs images of at least 9x9 (got {image_size})")
         whiten_width = 2 * 3 * self.whiten_kernel**2
         self.scale = scale  # logits are scaled down: the raw head is too confident early on
         self.whiten = nn.Conv2d(3, whiten_width, self.whiten_kernel, padding=0, bias=True)
@@ -112,7 +127,7 @@ class Airbench(nn.Module):
         self.group1 = _ConvGroup(whiten_width, widths[0], bn_momentum)
         self.group2 = _ConvGroup(widths[0], widths[1], bn_momentum)
         self.group3 = _ConvGroup(widths[1], widths[2], bn_momentum)
-        self.pool = nn.MaxPool2d(3)
+        self.pool = nn.MaxPool2d(side)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +152,6 @@ class Airbench(nn.Module):
 
 
 ARCHS = {"lenet": LeNet, "airbench": Airbench}
-IMAGE_SIZE = 32
 
 
 def build_model(arch: str, **model_args) -> nn.Module:
@@ -153,7 +167,7 @@ def build_model(arch: str, **model_args) -> nn.Module:
 
 
 class RawImageClassifier(nn.Module):
-    """A CIFAR model behind the training normalisation: uint8 B x 3 x 32 x 32 -> logits B x classes.
+    """A classifier behind the training normalisation: uint8 B x 3 x S x S -> logits B x classes.
 
     Same arithmetic as `normalize` ((x - 255 mean) * 1/(255 std)), so eager, TorchScript and ONNX
     all see exactly what evaluation fed the model."""
@@ -187,31 +201,29 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
 
 def example_inputs(model: nn.Module, config: dict) -> tuple[torch.Tensor, ...]:
     # batch 2: sizes 0/1 would invite the exporter to specialise the batch axis
-    return (torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8),)
+    size = _image_size(config)
+    return (torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),)
+
+
+def _image_size(config: dict) -> int:
+    return config["model_args"].get("image_size", 32)  # model files before own data sets were all CIFAR's 32
 
 
 def metadata(config: dict) -> dict:
     d = config["data"]
-    return {"classes": d["classes"], "mean": d["mean"], "std": d["std"], "image_size": IMAGE_SIZE,
+    return {"classes": d["classes"], "mean": d["mean"], "std": d["std"], "image_size": _image_size(config),
             "arch": config["model_args"]["arch"]}
 
 
 def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kinds.Case]:
     """The first N test images (raw uint8: the files contain the normalisation), N in `batch`."""
     batches = kinds.shape_params(shapes, "cnn", "batch")
-    images, _ = load_cifar(prepared_dir, "test")
+    images, _ = data.load_images(prepared_dir, "test")
     if len(images) < max(batches):
         raise StageError(f"{prepared_dir}: {len(images)} test images, validate.shapes.cnn.batch needs {max(batches)}")
     return [kinds.Case(f"batch={n}", [{"images": np.ascontiguousarray(images[:n].numpy())}]) for n in batches]
 
 
-KIND = kinds.ModelKind(
-    name="cnn", task="image-classification", train_stage="train_cnn", prepared="cifar10",
-    inputs=(kinds.TensorSpec("images", "uint8", ("batch", 3, IMAGE_SIZE, IMAGE_SIZE)),),
-    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "num_classes")),),
-    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
-    trained_part=lambda module: module.model,
-)
 
 
 # -- data as tensor ops ----------------------------------------------------------------------
@@ -256,7 +268,7 @@ class EpochImages:
         if batch_size % world_size:  # unequal shards would weight the ranks' mean losses unequally
             raise StageError(f"batch_size {batch_size} does not divide among train.nproc={world_size} processes: "
                              f"make the recipe's batch_size a multiple of {world_size}")
-        self.images, self.labels = images, labels  # uint8 N x 3 x 32 x 32 and int64 N, on the device
+        self.images, self.labels = images, labels  # uint8 N x 3 x S x S and int64 N, on the device
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last or world_size > 1
@@ -286,7 +298,7 @@ class EpochImages:
             perm = perm.to(device)
             for i in self._batch_starts():
                 idx = perm[i: i + self.batch_size][self.rank::self.world_size]
-                yield self._plain[idx], self.labels[idx]  # B x 3 x 32 x 32 (keeps channels_last), B
+                yield self._plain[idx], self.labels[idx]  # B x 3 x S x S (keeps channels_last), B
             return
         else:
             x = self.images[perm.to(device)]  # uint8: augment before the 4x larger float copy
@@ -331,10 +343,259 @@ def _tta_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
 
 @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad)
 def predict(model: nn.Module, images: torch.Tensor, *, tta: int = 0, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (float32, N x classes) of normalised images N x 3 x 32 x 32, in eval mode."""
+    """Logits (float32, N x classes) of normalised images N x 3 x S x S, in eval mode."""
     was_training = model.training
     model.eval()
     out = torch.cat([_tta_logits(model, images[i: i + batch_size], tta).float()
                      for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return out
+
+
+# -- training (the loop itself is ptpipe.train.fit) ----------------------------------------------
+
+class Recipe(Section):
+    """One recipe, `recipes.cnn.<name>` in params.yaml; units and reasons are written there."""
+
+    arch: Literal["lenet", "airbench"]
+    model_args: dict[str, Union[bool, int, float, list[int]]]  # checked against the arch by build_model
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=2, le=65536)
+    drop_last: bool  # drop each epoch's last, partial batch (airbench94 does)
+    train_split: Literal["train", "train+val"]
+    validation: Literal["auto", "always", "never"]  # per-epoch validation; auto = when train_split holds val out
+    checkpoint_every: int = Field(ge=1, le=1000)  # epochs between checkpoints
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
+    lr: Optional[Annotated[float, Field(gt=0, le=10, strict=False)]]  # null: the top-level lr
+    momentum: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    nesterov: bool
+    weight_decay: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    bias_lr_scale: Annotated[float, Field(gt=0, le=1000, strict=False)]
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    lookahead: bool
+    lookahead_every: int = Field(ge=1)
+    lookahead_start_epoch: int = Field(ge=0)
+    whiten_bias_epochs: int = Field(ge=0)
+    translate: int = Field(ge=0, le=8)
+    flip: Literal["none", "random", "alternate"]
+    mean: Optional[list[Annotated[float, Field(ge=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
+    std: Optional[list[Annotated[float, Field(gt=0, le=1, strict=False)]]] = Field(min_length=3, max_length=3)
+    tta: int = Field(ge=0, le=2)
+    compile: Literal["auto", "always", "never"]
+    autocast: Literal["auto", "bfloat16", "none"]  # auto = bfloat16 on a GPU, none (float32) elsewhere
+    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
+    seed: int
+
+
+MIN_IMAGE_SIZE = {"lenet": 16, "airbench": 9}  # what the convolutions and pools leave at least one pixel of
+
+
+def check_data(recipe: Recipe, dataset) -> str | None:
+    """Why this recipe cannot train on `dataset` (params.yaml datasets.<name>), or None: checked with the
+    params, before any stage writes anything."""
+    size = getattr(dataset, "image_size", 32)
+    if size < MIN_IMAGE_SIZE[recipe.arch]:
+        return (f"image_size {size} is too small for arch {recipe.arch} (at least {MIN_IMAGE_SIZE[recipe.arch]}): "
+                f"raise the data set's image_size or choose another recipe")
+    return None
+
+
+EVAL_BATCH = 1000  # images per forward pass at validation: memory only, no effect on results
+# torch.compile's backend. The tests set "aot_eager" (dynamo + AOTAutograd, the same graphs and
+# guards, no code generation): inductor's C++ code generation takes minutes on a small shared CPU.
+COMPILE_BACKEND = "inductor"
+AUTOCAST = {"bfloat16": torch.bfloat16, "none": None}  # the recipe's `autocast` (auto: bfloat16 on a GPU)
+
+
+class Lookahead:
+    """airbench94's Lookahead around the optimizer: from epoch `start_epoch` (0-based) on, every `every`
+    steps the weights (and BN statistics) move to an EMA of themselves at a rate that ramps up as
+    (step/total)^3; the EMA starts as a copy of the weights and is copied into the model at the end of
+    every epoch and at the last step (airbench's `update(decay=1.0)`). Its state is checkpointed with it."""
+
+    def __init__(self, optimizer, model: nn.Module, total: int, per_epoch: int, every: int, start_epoch: int):
+        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+        self.tensors = [t for t in model.state_dict().values() if t.is_floating_point()]  # share storage
+        self.total, self.per_epoch, self.every, self.start_epoch = total, per_epoch, every, start_epoch
+        self.ema, self.steps = None, 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        self.steps += 1
+        if (self.steps - 1) // self.per_epoch >= self.start_epoch and self.steps % self.every == 0:
+            if self.ema is None:
+                self.ema = [t.detach().clone() for t in self.tensors]
+            decay = 0.95**5 * (self.steps / self.total) ** 3
+            for ema, t in zip(self.ema, self.tensors):
+                ema.lerp_(t, 1 - decay)
+                t.copy_(ema)
+        if self.ema is not None and (self.steps % self.per_epoch == 0 or self.steps == self.total):
+            torch._foreach_copy_(self.tensors, self.ema)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "ema": self.ema, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema = state["ema"] and [saved.to(t.device, copy=True) for saved, t in zip(state["ema"], self.tensors)]
+        self.steps = state["steps"]
+
+
+def make_optimizer(model: nn.Module, r: Recipe, lr: float, per_epoch: int, key: str):
+    """(optimizer, lr factor) of the recipe: BatchNorm biases at `bias_lr_scale` x lr (airbench: biases learn
+    faster with as much decay per step), the whitening bias frozen after `whiten_bias_epochs`; Lookahead around it."""
+    total = r.epochs * per_epoch
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    whiten = [p for n, p in named if n.startswith("whiten.")]
+    norm_biases = [p for n, p in named if ".norm" in n]
+    other = [p for n, p in named if not n.startswith("whiten.") and ".norm" not in n]
+    groups = [g for g in (
+        {"params": other, "lr": lr, "weight_decay": r.weight_decay},
+        {"params": norm_biases, "lr": lr * r.bias_lr_scale, "weight_decay": r.weight_decay / r.bias_lr_scale},
+        {"params": whiten, "lr": lr, "weight_decay": r.weight_decay, "frozen_after": r.whiten_bias_epochs * per_epoch},
+    ) if g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    try:
+        opt = train.make_optimizer(groups, r.optimizer, lr, momentum=r.momentum, nesterov=r.nesterov, fused=fused)
+    except StageError as err:
+        raise StageError(f"{key}: {err}") from None
+    # a constant lr without a whitening group needs no schedule: setting the same lr every step is overhead
+    factor = None if r.schedule == "constant" and not whiten else train.lr_schedule(
+        r.schedule, total, r.warmup_fraction, r.initial_lr_factor, r.final_lr_factor)
+    if r.lookahead:
+        opt = Lookahead(opt, model, total, per_epoch, r.lookahead_every, r.lookahead_start_epoch)
+    return opt, factor
+
+
+def non_finite_hint(r: Recipe, key: str, lr: float) -> str:
+    """What to change when the loss blows up, naming the params keys in effect."""
+    changes = [f"lower the learning rate ({'lr' if r.lr is None else f'{key}.lr'}: {lr:g}, "
+               f"{key}.optimizer: {r.optimizer})"]
+    if r.weight_decay > 0:
+        changes.append(f"lower {key}.weight_decay ({r.weight_decay:g})")
+    if r.bias_lr_scale != 1:
+        changes.append(f"lower {key}.bias_lr_scale ({r.bias_lr_scale:g})")
+    return train.alternatives(changes)
+
+
+def compile_and_warm_up(model: nn.Module, parts: dict, device: torch.device, mode: str, key: str) -> dict:
+    """torch.compile the model when `mode` asks for it (always; auto = on a GPU: on a CPU it does not pay,
+    benchmarks/README.md), then `train.warm_up` (every graph the timed epochs need). Eager on a GPU gets the
+    warm-up too (cuDNN autotuning, cuBLAS/cuDNN handles). Under DDP `model` is the wrapper: the inner
+    module is compiled and warmed up through it (PyTorch's advice: compile the module DDP wraps).
+    A failed compile is a StageError under `always`; under `auto` a loud warning and eager training.
+    Returns what happened, for metrics/<model>/train.json."""
+    from torch._dynamo.utils import counters  # never reset by torch._dynamo.reset: differences are taken
+
+    facts = {"compile": mode, "compiled": False, "compile_error": None, "warmup_seconds": 0.0}
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    warm = lambda: train.warm_up(model, parts["batches"](0), parts["loss"], parts["evaluate"], device,  # noqa: E731
+                                 parts["autocast_dtype"])
+    if mode == "always" or (mode == "auto" and device.type == "cuda"):
+        torch._dynamo.reset()  # a fresh cache per run: several runs in one process (benchmarks) would hit its limit
+        inner = train.unwrap(model)
+        try:
+            inner.compile(dynamic=False, backend=COMPILE_BACKEND)  # in place: the state_dict keeps its keys
+            facts.update(warmup_seconds=warm(), compiled=True)
+        except Exception as err:  # noqa: BLE001 - whatever the compiler raised: recorded, then `mode` decides
+            inner._compiled_call_impl = None  # nn.Module.compile's attribute: None = eager again
+            error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
+            if mode == "always":
+                raise StageError(f"torch.compile failed ({error}): {key}.compile is 'always'; "
+                                 f"set it to auto (falls back to eager) or never") from None
+            facts["compile_error"] = error
+            warnings.warn(f"torch.compile FAILED, training EAGERLY (slower): {error}", RuntimeWarning, stacklevel=2)
+            print(f"\n{'!' * 78}\n!! torch.compile failed: training eagerly ({key}.compile: auto)\n"
+                  f"!! {error}\n{'!' * 78}", file=sys.stderr, flush=True)
+    if not facts["compiled"] and device.type == "cuda":
+        facts["warmup_seconds"] = warm()
+    facts.update(graphs=counters["stats"]["unique_graphs"] - graphs,
+                 graph_breaks=sum(counters["graph_break"].values()) - breaks)
+    return facts
+
+
+def training(r: Recipe, data_dir: Path, device: torch.device, ddp, key: str, default_lr: float) -> train.Training:
+    """The CNN's part of training: the whole training split on the device as one uint8 tensor,
+    augmentation and normalisation as batched tensor ops (`EpochImages`), channels_last on every device
+    (oneDNN's convolutions are faster on it on a CPU too), bf16 autocast, cuDNN autotuning and
+    torch.compile on a GPU; the timed region is the whitening init plus the training steps, as airbench's."""
+    lr = r.lr if r.lr is not None else default_lr
+    card = data.load_card(data_dir)
+    classes, mean, std = card["classes"], r.mean or card["mean"], r.std or card["std"]
+    train_x, train_y = data.load_images(data_dir, "train")
+    val_x, val_y = data.load_images(data_dir, "val")
+    if r.train_split == "train+val":
+        train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    on_gpu = device.type == "cuda"
+    autocast_dtype = AUTOCAST[r.autocast] if r.autocast != "auto" else (torch.bfloat16 if on_gpu else None)
+    dtype = autocast_dtype or torch.float32  # the images are cast once, to what the convs compute in
+    torch.backends.cudnn.benchmark = on_gpu  # fixed shapes: autotune each conv once (in the warm-up)
+
+    model_args = {**r.model_args, "num_classes": len(classes), "image_size": train_x.shape[-1]}
+    train.seed_everything(r.seed)
+    try:
+        net = build_model(r.arch, **model_args)  # seeded init on the CPU: same weights on every device
+    except (TypeError, ValueError) as err:
+        raise StageError(f"{key}.model_args: {err}") from None
+    net = net.to(device, memory_format=torch.channels_last)
+    epochs = EpochImages(train_x.to(device), train_y.to(device), batch_size=r.batch_size, seed=r.seed, mean=mean,
+                         std=std, flip=r.flip, translate=r.translate, dtype=dtype, channels_last=True,
+                         rank=ddp.rank, world_size=ddp.world_size, drop_last=r.drop_last)
+    if len(epochs) == 0:
+        raise StageError(f"{key}: no training batch: batch_size {r.batch_size} is more than the "
+                         f"{len(train_x) // ddp.world_size} training images per process and drop_last is on: "
+                         f"lower batch_size or set drop_last: false")
+    val_norm = normalize(val_x.to(device), mean, std, dtype).contiguous(memory_format=torch.channels_last)
+    val_y = val_y.to(device)
+
+    def loss(model, batch, carry):
+        x, y = batch  # B x 3 x S x S normalised, B labels
+        return F.cross_entropy(model(x).float(), y, label_smoothing=r.label_smoothing), len(y), None
+
+    def evaluate(model):
+        logits = predict(model, val_norm, batch_size=EVAL_BATCH)
+        return {"val/loss": F.cross_entropy(logits, val_y).item(),
+                "val/acc": (logits.argmax(1) == val_y).float().mean().item()}
+
+    validate = r.validation == "always" or (r.validation == "auto" and r.train_split == "train")
+    watch = train.Stopwatch(device)  # the timed region: whitening init + training steps (airbench's)
+    if hasattr(net, "init_whitening"):  # from the first 5000 training images, as airbench does
+        whiten_images = normalize(train_x[:5000].to(device), mean, std)
+        if on_gpu:
+            net.init_whitening(whiten_images[:64])  # cuSOLVER/cuBLAS start-up, outside the timed region
+        with watch.timing():
+            net.init_whitening(whiten_images)
+    optimizer, factor = make_optimizer(net, r, lr, len(epochs), key)
+    model = train.wrap_ddp(net, device, ddp)  # DDP first, then torch.compile of the module it wraps
+    parts = {"batches": epochs.epoch, "loss": loss, "evaluate": evaluate if validate else None,
+             "autocast_dtype": autocast_dtype}
+    facts = compile_and_warm_up(model, parts, device, r.compile, key)
+    return train.Training(
+        model=model, optimizer=optimizer, lr_factor=factor, batches=epochs.epoch, loss=loss,
+        evaluate=parts["evaluate"], epochs=r.epochs, checkpoint_every=r.checkpoint_every, clip=None, patience=None,
+        monitor=None,  # the last epoch's weights (a onecycle schedule ends at its best)
+        config={"kind": "cnn", "model_args": {"arch": r.arch, **model_args}, "params": {**r.model_dump(), "lr": lr},
+                "data": {"classes": classes, "mean": mean, "std": std}},
+        # twice chance: an untrained model guesses uniformly at log(classes)
+        ceiling=(2 * np.log(len(classes)), f"twice chance (log {len(classes)} classes)"),
+        hint=non_finite_hint(r, key, lr), unit="img", steps_per_epoch=len(epochs), autocast_dtype=autocast_dtype,
+        stopwatch=watch, facts={**facts, "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype
+                                else None, "epochs": r.epochs},
+    )
+
+
+KIND = kinds.ModelKind(
+    name="cnn", task="image-classification", formats=("cifar10-python", "image-folder"),
+    inputs=(kinds.TensorSpec("images", "uint8", ("batch", 3, "image_size", "image_size")),),
+    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "num_classes")),),
+    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
+    recipe=Recipe, training=training, check_data=check_data, trained_part=lambda module: module.model,
+)

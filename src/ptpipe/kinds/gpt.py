@@ -10,6 +10,13 @@ Dropout is applied to the embeddings and to each residual branch, not to the att
 probabilities: with `dropout_p=0` the CPU's fused attention kernel runs instead of the one
 that materialises the T x T matrix (measured 1.4x faster training steps on this CPU).
 
+Training (`training`, run by `ptpipe.train.fit`), nanoGPT's way: each optimizer step draws
+`batch_size` windows of `block_size` characters at random offsets of the training text (get_batch)
+from a generator seeded by (seed, epoch), so a resumed run draws exactly the batches the killed one
+would have; an "epoch" is `steps_per_epoch` steps, how often the loop validates and checkpoints.
+AdamW decays the 2-D weights only; the lr rises linearly over `warmup_fraction` of the steps, then
+follows a cosine down to `final_lr_factor` x lr. Validation bits/char: `window_loss`.
+
 Exported as is by `ptpipe.export`: the legacy ONNX exporter at opset 17 turns `is_causal=True`
 into a Trilu mask built from the input's shape, so batch and sequence stay dynamic (validate
 checks several of both), and `torch.jit.script` scripts it unchanged.
@@ -18,14 +25,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from ptpipe import kinds
+from ptpipe import data, kinds, train
 from ptpipe.data import load_text
+from ptpipe.params import Section
 from ptpipe.stage import StageError
 
 
@@ -146,14 +156,6 @@ def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kin
     return cases
 
 
-KIND = kinds.ModelKind(
-    name="gpt", task="text-generation", train_stage="train_gpt", prepared="alice",
-    inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")),),
-    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),),
-    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
-)
-
-
 # -- training and evaluation helpers (train_gpt) ----------------------------------------------
 
 def random_windows(ids: torch.Tensor, batch: int, block_size: int, generator: torch.Generator
@@ -195,3 +197,107 @@ def window_loss(model: CharGPT, ids: torch.Tensor, block_size: int, stride: int,
 
 def bits(nats: float) -> float:
     return nats / math.log(2)
+
+
+# -- training (the loop itself is ptpipe.train.fit) ----------------------------------------------
+
+class Recipe(Section):
+    """One recipe, `recipes.gpt.<name>` in params.yaml; units and reasons are written there."""
+
+    block_size: int = Field(ge=1, le=65536)
+    n_layer: int = Field(ge=1, le=64)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    dropout: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    init_std: Annotated[float, Field(gt=0, le=1, strict=False)]
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    steps_per_epoch: int = Field(ge=1)
+    lr: Annotated[float, Field(gt=0, le=10, strict=False)]
+    weight_decay: Annotated[float, Field(ge=0, strict=False)]
+    beta1: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    beta2: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1, strict=False)]
+    initial_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    final_lr_factor: Annotated[float, Field(ge=0, le=1, strict=False)]
+    clip: Optional[Annotated[float, Field(gt=0, strict=False)]]
+    checkpoint_every: int = Field(ge=1, le=1000)
+    patience: Optional[int] = Field(ge=1)
+    seed: int
+    threads: int = Field(ge=0, le=256)  # CPU threads for torch ops; 0 = torch's default (all cores)
+    eval_stride: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "Recipe":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.eval_stride > self.block_size:
+            raise ValueError(f"eval_stride ({self.eval_stride}) must be at most block_size ({self.block_size}): "
+                             f"windows further apart would leave characters unscored")
+        return self
+
+
+def check_lengths(train_chars: int, val_chars: int, block_size: int, key: str) -> None:
+    if train_chars <= block_size:
+        raise StageError(f"the training text has {train_chars} characters: too few for {key}.block_size={block_size} "
+                         f"windows; lower {key}.block_size or use a longer text")
+    if val_chars < 2:
+        raise StageError(f"the validation text has {val_chars} characters: too few to score; raise the data "
+                         f"set's val_fraction")
+
+
+def training(r: Recipe, data_dir: Path, device: torch.device, ddp, key: str, default_lr: float) -> train.Training:
+    """Random windows, AdamW with decay on the 2-D weights only (decaying LayerNorm gains and biases only
+    pulls them off their job), warm-up + cosine; the best validation loss's weights are kept."""
+    train_ids, val_ids, vocab = data.load_text(data_dir)
+    check_lengths(train_ids.numel(), val_ids.numel(), r.block_size, key)
+    train.seed_everything(r.seed)
+    model_args = dict(vocab_size=len(vocab), block_size=r.block_size, n_layer=r.n_layer, n_head=r.n_head,
+                      n_embd=r.n_embd, dropout=r.dropout)
+    model = CharGPT(**model_args)
+    init_weights(model, r.init_std)
+    model = model.to(device)
+    betas = (r.beta1, r.beta2)
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": r.weight_decay, "betas": betas},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "betas": betas}]
+    optimizer = train.make_optimizer(groups, "adamw", r.lr, momentum=r.beta1, beta2=r.beta2)
+
+    def batches(epoch: int):
+        generator = data.epoch_generator(r.seed, epoch)
+        mine = slice(ddp.rank * r.batch_size, (ddp.rank + 1) * r.batch_size)
+        for _ in range(r.steps_per_epoch):
+            # every rank draws the global batch and keeps its own slice: the same windows for any world size
+            x, y = random_windows(train_ids, r.batch_size * ddp.world_size, r.block_size, generator)
+            yield x[mine].to(device), y[mine].to(device)
+
+    def loss(model, batch, carry):
+        x, y = batch  # [B, T] each; y is x shifted by one character
+        logits = model(x)  # [B, T, V]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)), y.numel(), None
+
+    def evaluate(model):
+        nats, n = window_loss(model, val_ids, r.block_size, r.eval_stride)
+        return {"val/loss": nats / n, "val/bits_per_char": bits(nats / n)}
+
+    return train.Training(
+        model=model, optimizer=optimizer, batches=batches, loss=loss, evaluate=evaluate,
+        lr_factor=train.lr_schedule("cosine", r.epochs * r.steps_per_epoch, r.warmup_fraction, r.initial_lr_factor,
+                                    r.final_lr_factor),
+        config={"kind": "gpt", "model_args": model_args, "params": r.model_dump(), "data": {"vocab": vocab}},
+        epochs=r.epochs, checkpoint_every=r.checkpoint_every, clip=r.clip, patience=r.patience, monitor="val/loss",
+        ceiling=data.text_loss_ceiling(data_dir, len(vocab)), hint=train.text_hint(key, r.lr, r.clip, r.weight_decay),
+        unit="char", steps_per_epoch=r.steps_per_epoch)
+
+
+def text_loss(model: CharGPT, ids: torch.Tensor, recorded: dict) -> tuple[float, int]:
+    """The evaluate stage's score: `window_loss` with the windows the model validated with."""
+    return window_loss(model, ids, model.block_size, recorded["eval_stride"])
+
+
+KIND = kinds.ModelKind(
+    name="gpt", task="text-generation", formats=("text",),
+    inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")),),
+    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),),
+    build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
+    recipe=Recipe, training=training, text_loss=text_loss,
+)
