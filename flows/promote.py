@@ -5,12 +5,14 @@
 The candidate is `version` if it is already released, else the committed HEAD (released as
 `version` when it wins, through `ptpipe.registry.release`: the same checks as `ptpipe release`).
 Its metric is read from git at its commit and compared with the metric at the commit of the
-version the stage names now (`ptpipe serve --model NAME#prod` serves that one):
+version the stage names now (`ptpipe serve --model NAME#prod` serves that one). Which metric: the
+model's kind says (`KIND.metric`), in the model's evaluate stage's file:
 
-    models/cnn  -> metrics/cnn.json   test.acc            higher is better
-    models/lstm -> metrics/lstm.json  val_bits_per_char   lower is better
+    image classifiers (cnn)     metrics/<model>/evaluate.json  test.acc           higher is better
+    text models (lstm, gpt)     metrics/<model>/evaluate.json  val_bits_per_char  lower is better
 
-(by the artifact's folder; other kinds pass metric_file / metric_key / higher_is_better). Only a
+(the model: the artifact's folder, models/<model>; --metric-file / --metric-key / --higher-is-better
+choose another). Only a
 strictly better candidate is released and promoted; without a current version in the stage the
 candidate is promoted. A worse or equal one changes nothing (no tag, no push) and the run says
 why. Run it after `retrain` has committed its results; a server polling the stage
@@ -27,21 +29,26 @@ from prefect import flow, get_run_logger, task
 from ptpipe import registry
 from ptpipe.stage import StageError
 
-CRITERIA = {  # artifact folder -> (metrics file, dotted key, higher is better)
-    "cnn": ("metrics/cnn.json", "test.acc", True),
-    "lstm": ("metrics/lstm.json", "val_bits_per_char", False),
-}
-
-
 def criterion(repo: str, name: str, metric_file: str | None, metric_key: str | None,
               higher_is_better: bool | None) -> tuple[str, str, bool]:
-    folder = Path(registry.artifacts(repo)[name]["path"]).name if name in registry.artifacts(repo) else name
-    default = CRITERIA.get(folder)
-    if default is None and not (metric_file and metric_key and higher_is_better is not None):
-        raise StageError(f"no default metric for {name} (folder {folder}): pass metric_file, metric_key and "
-                         f"higher_is_better")
-    file, key, higher = default or (None, None, None)
-    return metric_file or file, metric_key or key, higher if higher_is_better is None else higher_is_better
+    """(metrics file, dotted key, higher is better) of artifact `name`: its model's kind's metric unless given."""
+    known = registry.artifacts(repo)
+    if name not in known:
+        raise StageError(f"no artifact {name!r} in dvc.yaml or params.yaml models; known: {', '.join(sorted(known))}")
+    model = Path(known[name]["path"]).name
+    if metric_file and metric_key and higher_is_better is not None:
+        return metric_file, metric_key, higher_is_better
+    import yaml
+
+    from ptpipe import kinds
+
+    models = yaml.safe_load((Path(repo) / "params.yaml").read_text()).get("models") or {}
+    if model not in models:
+        raise StageError(f"{name}'s folder models/{model} is no model of params.yaml: pass --metric-file, "
+                         f"--metric-key and --higher-is-better")
+    key, higher = kinds.get(models[model].get("kind"), f"params.yaml models.{model}").metric
+    return (metric_file or f"metrics/{model}/evaluate.json", metric_key or key,
+            higher if higher_is_better is None else higher_is_better)
 
 
 def is_better(candidate: float, current: float | None, higher: bool) -> bool:
@@ -107,5 +114,10 @@ if __name__ == "__main__":
     ap.add_argument("version")
     ap.add_argument("--stage", default="prod")
     ap.add_argument("--repo", default=".")
+    ap.add_argument("--metric-file", default=None, help="default: metrics/<model>/evaluate.json")
+    ap.add_argument("--metric-key", default=None, help="dotted key in it (default: the model kind's metric)")
+    ap.add_argument("--higher-is-better", default=None, type=lambda v: {"true": True, "false": False}[v.lower()],
+                    metavar="true|false", help="the metric's direction (default: the model kind's)")
     args = ap.parse_args()
-    print(json.dumps(promote(args.name, args.version, args.stage, args.repo), indent=2))
+    print(json.dumps(promote(args.name, args.version, args.stage, args.repo, args.metric_file, args.metric_key,
+                             args.higher_is_better), indent=2))

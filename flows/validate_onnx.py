@@ -10,8 +10,8 @@ tolerance is exceeded; `ptpipe.incidents` records it under `incidents/`. It hold
 `dvc-repo` slot (`ptpipe.repo_slot`) while it reads the workspace, so it never sees a
 retrain's half-replaced models.
 
-Contract of ptpipe.validate (issue 5), the validate stage's own function:
-    validate_models(models_dir, prepared_dir, ..., params_file) -> dict
+Contract of ptpipe.validate, the validate stage's own function:
+    validate_models({model: (model folder, prepared data)}, ..., params_file) -> dict
         report = {"tolerance": {...}, "checks": [{"model": "cnn", "backend": "onnxruntime",
                   "shape": "batch=7", "max_abs_diff": 3e-07, "top1_agreement": 1.0, "ok": True}, ...], ...}
     On a tolerance excess it raises ValidationFailed (a StageError) whose `.report` is that report.
@@ -27,7 +27,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ptpipe import incidents, inference, kinds, pipeline, repo_slot
+from ptpipe import incidents, inference, params, pipeline, repo_slot
 from ptpipe.stage import StageError
 
 COLUMNS = ["model", "shape", "backend", "max_abs_diff", "top1_agreement", "ok"]
@@ -52,7 +52,7 @@ def fetch_models(repo: str, rev: str, dest: Path) -> Path:
             raise StageError(f"revision {rev!r} does not exist in {repo}: not a git commit, branch or tag, nor a "
                              f"DVC experiment (`git tag`, `dvc exp list` show what does)") from None
     fs = DVCFileSystem(repo, rev=rev)
-    exported = [inference.exported_file(kind).as_posix() for kind in kinds.names()]
+    exported = [inference.exported_file(model).as_posix() for model in params.load(Path(repo) / "params.yaml").models]
     if not any(fs.exists(path) for path in exported):  # (not "models/": its README is in git everywhere)
         raise StageError(f"revision {rev!r} has no exported model ({' or '.join(exported)}): "
                          f"run the pipeline there and commit dvc.lock")
@@ -106,13 +106,13 @@ def artifact_key(model: str) -> str:
 
 
 @task(name="validate-models")
-def run_validation(models_dir: str, data_dir: str, params_file: str) -> dict:
+def run_validation(models_dir: str, root: str, params_file: str) -> dict:
     if not Path(models_dir).is_dir():
         raise StageError(f"no models in {models_dir}: run the pipeline (`dvc repro`) first, or pass `rev`")
-    from ptpipe.validate import ValidationFailed, validate_models  # torch + onnxruntime: at run time only
+    from ptpipe.validate import ValidationFailed, validate_models, workspace_models  # torch + onnxruntime
 
     try:
-        return validate_models(Path(models_dir), Path(data_dir), params_file=params_file)
+        return validate_models(workspace_models(root, params_file, models_dir), params_file=params_file)
     except ValidationFailed as err:
         return err.report  # tolerance exceeded: tabulate first, fail the flow below
 
@@ -131,7 +131,7 @@ def validate_onnx(repo: str = ".", rev: str | None = None, slot_held: bool = Fal
     with contextlib.nullcontext() if slot_held else repo_slot.hold(logger):
         with tempfile.TemporaryDirectory(prefix="ptpipe-models-") as tmp:
             models_dir = fetch_models(str(source), rev, Path(tmp)) if rev else source / "models"
-            report = run_validation(str(models_dir), str(source / "data" / "prepared"), str(source / "params.yaml"))
+            report = run_validation(str(models_dir), str(source), str(source / "params.yaml"))
     where = f" (rev {rev})" if rev else ""
     for model, rows in summary_tables(report).items():
         create_table_artifact(table=rows, key=artifact_key(model),

@@ -7,7 +7,7 @@
     ptpipe serve [--model cifar10-cnn#prod] [--port 8000]      (docs/serving.md)
 
 `predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
-model kind (`ptpipe.kinds`: its file under models/<kind>/) or a model file's path.
+model's name (params.yaml `models`: its files under models/<name>/) or a model file's path.
 """
 from __future__ import annotations
 
@@ -33,29 +33,28 @@ def _at_least(minimum: int, option: str, meaning: str = ""):
 _threads = _at_least(0, "--threads", " (one per core)")
 
 
-def _model_file(model: str | None, kind: str) -> tuple[str | None, str]:
-    """(path or None, kind) of `--model`: a known kind names its file under models/, anything else is a path."""
+def _model_file(model: str | None, default: str) -> tuple[str | None, str]:
+    """(path or None, model name) of `--model`: an existing file is a path, anything else names a model
+    (params.yaml models.<name>: its files under models/<name>/)."""
     from pathlib import Path
 
-    from ptpipe import kinds
-
-    if model is not None and model in kinds.known() and not Path(model).exists():
-        return None, model
-    return model, kind
+    if model is None or not Path(model).is_file():
+        return None, model or default
+    return model, default
 
 
 def _generate(args: argparse.Namespace) -> None:
     from ptpipe import generate
 
-    path, kind = _model_file(args.model, generate.DEFAULT_KIND)
-    generate.main(args.prompt, args.length, args.temperature, args.seed, path, args.backend, args.threads, kind)
+    path, model = _model_file(args.model, generate.DEFAULT_MODEL)
+    generate.main(args.prompt, args.length, args.temperature, args.seed, path, args.backend, args.threads, model)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from ptpipe import inference
 
-    path, kind = _model_file(args.model, "cnn")
-    return inference.predict_main(args.images, path or inference.exported_file(kind), args.top_k, args.json,
+    path, model = _model_file(args.model, "cnn")
+    return inference.predict_main(args.images, path or inference.exported_file(model), args.top_k, args.json,
                                   args.threads)
 
 
@@ -110,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch: eager from model.pt; torchscript: model.ts; onnx: model.onnx via onnxruntime "
                           "(same text for the same seed on all three)")
     gen.add_argument("--model", default=None,
-                     help="a text model kind (lstm, ...: its models/<kind>/model.pt, .ts or .onnx after --backend) "
-                          "or a model file (default: lstm)")
+                     help="a text model of params.yaml (lstm, gpt, yours: models/<name>/model.pt, .ts or .onnx "
+                          "after --backend) or a model file (default: lstm)")
     gen.add_argument("--threads", type=_threads, default=0,
                      help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     gen.set_defaults(func=_generate)
@@ -122,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="labels to show per image (default 3; at most the number of classes)")
     pred.add_argument("--json", action="store_true", help="print JSON {predictions, errors} instead of text")
     pred.add_argument("--model", default=None,
-                      help="an image model kind (its models/<kind>/model.onnx) or an ONNX file (default: cnn)")
+                      help="an image model of params.yaml (its models/<name>/model.onnx) or an ONNX file (default: cnn)")
     pred.add_argument("--threads", type=_threads, default=0,
                       help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     pred.set_defaults(func=_predict)

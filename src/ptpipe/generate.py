@@ -1,6 +1,6 @@
-"""Text generation from a trained text model: `ptpipe generate --prompt "Alice" [--model-kind lstm] ...`.
+"""Text generation from a trained text model: `ptpipe generate --prompt "Alice" [--model lstm] ...`.
 
-Backends (`ptpipe generate --backend`): `torch` (eager, from models/<kind>/model.pt), `torchscript`
+Backends (`ptpipe generate --backend`): `torch` (eager, from models/<model>/model.pt), `torchscript`
 (model.ts) and `onnx` (model.onnx through onnxruntime: this module imports torch only for the first
 two, so the ONNX path runs where torch is not installed). Each backend only supplies a `run`
 function ({input name: array} -> {output name: array}) and the model's metadata; the sampling loop
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 BACKENDS = ("torch", "torchscript", "onnx")
-DEFAULT_KIND = "lstm"
+DEFAULT_MODEL = "lstm"  # params.yaml models.lstm: the tutorial's text model
 
 
 def generate(model: nn.Module, config: dict, prompt: str, length: int, temperature: float, seed: int) -> str:
@@ -31,14 +31,14 @@ def generate(model: nn.Module, config: dict, prompt: str, length: int, temperatu
     return prompt + "".join(inference.stream_text(kinds.runner(model, meta), meta, prompt, length, temperature, seed))
 
 
-def load_backend(backend: str, path: str | Path | None = None, threads: int = 0, kind: str = DEFAULT_KIND
+def load_backend(backend: str, path: str | Path | None = None, threads: int = 0, model: str = DEFAULT_MODEL
                  ) -> tuple[inference.Run, dict]:
-    """(run function, metadata) of one backend's model file (default models/<kind>/model.<ext>);
+    """(run function, metadata) of one backend's model file (default models/<model>/model.<ext>);
     `threads`: CPU threads of the backend (0 = its default, one per core). A file that is not a text
     model of a known kind, or an export older than the model.pt beside it, is a StageError."""
     if backend not in BACKENDS:
         raise StageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    path = Path(path or inference.exported_file(kind, backend))
+    path = Path(path or inference.exported_file(model, backend))
     if backend == "onnx":
         model = inference.TextGenerator(path, threads)
         return model.run, model.meta
@@ -65,8 +65,8 @@ def load_backend(backend: str, path: str | Path | None = None, threads: int = 0,
 
 def main(prompt: str, length: int = 300, temperature: float = 0.8, seed: int = 1,
          model_path: str | Path | None = None, backend: str = "torch", threads: int = 0,
-         kind: str = DEFAULT_KIND) -> str:
-    run, meta = load_backend(backend, model_path, threads, kind)
+         model: str = DEFAULT_MODEL) -> str:
+    run, meta = load_backend(backend, model_path, threads, model)
     text = prompt + "".join(inference.stream_text(run, meta, prompt, length, temperature, seed))
     print(text)
     return text

@@ -83,9 +83,9 @@ def read_metadata(session: ort.InferenceSession) -> dict:
     return {key: decode(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
 
 
-def exported_file(kind: str, backend: str = "onnx", models_dir: str | Path = MODELS_DIR) -> Path:
-    """Where the export stage writes a kind's file: models/<kind>/model.onnx (or .ts, .pt)."""
-    return Path(models_dir) / kind / {"onnx": "model.onnx", "torchscript": "model.ts", "torch": "model.pt"}[backend]
+def exported_file(model: str, backend: str = "onnx", models_dir: str | Path = MODELS_DIR) -> Path:
+    """Where a model's file is (params.yaml models.<model>): models/<model>/model.onnx (or .ts, .pt)."""
+    return Path(models_dir) / model / {"onnx": "model.onnx", "torchscript": "model.ts", "torch": "model.pt"}[backend]
 
 
 def check_ptpipe_meta(meta: dict, path: str | Path, expect_kind: str | None = None) -> str:

@@ -10,8 +10,10 @@ Anyone with the git repo and the remote can then fetch exactly those bytes:
     dvc artifacts get <repo-url> cifar10-cnn --rev v1.0.0
     load_model("cifar10-cnn", "v1.0.0")         # an onnxruntime session, cached locally
 
-Artifacts are declared in dvc.yaml (`artifacts:`); each path is a folder holding the model's
-ONNX file (`model.onnx`, what `load_model` serves) and TorchScript file (`model.ts`).
+Artifacts are declared in dvc.yaml (`artifacts:`; `dvc artifacts get` reads them there), and every
+model of params.yaml that no artifact names is one too, under its own name (models.<name> ->
+models/<name>); each path is a folder holding the model's ONNX file (`model.onnx`, what
+`load_model` serves) and TorchScript file (`model.ts`).
 The commands work from any folder inside the repository (its root is found as git and dvc
 find it), or on another repository with `--repo`.
 """
@@ -52,7 +54,17 @@ def find_root(start: str | Path | None = None) -> Path:
 
 
 def artifacts(repo: str | Path = ".") -> dict:
-    return yaml.safe_load((find_root(repo) / "dvc.yaml").read_text()).get("artifacts", {}) or {}
+    """dvc.yaml's artifacts, and each model of params.yaml whose folder no artifact names, under the model's
+    own name (path models/<name>): a model a user adds to params.yaml is releasable as it is."""
+    root = find_root(repo)
+    declared = yaml.safe_load((root / "dvc.yaml").read_text()).get("artifacts", {}) or {}
+    named = {Path(a.get("path", "")).as_posix() for a in declared.values()}
+    params_file = root / "params.yaml"
+    models = (yaml.safe_load(params_file.read_text()) or {}).get("models") or {} if params_file.is_file() else {}
+    for model in models:
+        if f"models/{model}" not in named and model not in declared:
+            declared[model] = {"path": f"models/{model}", "type": "model"}
+    return declared
 
 
 def _artifact(repo: Path, name: str) -> dict:
@@ -206,11 +218,19 @@ def fetch_model(name: str, version: str | None = None, stage: str | None = None,
     import dvc.api
     from dvc.exceptions import DvcException
 
+    from dvc.exceptions import ArtifactNotFoundError
+    from dvc.repo import Repo
+
     where = repo or "this repository"
+    label = version or (f"stage {stage}" if stage else "latest")
     try:
-        info = dvc.api.artifacts_show(name, version=version, stage=stage, repo=repo)
+        try:
+            info = dvc.api.artifacts_show(name, version=version, stage=stage, repo=repo)
+        except ArtifactNotFoundError:  # not in that commit's dvc.yaml: a model released under its own name
+            with Repo.open(repo, subrepos=True, uninitialized=True) as dvc_repo:
+                info = {"rev": dvc_repo.artifacts.get_rev(name, version=version, stage=stage),
+                        "path": f"models/{name}"}
     except DvcException as exc:
-        label = version or (f"stage {stage}" if stage else "latest")
         raise StageError(f"no {label} of {name} in {where} ({exc})") from None
     path = Path(info["path"]) / ONNX_FILE if not info["path"].endswith(".onnx") else Path(info["path"])
     # Cached by commit: the same tag always names the same commit, hence the same bytes.
