@@ -8,8 +8,8 @@ A thin layer over `ptpipe.pipeline` (the same `dvc repro` the command line runs)
 2. wait for the global concurrency limit `dvc-repo` (1 slot, created if missing), so a second
    retrain queues behind the first instead of failing on DVC's repository lock;
 3. `dvc repro --single-item <stage>` for every stage found in dvc.yaml at run time,
-   dependencies first (stages added later run too); the download stages retry with
-   exponential backoff; dvc output streams to the run log. Where:
+   dependencies first (stages added later run too); a download stage retries transient errors
+   itself (params.yaml download.retries); dvc output streams to the run log. Where:
    - without overrides (the nightly schedule), in the workspace, which must be the committed
      state (tracked files as in HEAD, apart from dvc.lock and the outputs git keeps): the
      workspace models are updated, commit dvc.lock to keep them;
@@ -35,7 +35,6 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from ptpipe import incidents, pipeline, repo_slot
@@ -47,13 +46,11 @@ class RetrainRequest(BaseModel):
 
     set_params: list[str] = Field(
         default_factory=list,
-        description="Overrides as typed after `dvc exp run -S`, e.g. ['lr=0.01', 'prepare.cifar10.seed=1']; "
+        description="Overrides as typed after `dvc exp run -S`, e.g. ['lr=0.01', 'datasets.cifar10.seed=1']; "
                     "a sweep ('lr=0.001,0.003', 'lr=range(1,3)') runs one experiment per value. "
                     "Experiments run in a temporary copy: the workspace is not changed",
     )
     experiment: str | None = Field(None, description="Name for the experiment (a sweep's get -1, -2, ...)")
-    download_retries: int = Field(3, ge=0, le=10, description="Extra attempts of a failed download stage")
-    retry_delay_s: float = Field(10.0, ge=0, description="First retry delay in seconds; doubles each attempt")
     validate_after: bool = Field(True, description="Run validate-onnx when the pipeline has a validate stage")
 
 
@@ -117,11 +114,6 @@ def report(workdir: str, stages: list[str], overrides: list[str], experiment: st
     return markdown
 
 
-def _is_download(stage: str) -> bool:
-    name = stage.rsplit(":", 1)[-1]
-    return name == "download" or name.startswith("download@")
-
-
 def _is_validate(stage: str) -> bool:
     name = stage.rsplit(":", 1)[-1]
     return name == "validate" or name.startswith("validate@")  # one per model kind: validate@cnn
@@ -135,16 +127,8 @@ def _reproduce(request: RetrainRequest, repo: str, workdir: str, overrides: list
         repo=repo, slot_held=True, workdir=None if workdir == repo else workdir)
     apply_overrides(workdir, overrides)
     for stage in stages:
-        options: dict = {"name": f"stage {stage}"}
-        if _is_download(stage):
-            options.update(
-                retries=request.download_retries,
-                retry_delay_seconds=exponential_backoff(backoff_factor=request.retry_delay_s)
-                if request.retry_delay_s > 0
-                else 0,
-            )
         try:
-            run_stage.with_options(**options)(workdir, stage)
+            run_stage.with_options(name=f"stage {stage}")(workdir, stage)
         except pipeline.DvcFailed:
             if tabulate and _is_validate(stage):  # the failing shapes as tables, then the run fails
                 validate()

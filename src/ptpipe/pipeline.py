@@ -1,6 +1,13 @@
 """Driving the DVC pipeline from code: what the Prefect flows call, and nothing Prefect-specific.
 
-- `stage_order` finds the pipeline's stages in `dvc.yaml` at run time, dependencies first,
+Why not only `dvc exp run --temp -S ...`: the retrain flow runs each stage as its own Prefect task
+(`dvc repro --single-item`: a run's log and state say which stage failed and show its output as it
+comes), and when a validate stage fails it still tabulates the failing shapes from the models the run
+made (--temp removes its copy, models included, when a stage fails). So an override run gets its own
+git worktree of HEAD sharing the DVC cache (`temporary_copy`) and is recorded with `dvc exp save`, which
+is what --temp does; tests/test_flows.py checks both behaviours. Everything else is DVC's commands.
+
+- `stage_order` finds the pipeline's stages at run time (`dvc dag --dot`), dependencies first,
   so a stage added later is run without touching any flow.
 - `expand_sweeps` turns `dvc exp run -S` sweep syntax (`lr=0.001,0.003`, `lr=range(1,3)`)
   into one list of overrides per experiment, with DVC's own (Hydra) parser.
@@ -60,29 +67,21 @@ def repo_root(repo: str | os.PathLike = ".") -> Path:
 
 
 def stage_order(repo: str | os.PathLike = ".") -> list[str]:
-    """Names of the pipeline stages (as `dvc repro` takes them), every stage after its dependencies.
-
-    Ties keep the order of dvc.yaml, so the run order is stable from run to run.
-    `foreach` stages appear expanded (`download@cifar10`).
-    """
-    import networkx as nx
-    from dvc.repo import Repo
-    from dvc.stage import PipelineStage
-
-    root = repo_root(repo)
-    with Repo(str(root)) as dvc_repo:
-        graph = dvc_repo.index.graph  # edge: stage -> a stage it depends on
-        stages = [s for s in dvc_repo.index.stages if isinstance(s, PipelineStage)]
-        position = {s: i for i, s in enumerate(stages)}
-        pipeline = graph.subgraph(stages).reverse(copy=True)  # edge: dependency -> dependant
-        ordered = nx.lexicographical_topological_sort(pipeline, key=lambda s: position[s])
-        return [_target(root, s) for s in ordered]
-
-
-def _target(root: Path, stage) -> str:
-    """How `dvc repro` run in `root` names `stage`: `name`, or `sub/dvc.yaml:name` below root."""
-    dvcfile = Path(stage.path).resolve().relative_to(root)
-    return stage.name if dvcfile == Path("dvc.yaml") else f"{dvcfile.as_posix()}:{stage.name}"
+    """Names of the pipeline stages (as `dvc repro` takes them), every stage after its dependencies,
+    from `dvc dag --dot`; ties keep the order of dvc.yaml, so the run order is stable from run to run.
+    `foreach` stages appear expanded (`download@cifar10`)."""
+    dot = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot"], cwd=repo_root(repo), capture_output=True,
+                         text=True)
+    if dot.returncode != 0:
+        raise StageError(f"`dvc dag` failed: {dot.stderr.strip() or dot.stdout.strip()}")
+    nodes = re.findall(r'^"([^"]+)";$', dot.stdout, re.M)  # in dvc.yaml's order
+    needs = {node: set() for node in nodes}
+    for before, after in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot.stdout, re.M):
+        needs[after].add(before)
+    order: list[str] = []
+    while len(order) < len(nodes):  # the first stage (in dvc.yaml's order) whose dependencies have run
+        order.append(next(n for n in nodes if n not in order and needs[n] <= set(order)))
+    return order
 
 
 def _plain(overrides: list[str]) -> list[str]:
