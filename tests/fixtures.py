@@ -158,14 +158,15 @@ class FixtureServer:
 
 
 def write_params(repo: Path, **overrides) -> None:
-    """Set dotted keys in repo/params.yaml, e.g. write_params(repo, **{"download.cifar10.md5": "..."})."""
+    """Set dotted keys in repo/params.yaml, e.g. write_params(repo, **{"datasets.cifar10.md5": "..."})
+    (a missing section on the way is created: a new data set or model)."""
     path = repo / "params.yaml"
     data = yaml.safe_load(path.read_text())
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node = data
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[last] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -221,12 +222,14 @@ def copy_project(dest: Path, source: Path = ROOT) -> Path:
 
 # Params overrides that make the training stages take seconds on the tiny fixtures (write_params).
 TINY_TRAINING = {
-    "cnn.recipes.default.epochs": 1, "cnn.recipes.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
-    "cnn.recipes.default.tta": 0,
-    "lstm.epochs": 1, "lstm.hidden_size": 32, "lstm.embedding_size": 32, "lstm.batch_size": 4,
-    "lstm.seq_len": 20, "lstm.eval_streams": 2, "lstm.sample.length": 20,
-    "gpt.epochs": 1, "gpt.steps_per_epoch": 2, "gpt.n_layer": 1, "gpt.n_head": 2, "gpt.n_embd": 16,
-    "gpt.batch_size": 4,  # block_size stays 128: validate.shapes.gpt.seq goes up to it
+    "recipes.cnn.default.epochs": 1, "recipes.cnn.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},
+    "recipes.cnn.default.tta": 0,
+    "recipes.lstm.default.epochs": 1, "recipes.lstm.default.hidden_size": 32,
+    "recipes.lstm.default.embedding_size": 32, "recipes.lstm.default.batch_size": 4,
+    "recipes.lstm.default.seq_len": 20, "recipes.lstm.default.eval_streams": 2, "evaluate.sample.length": 20,
+    "recipes.gpt.default.epochs": 1, "recipes.gpt.default.steps_per_epoch": 2, "recipes.gpt.default.n_layer": 1,
+    "recipes.gpt.default.n_head": 2, "recipes.gpt.default.n_embd": 16,
+    "recipes.gpt.default.batch_size": 4,  # block_size stays 128: validate.shapes.gpt.seq goes up to it
 }
 
 
@@ -235,11 +238,11 @@ def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
     cifar = cifar_archive(**archive_kwargs)
     text = alice_text()
     write_params(repo, **{
-        "download.cifar10.url": server.add("/cifar-10-python.tar.gz", cifar),
-        "download.cifar10.md5": md5(cifar),
-        "download.alice.url": server.add("/pg11.txt", text),
-        "download.alice.md5": md5(text),
-        "prepare.cifar10.val_size": 50,
+        "datasets.cifar10.url": server.add("/cifar-10-python.tar.gz", cifar),
+        "datasets.cifar10.md5": md5(cifar),
+        "datasets.alice.url": server.add("/pg11.txt", text),
+        "datasets.alice.md5": md5(text),
+        "datasets.cifar10.val_size": 50,
     })
 
 
@@ -261,7 +264,8 @@ def write_prepared_cifar(root: Path, n_train: int = 600, n_val: int = 200, n_tes
         np.save(out / f"{split}_labels.npy", np.asarray(y, dtype=np.uint8))
     x = np.load(out / "train_images.npy") / 255
     (out / "card.json").write_text(json.dumps({
-        "classes": CLASSES, "mean": x.mean(axis=(0, 2, 3)).tolist(), "std": x.std(axis=(0, 2, 3)).tolist()}))
+        "classes": CLASSES, "image_size": 32, "mean": x.mean(axis=(0, 2, 3)).tolist(),
+        "std": x.std(axis=(0, 2, 3)).tolist()}))
     return out
 
 
@@ -294,10 +298,17 @@ def write_prepared(root: Path, n_images: int = 64) -> Path:
 
 
 def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Path:
-    """models/{cnn,lstm,gpt}/model.pt as the trainers save them ({state_dict, config} in the shape of
+    """models/{cnn,lstm,gpt}/model.pt as the train stage saves them ({state_dict, config} in the shape of
     ptpipe.kinds), untrained but with random (seeded) weights, and BatchNorm statistics moved off
-    their defaults."""
+    their defaults. They record the data sets of `write_prepared` (under models_dir's parent, when it
+    has them: name and md5, so validate and evaluate accept that data)."""
     import torch
+
+    from ptpipe import data
+
+    def data_facts(name: str) -> dict:
+        prepared = models_dir.parent / PREPARED / name
+        return {"name": name, **({"md5": data.digest(prepared)} if prepared.is_dir() else {})}
 
     from ptpipe.kinds.cnn import build_model as build_cnn
     from ptpipe.kinds.gpt import CharGPT, init_weights
@@ -315,7 +326,8 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
     torch.save({"state_dict": cnn.state_dict(), "config": {
         "kind": "cnn", "model_args": {"arch": cnn_arch, **model_args},
         "params": {"recipe": "default", "lr": 0.001, "tta": 0, "seed": seed},
-        "data": {"classes": CLASSES, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}}},
+        "data": {**data_facts("cifar10"), "classes": CLASSES, "mean": [0.49, 0.48, 0.45],
+                 "std": [0.25, 0.24, 0.26]}}},
         models_dir / "cnn" / "model.pt")
     vocab = sorted(set(ALICE_BODY.replace("\r\n", "\n")))
     lstm_args = dict(vocab_size=len(vocab), embedding_size=16, hidden_size=16, num_layers=2,
@@ -323,14 +335,16 @@ def write_models(models_dir: Path, cnn_arch: str = "lenet", seed: int = 0) -> Pa
     lstm = build_lstm(**lstm_args)
     (models_dir / "lstm").mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": lstm.state_dict(), "config": {
-        "kind": "lstm", "model_args": lstm_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
+        "kind": "lstm", "model_args": lstm_args, "params": {"seed": seed, "eval_streams": 2, "seq_len": 20},
+        "data": {**data_facts("alice"), "vocab": vocab}}},
         models_dir / "lstm" / "model.pt")
     gpt_args = dict(vocab_size=len(vocab), block_size=128, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
     gpt = CharGPT(**gpt_args)
     init_weights(gpt, 0.1)
     (models_dir / "gpt").mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": gpt.state_dict(), "config": {
-        "kind": "gpt", "model_args": gpt_args, "params": {"seed": seed}, "data": {"vocab": vocab}}},
+        "kind": "gpt", "model_args": gpt_args, "params": {"seed": seed, "eval_stride": 64},
+        "data": {**data_facts("alice"), "vocab": vocab}}},
         models_dir / "gpt" / "model.pt")
     return models_dir
 
