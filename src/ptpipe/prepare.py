@@ -117,17 +117,31 @@ def prepare_cifar(archive: Path, out_dir: Path, val_size: int, seed: int, key: s
     return write_images(out_dir, splits, classes, {"val_size": val_size, "seed": seed})
 
 
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale, 6 decimals) of uint8 N x 3 x S x S, in chunks of images: a float
+    copy of the whole split would be 4-8x the arrays' size (the prepare stage's peak memory)."""
+    n = np.zeros(3)
+    total, squares = np.zeros(3), np.zeros(3)
+    for i in range(0, len(images), chunk):
+        x = images[i: i + chunk].astype(np.float64) / 255.0  # chunk x 3 x S x S
+        total += x.sum(axis=(0, 2, 3))
+        squares += (x * x).sum(axis=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
 def write_images(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
                  extra: dict) -> dict:
     """The images layout (ptpipe.data) in one atomic rename: arrays per split and card.json."""
-    # One channel at a time in float32: a float64 copy of the whole split would double peak memory.
-    channels = [splits["train"][0][:, c].astype(np.float32) / 255.0 for c in range(3)]
+    mean, std = channel_stats(splits["train"][0])
     card = {
         "classes": classes,
         "counts": {split: np.bincount(y, minlength=len(classes)).tolist() for split, (_, y) in splits.items()},
         "image_size": int(splits["train"][0].shape[-1]),
-        "mean": [round(float(ch.mean(dtype=np.float64)), 6) for ch in channels],
-        "std": [round(float(ch.std(dtype=np.float64)), 6) for ch in channels],
+        "mean": mean,
+        "std": std,
         **extra,
     }
     with files.atomic_path(out_dir) as staging:
@@ -193,7 +207,26 @@ def prepare_text(source: Path, out_dir: Path, gutenberg: bool, val_fraction: flo
 
 
 def prepare_image_folder(source: Path, out_dir: Path, d: params_mod.ImageFolderDataset, key: str) -> dict:
-    raise NotImplementedError  # filled in with ptpipe.images
+    from tqdm import tqdm
+
+    from ptpipe import images
+
+    with tqdm(desc=f"decoding {source.name}", unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            found = images.read_image_folder(source, d.image_size, val_fraction=d.val_fraction,
+                                             test_fraction=d.test_fraction, seed=d.seed, progress=progress)
+        except StageError as err:
+            raise StageError(f"{key}: {err}") from None
+    splits = {split: (found.images[split], found.labels[split]) for split in ("train", "val", "test")}
+    for reason, count in found.skipped.items():
+        print(f"skipped {count} file(s): {reason} (e.g. {', '.join(found.examples.get(reason, []))})")
+    return write_images(out_dir, splits, found.classes, {
+        "split": "own: " + "/".join(found.own_split) if found.own_split else f"seeded ({d.seed})",
+        "skipped": found.skipped, "skipped_examples": found.examples})
 
 
 def _raw_file(raw_dir: Path, name: str) -> Path:

@@ -92,15 +92,16 @@ def _gto_errors():
         raise StageError(str(exc)) from None
 
 
-def check_releasable(repo: Path) -> None:
-    """A release must be reproducible: everything committed, and dvc.lock describing the workspace."""
+def check_releasable(repo: Path, targets: list[str]) -> None:
+    """A release must be reproducible: everything committed, and dvc.lock describing the stages that make
+    `targets` (the artifact's outputs) and every stage upstream of them (other models may be stale)."""
     from dvc.repo import Repo
 
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").strip()
     if dirty:
         raise StageError(f"the workspace has uncommitted changes; commit them first:\n{dirty}")
     with Repo(str(repo)) as dvc_repo:
-        stale = dvc_repo.status()
+        stale = dvc_repo.status(targets=[str(repo.resolve() / t) for t in targets], with_deps=True)
     if stale:
         raise StageError(f"dvc.lock is stale for {', '.join(sorted(stale))}: run `dvc repro`, commit dvc.lock, "
                          f"then release")
@@ -136,7 +137,8 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
     if not SEMVER.match(version):
         raise StageError(f"version {version!r} is not of the form vMAJOR.MINOR.PATCH (e.g. v1.0.0)")
     artifact = _artifact(repo, name)
-    check_releasable(repo)
+    targets = _outs_under(repo, artifact["path"])
+    check_releasable(repo, targets)
     tag = f"{name}@{version}"
     if _git(repo, "tag", "--list", tag).strip():
         raise StageError(f"{tag} already exists: versions are immutable, release a new one")
@@ -148,7 +150,6 @@ def release(name: str, version: str, repo: str | Path = ".", message: str | None
 
     from dvc.repo import Repo
 
-    targets = _outs_under(repo, artifact["path"])
     with Repo(str(repo)) as dvc_repo:
         pushed = dvc_repo.push(targets=[str(repo.resolve() / target) for target in targets])  # from any folder
     # A local path remote would let a missing file go unnoticed on this machine (DVC reads the
