@@ -43,9 +43,12 @@ MAX_PIXELS = 50_000_000
 # when they look at their data; the colour stored under alpha 0 is arbitrary (often black or noise).
 BACKGROUND = (255, 255, 255, 255)
 # A JPEG at least 2 x JPEG_DRAFT_GAP x S on its short side is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-# DCT scaling) keeping >= JPEG_DRAFT_GAP x S pixels, then resized as any image. 2 is Pillow's own
-# `thumbnail(reducing_gap=2.0)`; benchmarks/prepare_images.py measures the pixel change and the speed.
-JPEG_DRAFT_GAP = 2
+# DCT scaling) keeping >= JPEG_DRAFT_GAP x S pixels, then resized as any image. Measured (mean |difference|
+# to the full decode, levels of 255, S = 32 / 64): a 512 x 600 photo 0.31 / 0.26, a 720 x 477 drawing
+# 1.38 / 0, a 500 x 375 texture 3.54 / 0 -- each below what swapping bicubic for Lanczos changes (2.27 /
+# 1.57, 1.95 / 2.21, 4.64 / 2.78). Pillow's thumbnail() gap of 2 changed them by 6.81, 3.72, 7.27 at S = 32:
+# more than a filter swap, so not taken. benchmarks/prepare_images.py measures it on the whole JPEG set.
+JPEG_DRAFT_GAP = 4
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 SPLITS = ("train", "val", "test")
@@ -240,6 +243,7 @@ class Layout:
     classes: list[str]
     own_split: tuple[str, ...]  # ("train", "test") or ("train", "val", "test") when found, else ()
     names: list[str]  # member names in the source
+    paths: list[str]  # the same below the stripped top folder: class/..., or split/class/...
     labels: np.ndarray  # class index per name
     folders: list[str]  # the split folder per name ("" without an own split)
     skipped: Counter
@@ -282,7 +286,7 @@ def find_layout(listing: Listing) -> Layout:
     classes = _check_classes(listing.path, class_sets, found, skipped)
     found.sort()
     index = {c: i for i, c in enumerate(classes)}
-    layout = Layout(classes, own_split, [f[3] for f in found],
+    layout = Layout(classes, own_split, [f[3] for f in found], [f[2] for f in found],
                     np.array([index[f[1]] for f in found], dtype=label_dtype(len(classes))),
                     [SPLITS[f[0]] if own_split else "" for f in found], skipped, examples, in_class, odd_suffixes)
     too_many_bad(layout, listing.path)
@@ -405,7 +409,8 @@ def _assign_splits(layout: Layout, val_fraction: float, test_fraction: float, se
 @dataclass
 class ImageSet:
     """A folder of class folders, decoded: for each of "train", "val", "test", `images[split]` uint8
-    N x 3 x S x S, `labels[split]` (uint8 N; int32 past 256 classes) and `files[split]` (member names)."""
+    N x 3 x S x S, `labels[split]` (uint8 N; int32 past 256 classes) and `files[split]` (paths below the
+    stripped top folder, e.g. "cat/1.jpg" or "train/cat/1.jpg": the same for a folder and its archive)."""
 
     classes: list[str]
     images: dict[str, np.ndarray]
@@ -450,7 +455,7 @@ def read_image_folder(source: str | Path, image_size: int, *, val_fraction: floa
         return {s: x[a:b] for s, a, b in zip(SPLITS, bounds, bounds[1:])}
 
     result = ImageSet(layout.classes, by_split(images[:n]), by_split(layout.labels[flat][keep]),
-                      by_split([layout.names[i] for i in flat[keep]]), layout.own_split,
+                      by_split([layout.paths[i] for i in flat[keep]]), layout.own_split,
                       dict(layout.skipped), layout.examples)
     _check_decoded(result, source)
     return result
