@@ -158,9 +158,12 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path):
 
 # -- read_image_folder -------------------------------------------------------------------------------
 
-def test_a_folder_its_tar_gz_and_its_zip_give_identical_arrays(tmp_path):
+def test_a_folder_its_tar_its_tar_gz_and_its_zip_give_identical_arrays(tmp_path):
     root = _pets(tmp_path / "my-pets")
     sources = [root, _tar(root, tmp_path / "pets.tar.gz", "my-pets"), _zip(root, tmp_path / "pets.zip", "my-pets")]
+    with tarfile.open(tmp_path / "pets.tar", "w") as archive:  # plain: members read in place, by offset
+        archive.add(root, arcname="my-pets")
+    sources.append(tmp_path / "pets.tar")
     read = [read_image_folder(s, 16, val_fraction=0.25, test_fraction=0.25, seed=3) for s in sources]
     for other in read[1:]:
         assert other.classes == read[0].classes == ["cat", "dog", "fox"]
@@ -336,3 +339,4 @@ def test_two_worker_processes_give_the_same_arrays_and_report_progress(tmp_path)
     for split in images.SPLITS:
         np.testing.assert_array_equal(one.images[split], two.images[split])
     assert two.skipped == one.skipped == {images.UNREADABLE: 1} and seen[-1] == (301, 301)
+    assert images.worker_count(0, 300) == 1 and images.worker_count(3, 10) == 3  # a few hundred: no processes
