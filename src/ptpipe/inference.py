@@ -43,11 +43,11 @@ import numpy as np
 import onnxruntime as ort
 
 from ptpipe import files, kinds
+from ptpipe.images import load_image  # the transform prepare uses too: images are fed as they were trained
 from ptpipe.stage import StageError
 
 MODELS_DIR = Path("models")
 CNN_ONNX = MODELS_DIR / "cnn" / "model.onnx"  # `ptpipe predict`'s default model
-IMAGE_SIZE = 32
 DEFAULT_THREADS = 0  # intra-op threads: 0 = onnxruntime's default, one per physical core
 
 
@@ -174,44 +174,6 @@ def open_model(path: str | Path, threads: int = DEFAULT_THREADS, check_source: b
 
 
 # -- images ---------------------------------------------------------------------------------
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Any PNG/JPEG (any size, mode, EXIF orientation) -> uint8 3 x 32 x 32 RGB, like CIFAR-10.
-
-    CIFAR-10 images are square crops with the object centred: the largest centred square is cut
-    out (no distortion of the aspect ratio), then resized to 32 x 32 with Pillow's antialiased
-    bicubic filter. Raises StageError naming the file if it is not an image Pillow can read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            ImageOps.exif_transpose(img, in_place=True)  # in place: an upright image is not copied
-            img = _to_rgb(img)
-    except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
-        raise StageError(f"{path}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise StageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-    w, h = img.size
-    if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):  # a CIFAR-sized image is its own crop (`ptpipe serve`'s usual case)
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # HWC -> CHW
-
-
-def _to_rgb(img):
-    """8-bit RGB as CIFAR-10's: 16-bit grey scaled down (Pillow's convert would clip it to white),
-    transparency composited onto white (not the arbitrary colours hidden under alpha 0)."""
-    from PIL import Image
-
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit PNG grey
-        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
