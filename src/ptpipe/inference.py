@@ -175,16 +175,20 @@ def open_model(path: str | Path, threads: int = DEFAULT_THREADS, check_source: b
 
 # -- images ---------------------------------------------------------------------------------
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Any PNG/JPEG (any size, mode, EXIF orientation) -> uint8 3 x 32 x 32 RGB, like CIFAR-10.
 
     CIFAR-10 images are square crops with the object centred: the largest centred square is cut
     out (no distortion of the aspect ratio), then resized to 32 x 32 with Pillow's antialiased
-    bicubic filter. Raises StageError naming the file if it is not an image Pillow can read."""
+    bicubic filter. Raises StageError naming the file if it is not an image Pillow can read, or
+    (`max_pixels`, checked in the header before anything is decoded) if it has more pixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise StageError(f"{path}: image too large ({img.width} x {img.height} pixels, the limit is "
+                                 f"{max_pixels:,} pixels)")
             ImageOps.exif_transpose(img, in_place=True)  # in place: an upright image is not copied
             img = _to_rgb(img)
     except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images
