@@ -10,9 +10,11 @@ import asyncio
 import gzip
 import io
 import json
+import math
 import shutil
 import socket
 import zlib
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -184,3 +186,103 @@ def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtim
                                       {"name": "c0", "shape": [2, 1, 16], "datatype": "FP32", "data": [0] * 32}])
     assert lstm.status_code == 400 and lstm.json()["field"] == "inputs"  # batch 2 vs 1: onnxruntime's own check
     assert "onnxruntime_src" not in lstm.text and "0x" not in lstm.text
+
+
+# -- no input reaches a 500 ------------------------------------------------------------------
+
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
+
+MODELS = ["cifar10-cnn", "alice-lstm", "alice-gpt"]
+UNSUPPORTED = ("/config", "/stats", "/unload", "sharedmemory", "/trace/setting", "/v2/logging")
+TEXT = st.text(st.characters(exclude_categories=()), max_size=8) | st.sampled_from(["\ud800", "x\udfff", "²", "٣"])
+SCALAR = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | TEXT
+JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                    max_leaves=12)
+
+
+@st.composite
+def tensors(draw):
+    """An infer input, mostly near a valid one so that the checks past the first are reached too."""
+    name = draw(st.sampled_from(["images", "ids", "h0", "c0"]) | JSON)
+    shape = draw(st.lists(st.integers(-1, 40), min_size=1, max_size=4) | JSON)
+    datatype = draw(st.sampled_from(["UINT8", "INT64", "FP32", "BYTES"]) | JSON)
+    size = max(0, min(math.prod(shape) if isinstance(shape, list) and all(type(d) is int for d in shape) else 3, 64))
+    data = draw(st.lists(st.integers(-300, 300) | st.floats(allow_nan=False), min_size=size, max_size=size) | JSON)
+    tensor = {"name": name, "shape": shape, "datatype": datatype, "data": data}
+    if draw(st.booleans()):
+        tensor["parameters"] = draw(st.fixed_dictionaries({}, optional={
+            "binary_data_size": st.integers(-2, 64) | JSON, "shared_memory_region": TEXT}) | JSON)
+    return tensor
+
+
+@st.composite
+def requests_(draw):
+    """(method, path, headers, body) over every route, with bodies shaped like each endpoint's."""
+    model = draw(st.sampled_from(MODELS) | TEXT.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")))
+    path = draw(st.sampled_from([
+        "/v2/models/{m}/infer", "/v2/models/{m}/versions/v1/infer", "/v1/models/{m}/classify",
+        "/v1/models/{m}/generate", "/v2/repository/models/{m}/load", "/v2/repository/index", "/v2/models/{m}",
+        "/v2/models/{m}/ready", "/v2/health/live", "/v2", "/v1/models", "/metrics", "/v2/models/{m}/config",
+        "/v2/repository/models/{m}/unload", "/v2/systemsharedmemory/status", "/{m}"])).format(m=model)
+    headers = draw(st.fixed_dictionaries({}, optional={
+        "content-type": st.sampled_from(["application/json", "application/octet-stream", "multipart/form-data",
+                                         "multipart/form-data; boundary=B", "text/plain"]),
+        "content-encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "x"]),
+        "inference-header-content-length": st.integers(-1, 400).map(str) | st.sampled_from(["²", "1e3", ""])}))
+    headers = {k: v.encode() for k, v in headers.items()}  # bytes: "²" is not ASCII
+    kind = draw(st.sampled_from(["infer", "generate", "load", "multipart", "json", "bytes"]))
+    if kind == "infer":
+        body = {"inputs": draw(st.lists(tensors(), max_size=3) | JSON)}
+        body.update(draw(st.fixed_dictionaries({}, optional={
+            "id": TEXT | JSON, "outputs": st.lists(st.fixed_dictionaries(
+                {"name": st.sampled_from(["logits", "h", "c"]) | JSON},
+                optional={"parameters": st.fixed_dictionaries({}, optional={
+                    "binary_data": JSON, "classification": st.integers(-1, 12) | JSON})})) | JSON,
+            "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": JSON, "sequence_id": JSON})})))
+        body.update(draw(st.dictionaries(TEXT, JSON, max_size=2)))
+    elif kind == "generate":
+        body = draw(st.fixed_dictionaries({}, optional={
+            "prompt": TEXT | st.sampled_from(["Alice", "Alice" * 500]), "length": st.integers(-2, 6000) | JSON,
+            "temperature": st.floats() | JSON, "seed": st.integers(-1, 2**64) | JSON, "stream": JSON}))
+        body.update(draw(st.dictionaries(TEXT, JSON, max_size=2)))
+    elif kind == "load":
+        body = draw(st.fixed_dictionaries({}, optional={"parameters": st.dictionaries(TEXT, JSON, max_size=2) | JSON}))
+    elif kind == "multipart":
+        parts = draw(st.lists(st.tuples(st.sampled_from(["images", "top_k", "x"]) | TEXT, st.booleans(),
+                                        st.binary(max_size=40) | st.sampled_from([b"3", b"0", b"\xc2\xb2"])), max_size=4))
+        body = b"".join(b"--B\r\nContent-Disposition: form-data; name=\"" + n.encode("utf-8", "surrogatepass")
+                        + (b"\"; filename=\"f.png" if f else b"") + b"\"\r\n\r\n" + d + b"\r\n" for n, f, d in parts)
+        return "POST", path, {**headers, "content-type": b"multipart/form-data; boundary=B"}, body + b"--B--\r\n"
+    elif kind == "json":
+        body = draw(JSON)
+    else:
+        return draw(st.sampled_from(["GET", "POST", "PUT"])), path, headers, draw(st.binary(max_size=64))
+    content = json.dumps(body).encode()
+    if headers.get("content-encoding") in (b"gzip", b"deflate") and draw(st.booleans()):
+        content = gzip.compress(content) if headers["content-encoding"] == b"gzip" else zlib.compress(content)
+    return "POST", path, headers, content
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(requests_())
+@example(("POST", "/v2/models/cifar10-cnn/infer", {}, b"[" * 10000 + b"]" * 10000))
+@example(("POST", "/v2/models/alice-lstm/infer", {}, b'{"inputs": [{"name": "h0", "shape": [2, 1, 16], '
+                                                    b'"datatype": "FP32", "data": [Infinity]}]}'))
+@example(("POST", "/v1/models/cifar10-cnn/classify", {"content-type": "multipart/form-data; boundary=B"},
+          b"--B\r\nContent-Disposition: form-data; name=top_k\r\n\r\n\xc2\xb2\r\n--B--\r\n"))
+@example(("POST", "/v1/models/alice-lstm/generate", {}, b'{"prompt": "Alice", "temperature": 1' + b"0" * 400 + b"}"))
+def test_no_input_reaches_a_500(oip, request_):
+    method, path, headers, body = request_
+    with httpx.Client(base_url=oip.url, timeout=60) as client:
+        try:
+            r = client.request(method, path, headers=headers, content=body)
+        except httpx.InvalidURL:  # a path httpx itself will not send
+            return
+        assert r.status_code < 500 or (r.status_code == 501 and any(u in path for u in UNSUPPORTED)), (
+            r.status_code, r.text)
+        if r.status_code >= 400:
+            error = r.json()
+            assert set(error) == {"error", "field"} and error["field"] and error["error"], error
+            assert "onnxruntime_src" not in r.text and " at 0x" not in r.text
+        assert client.get("/v2/health/ready").json() == {"ready": True}

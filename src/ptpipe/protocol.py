@@ -167,7 +167,7 @@ def read_infer(body: bytes, header_length: str | None, inputs: list, outputs: li
     unknown = sorted(set(head) - REQUEST_KEYS, key=str)
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}: an infer request has {', '.join(sorted(REQUEST_KEYS))}",
-                       str(unknown[0]))
+                       unknown[0] or "body")
     if "id" in head and not isinstance(head["id"], str):
         raise ApiError(400, "id must be a string", "id")
     parameters = _params(head.get("parameters"), {"binary_data_output"}, "parameters")

@@ -480,7 +480,7 @@ async def load(request: Request) -> Response:
     body = await _json_body(request, required=False)
     unknown = sorted(set(body) - {"parameters"}, key=str)
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r} in a load request", str(unknown[0]))
+        raise ApiError(400, f"unknown field {unknown[0]!r} in a load request", unknown[0] or "body")
     protocol._params(body.get("parameters") or None, set(), "parameters")  # any key: refused, named
     result = await state.reload(name)
     return _respond(result, model=state.models[name])
@@ -568,7 +568,7 @@ def _generate_args(model, body: dict, limits: Limits) -> dict:
     unknown = sorted(set(body) - {"prompt", "length", "temperature", "seed", "stream"})
     if unknown:
         raise ApiError(400, f"unknown field(s) {', '.join(map(repr, unknown))}: send prompt, length, temperature, "
-                            f"seed, stream"[:300], unknown[0])
+                            f"seed, stream"[:300], unknown[0] or "body")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not 1 <= len(prompt) <= limits.max_prompt:
         raise ApiError(400, f"prompt must be a string of 1 to {limits.max_prompt} characters", "prompt")
