@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import socket
+import struct
 import zlib
 from urllib.parse import quote
 
@@ -193,6 +194,8 @@ def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtim
 from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 MODELS = ["cifar10-cnn", "alice-lstm", "alice-gpt"]
+BLOBS = [b"3", b"0", b"\xc2\xb2", png(images(1, seed=3)[0]), png(images(1, seed=3)[0], "JPEG", (40, 30)),
+         png(images(1, seed=3)[0])[:60]]  # top_k values; a PNG, a JPEG, a cut PNG
 UNSUPPORTED = ("/config", "/stats", "/unload", "sharedmemory", "/trace/setting", "/v2/logging")
 TEXT = st.text(st.characters(exclude_categories=()), max_size=8) | st.sampled_from(["\ud800", "x\udfff", "²", "٣"])
 SCALAR = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | TEXT
@@ -219,7 +222,10 @@ def tensors(draw):
 def requests_(draw):
     """(method, path, headers, body) over every route, with bodies shaped like each endpoint's."""
     model = draw(st.sampled_from(MODELS) | TEXT.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")))
-    path = draw(st.sampled_from([
+    kind = draw(st.sampled_from(["infer", "generate", "load", "multipart", "json", "bytes"]))
+    own = {"infer": "/v2/models/{m}/infer", "generate": "/v1/models/{m}/generate", "multipart": "/v1/models/{m}/classify",
+           "load": "/v2/repository/models/{m}/load"}.get(kind)
+    path = own.format(m=model) if own and draw(st.integers(0, 9)) < 7 else draw(st.sampled_from([
         "/v2/models/{m}/infer", "/v2/models/{m}/versions/v1/infer", "/v1/models/{m}/classify",
         "/v1/models/{m}/generate", "/v2/repository/models/{m}/load", "/v2/repository/index", "/v2/models/{m}",
         "/v2/models/{m}/ready", "/v2/health/live", "/v2", "/v1/models", "/metrics", "/v2/models/{m}/config",
@@ -230,7 +236,6 @@ def requests_(draw):
         "content-encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "x"]),
         "inference-header-content-length": st.integers(-1, 400).map(str) | st.sampled_from(["²", "1e3", ""])}))
     headers = {k: v.encode() for k, v in headers.items()}  # bytes: "²" is not ASCII
-    kind = draw(st.sampled_from(["infer", "generate", "load", "multipart", "json", "bytes"]))
     if kind == "infer":
         body = {"inputs": draw(st.lists(tensors(), max_size=3) | JSON)}
         body.update(draw(st.fixed_dictionaries({}, optional={
@@ -249,7 +254,7 @@ def requests_(draw):
         body = draw(st.fixed_dictionaries({}, optional={"parameters": st.dictionaries(TEXT, JSON, max_size=2) | JSON}))
     elif kind == "multipart":
         parts = draw(st.lists(st.tuples(st.sampled_from(["images", "top_k", "x"]) | TEXT, st.booleans(),
-                                        st.binary(max_size=40) | st.sampled_from([b"3", b"0", b"\xc2\xb2"])), max_size=4))
+                                        st.binary(max_size=40) | st.sampled_from(BLOBS)), max_size=4))
         body = b"".join(b"--B\r\nContent-Disposition: form-data; name=\"" + n.encode("utf-8", "surrogatepass")
                         + (b"\"; filename=\"f.png" if f else b"") + b"\"\r\n\r\n" + d + b"\r\n" for n, f, d in parts)
         return "POST", path, {**headers, "content-type": b"multipart/form-data; boundary=B"}, body + b"--B--\r\n"
@@ -286,3 +291,130 @@ def test_no_input_reaches_a_500(oip, request_):
             assert set(error) == {"error", "field"} and error["field"] and error["error"], error
             assert "onnxruntime_src" not in r.text and " at 0x" not in r.text
         assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+# -- bounded memory and time -----------------------------------------------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and carries a few bytes of pixels: what a bomb's header says."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(oip):
+    big = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(big, "PNG")  # 20 MP of zeros: a 20 KB file
+    for blob in (_png_header(12000, 12000), big.getvalue()):
+        r = httpx.post(oip.url + "/v1/models/cifar10-cnn/classify", files={"images": ("bomb.png", blob)}, timeout=60)
+        assert r.status_code == 400 and r.json()["field"] == "images[0]", r.text
+        assert "image too large" in r.json()["error"] and "16,000,000" in r.json()["error"]
+
+
+def _raw_http(server, payload: bytes, then_close: bool = False) -> bytes:
+    """Send `payload` on a fresh loopback connection and read until the server closes it (bounded)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(payload)
+        if then_close:
+            return b""
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_oversized_headers_are_a_431_and_the_connection_closes(oip):
+    too_big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    too_many = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n"
+    never_ends = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000  # no end of line: still read
+    for payload in (too_big, too_many, never_ends):
+        answer = _raw_http(oip, payload)  # returns once the server closed the connection
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431") and json.loads(body)["field"] == "headers", answer[:300]
+    ok = _raw_http(oip, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                        + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 500) for i in range(98)) + b"\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")  # 100 fields, 50 KB: within the limits
+
+
+def test_a_slow_body_is_a_408_and_an_aborted_one_one_log_line(oip):
+    head = (b"POST /v2/models/cifar10-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"in")
+    answer = _raw_http(oip, head)  # 5 of 1000 bytes, then silence: --body-timeout-s 2 answers and closes
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in status.lower(), answer[:300]
+    assert json.loads(body)["field"] == "body"
+    _raw_http(oip, head, then_close=True)  # the client goes away mid-body
+    for _ in range(600):  # bounded wait for the server to notice (it logs when the read fails)
+        if "went away" in oip.log.read_text():
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    log = oip.log.read_text()
+    assert log.count("went away") == 1 and "Traceback" not in log, log
+
+
+def test_metrics_labels_stay_a_fixed_set(oip):
+    def label_sets() -> set:
+        return {line.split("}")[0] for line in httpx.get(oip.url + "/metrics").text.splitlines()
+                if line.startswith("ptpipe_requests_total{")}
+
+    label_sets()  # the scrape itself is counted once it has answered
+    for i in range(20):
+        httpx.get(f"{oip.url}/junk{i}/x"), httpx.post(f"{oip.url}/v2/models/m{i}/infer", json={})
+    first = label_sets()
+    for i in range(20, 60):
+        httpx.get(f"{oip.url}/junk{i}/x"), httpx.post(f"{oip.url}/v2/models/m{i}/infer", json={})
+    assert label_sets() == first  # 80 more unknown paths and models: no new series
+    assert 'endpoint="other",model=""' in "".join(first) and 'endpoint="infer",model="_unknown"' in "".join(first)
+
+
+def test_a_bug_is_one_logged_traceback_a_json_500_and_counted(caplog):
+    from starlette.routing import Route
+
+    from ptpipe import serve
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    app = serve.create_app([], routes=[Route("/broken", broken), *serve.ROUTES])
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+            return await client.get("/broken"), (await client.get("/metrics")).text
+
+    with caplog.at_level("ERROR", logger="ptpipe.serve"):
+        r, metrics = asyncio.run(calls())
+    assert r.status_code == 500 and r.json() == {"error": "internal error (logged by the server)", "field": None}
+    assert 'ptpipe_request_errors_total{endpoint="other",model="",status="500"} 1.0' in metrics
+    assert [rec.exc_info[0] for rec in caplog.records] == [RuntimeError]
+
+
+def test_health_answers_while_the_largest_requests_are_decoded_and_parsed(oip):
+    photo = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 120, 200)).save(photo, "PNG")  # 16 MP: at the pixel limit
+    biggest_json = {"inputs": [{"name": "images", "shape": [64, 3, 32, 32], "datatype": "UINT8",
+                                "data": [255] * (64 * 3072)}]}
+    done = []
+
+    async def heavy(client, i):
+        if i % 2:
+            r = await client.post("/v1/models/cifar10-cnn/classify", files=[("images", ("p.png", photo.getvalue()))] * 6)
+        else:
+            r = await client.post("/v2/models/cifar10-cnn/infer", json=biggest_json)
+        assert r.status_code == 200, r.text
+        done.append("heavy")
+
+    async def health(client):
+        while len([d for d in done if d == "heavy"]) < 6:
+            assert (await client.get("/v2/health/live")).status_code == 200
+            done.append("health")
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=oip.url, timeout=120) as client:
+            await asyncio.gather(*[heavy(client, i) for i in range(6)], health(client))
+
+    asyncio.run(scenario())
+    # answered in between, not after: the loop was never held by a decode or a parse for their whole time
+    assert done.index("heavy") > 1 and done[:done.index("heavy")].count("health") >= 2, done
