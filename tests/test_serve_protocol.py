@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import math
+import os
 import shutil
 import socket
 import struct
@@ -268,7 +269,8 @@ def requests_(draw):
     return "POST", path, headers, content
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+# 120 examples: ~10 s on an idle 2-core VM; PTPIPE_FUZZ_EXAMPLES=2000 for a longer search
+@settings(max_examples=int(os.environ.get("PTPIPE_FUZZ_EXAMPLES", "120")), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(requests_())
 @example(("POST", "/v2/models/cifar10-cnn/infer", {}, b"[" * 10000 + b"]" * 10000))
