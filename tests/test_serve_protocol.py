@@ -21,14 +21,15 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonhttp
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from fixtures import ROOT, write_models
 from test_serve import Server, images, png
-from ptpipe import export, inference, protocol
+from ptpipe import export, inference
 
-tritonhttp = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,21 @@ def test_integral_floats_are_integers_and_the_rest_is_a_400_naming_the_field(oip
     assert inf.status_code == 400 and inf.json()["field"] == "inputs[1].parameters" and "finite" in inf.text
 
 
+def test_an_output_too_large_for_json_is_a_400_asking_for_binary(oip, runtime):
+    vocab = len(runtime["lstm"].vocab)
+    batch = 2**20 // (4096 * vocab) + 1  # logits of batch x 4096 ids: just over max_json_values
+    ids = np.ones((batch, 4096), np.int64)
+    inputs = [tritonhttp.InferInput("ids", list(ids.shape), "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    for name in ("h0", "c0"):
+        inputs.append(tritonhttp.InferInput(name, [2, batch, 16], "FP32"))
+        inputs[-1].set_data_from_numpy(np.zeros((2, batch, 16), np.float32))
+    with pytest.raises(InferenceServerException, match=r"ask for it binary \(outputs\[0\]"):
+        triton(oip).infer("alice-lstm", inputs, outputs=[tritonhttp.InferRequestedOutput("logits", binary_data=False)])
+    binary = triton(oip).infer("alice-lstm", inputs, outputs=[tritonhttp.InferRequestedOutput("logits")])
+    assert binary.as_numpy("logits").shape == (batch, 4096, vocab)
+
+
 def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtime):
     block = runtime["gpt"].meta["generation"]["block_size"]
     ok = _infer(oip, "alice-gpt", [{"name": "ids", "shape": [1, block], "datatype": "INT64", "data": [1] * block}])
@@ -191,8 +207,6 @@ def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtim
 
 
 # -- no input reaches a 500 ------------------------------------------------------------------
-
-from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 MODELS = ["cifar10-cnn", "alice-lstm", "alice-gpt"]
 BLOBS = [b"3", b"0", b"\xc2\xb2", png(images(1, seed=3)[0]), png(images(1, seed=3)[0], "JPEG", (40, 30)),

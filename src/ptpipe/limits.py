@@ -13,6 +13,9 @@ class Limits:
     # numpy are C), ~20 ms a MiB on this VM, so 2 MiB keeps health answers under ~50 ms; bigger tensors
     # go binary (the binary tensor extension costs no parsing).
     max_json_bytes: int = 2 * 2**20
+    # Values in one JSON output tensor (~20 MB of text, ~1 s to write): an LSTM's logits for 64 x 4096
+    # ids are 18M values; past this the answer is a 400 asking for that output binary (4 bytes a value).
+    max_json_values: int = 2**20
     max_batch: int = 64                 # images per request and per onnxruntime call
     max_length: int = 5000              # generated characters (~1 s of one core for the LSTM)
     max_prompt: int = 2000              # prompt characters

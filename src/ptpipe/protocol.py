@@ -257,7 +257,8 @@ def _raw(array: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
 
 
-def encode_response(head: dict, tensors: list[tuple[Wanted, str, np.ndarray]]) -> tuple[bytes, int | None]:
+def encode_response(head: dict, tensors: list[tuple[Wanted, str, np.ndarray]], max_json_values: int
+                    ) -> tuple[bytes, int | None]:
     """(body, JSON header size or None) of an infer response: `head` (model_name, id, ...) plus each
     (wanted, datatype, array), in JSON or appended raw after the header as the request asked."""
     outputs, blobs = [], []
@@ -267,6 +268,10 @@ def encode_response(head: dict, tensors: list[tuple[Wanted, str, np.ndarray]]) -
             blob = _raw(array, datatype)
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif array.size > max_json_values:
+            raise ApiError(400, f"output {want.name} has {array.size} values, more than a JSON answer carries "
+                                f"({max_json_values}): ask for it binary (outputs[{i}].parameters.binary_data: true)",
+                           f"outputs[{i}]")
         elif datatype == "FP32" and not np.isfinite(array).all():
             raise ApiError(400, f"output {want.name} has NaN or infinite values, which JSON cannot carry: ask for it "
                                 f"binary (outputs[{i}].parameters.binary_data: true)", f"outputs[{i}]")

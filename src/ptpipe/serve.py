@@ -389,10 +389,13 @@ def _respond(body, status: int = 200, model=None, headers: dict | None = None) -
     return Response(protocol.dumps(body), status, headers, media_type="application/json")
 
 
-async def _off_loop(size: int, fn, *args):
-    """fn(*args) on the event loop when `size` bytes are cheap to handle, else in a worker thread, so
-    that health checks and small requests are answered meanwhile."""
-    return fn(*args) if size <= OFF_LOOP_BYTES else await run_in_threadpool(fn, *args)
+async def _off_loop(request: Request, size: int, fn, *args):
+    """fn(*args) on the event loop when `size` (bytes, values) is cheap to handle, else in one of the
+    max_decodes threads, so that health checks and small requests are answered meanwhile and at
+    most max_decodes large bodies are parsed (or images decoded) at once: memory has a ceiling."""
+    if size <= OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_state(request).decoders, fn, *args)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -417,7 +420,7 @@ async def _body(request: Request) -> bytes:
     if encoding not in ("gzip", "deflate"):
         raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send identity, gzip or deflate",
                        "Content-Encoding")
-    return await _off_loop(len(body), _inflate, body, encoding, _state(request).options.limits.max_body_bytes)
+    return await _off_loop(request, len(body), _inflate, body, encoding, _state(request).options.limits.max_body_bytes)
 
 
 async def _json_body(request: Request, required: bool = True) -> dict:
@@ -427,7 +430,7 @@ async def _json_body(request: Request, required: bool = True) -> dict:
     limit = _state(request).options.limits.max_json_bytes
     if len(body) > limit:
         raise ApiError(413, f"a JSON body of {len(body)} bytes is over the limit of {limit}", "body")
-    return await _off_loop(len(body), protocol.parse_json, body)
+    return await _off_loop(request, len(body), protocol.parse_json, body)
 
 
 def _integer(value, field: str, low: int, high: int) -> int:
@@ -507,7 +510,7 @@ async def infer(request: Request) -> Response:
     with state.counted(state.in_flight, name):  # the batcher's limit: half of these
         with state.counted(state.arriving, name):
             body = await _body(request)
-            req = await _off_loop(len(body), protocol.read_infer, body,
+            req = await _off_loop(request, len(body), protocol.read_infer, body,
                                   request.headers.get("inference-header-content-length"), model.inputs,
                                   model.outputs, _axis_caps(model, limits), limits.max_json_bytes)
         names = list(dict.fromkeys(w.name for w in req.outputs))
@@ -522,8 +525,8 @@ async def infer(request: Request) -> Response:
         else:
             tensors.append((want, datatypes[want.name], results[want.name]))
     head = {"model_name": name, "model_version": model.version, **({"id": req.id} if req.id is not None else {})}
-    payload, header_length = await _off_loop(sum(a.size for _, _, a in tensors), protocol.encode_response,
-                                             head, tensors)
+    payload, header_length = await _off_loop(request, sum(a.size for _, _, a in tensors), protocol.encode_response,
+                                             head, tensors, limits.max_json_values)
     headers = {"X-Model-Name": model.name, "X-Model-Version": model.version}
     if header_length is None:
         return Response(payload, headers=headers, media_type="application/json")
@@ -676,7 +679,7 @@ async def _classify_request(model, request: Request, state: State) -> tuple[list
         raise ApiError(400, "send the images as multipart/form-data file fields named `images` "
                             "(curl -F images=@cat.jpg)", "images")
     body = await _body(request)
-    uploads, fields = await _off_loop(len(body), _multipart, body, content_type, limits.max_batch)
+    uploads, fields = await _off_loop(request, len(body), _multipart, body, content_type, limits.max_batch)
     if not uploads:
         raise ApiError(400, "no file field named `images` in the form", "images")
     classes = model.runtime.classes
@@ -686,8 +689,8 @@ async def _classify_request(model, request: Request, state: State) -> tuple[list
     blobs = [blob for _, blob in uploads]
     if all(_small_png(b) for b in blobs):
         images = _decode(blobs, limits.max_pixels)
-    else:  # max_decodes threads: memory has a ceiling, and the event loop never decodes a large image
-        images = await asyncio.get_running_loop().run_in_executor(state.decoders, _decode, blobs, limits.max_pixels)
+    else:  # the event loop never decodes a large image
+        images = await _off_loop(request, OFF_LOOP_BYTES + 1, _decode, blobs, limits.max_pixels)
     for i, image in enumerate(images):
         if isinstance(image, str):
             raise ApiError(400, f"images[{i}] ({uploads[i][0][:100]}): {image}", f"images[{i}]")
