@@ -386,6 +386,19 @@ def test_metrics_labels_stay_a_fixed_set(oip):
     assert 'endpoint="other",model=""' in "".join(first) and 'endpoint="infer",model="_unknown"' in "".join(first)
 
 
+def test_every_model_call_is_counted_in_the_batch_size_metric(oip):
+    def calls() -> float:
+        lines = httpx.get(oip.url + "/metrics").text.splitlines()
+        return sum(float(l.split()[-1]) for l in lines if l.startswith('ptpipe_batch_size_count{model="alice-lstm"}'))
+
+    before = calls()
+    step = _infer(oip, "alice-lstm", [{"name": "ids", "shape": [3, 1], "datatype": "INT64", "data": [1, 2, 3]},
+                                      {"name": "h0", "shape": [2, 3, 16], "datatype": "FP32", "data": [0] * 96},
+                                      {"name": "c0", "shape": [2, 3, 16], "datatype": "FP32", "data": [0] * 96}])
+    assert step.status_code == 200, step.text
+    assert calls() == before + 1  # not micro-batched (3 inputs), still one call counted
+
+
 def test_a_bug_is_one_logged_traceback_a_json_500_and_counted(caplog):
     from starlette.routing import Route
 
