@@ -377,11 +377,12 @@ def test_metrics_labels_stay_a_fixed_set(oip):
                 if line.startswith("ptpipe_requests_total{")}
 
     label_sets()  # the scrape itself is counted once it has answered
-    for i in range(20):
-        httpx.get(f"{oip.url}/junk{i}/x"), httpx.post(f"{oip.url}/v2/models/m{i}/infer", json={})
-    first = label_sets()
-    for i in range(20, 60):
-        httpx.get(f"{oip.url}/junk{i}/x"), httpx.post(f"{oip.url}/v2/models/m{i}/infer", json={})
+    with httpx.Client(base_url=oip.url) as client:
+        for i in range(20):
+            client.get(f"/junk{i}/x"), client.post(f"/v2/models/m{i}/infer", json={})
+        first = label_sets()
+        for i in range(20, 60):
+            client.get(f"/junk{i}/x"), client.post(f"/v2/models/m{i}/infer", json={})
     assert label_sets() == first  # 80 more unknown paths and models: no new series
     assert 'endpoint="other",model=""' in "".join(first) and 'endpoint="infer",model="_unknown"' in "".join(first)
 
