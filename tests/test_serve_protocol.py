@@ -191,6 +191,17 @@ def test_an_output_too_large_for_json_is_a_400_asking_for_binary(oip, runtime):
     assert binary.as_numpy("logits").shape == (batch, 4096, vocab)
 
 
+def test_json_size_and_compression_limits(oip):
+    url = oip.url + "/v2/models/cifar10-cnn/infer"
+    big = httpx.post(url, content=b'{"inputs": [' + b" " * (3 * 2**20) + b"]}", timeout=60)  # 3 MiB of JSON
+    assert big.status_code == 413 and big.json()["field"] == "body" and "send large tensors binary" in big.text
+    bomb = gzip.compress(b"0" * (64 * 2**20))  # 64 MiB of zeros in ~64 KB: inflating stops at --max-body-mb
+    inflated = httpx.post(url, content=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+    assert inflated.status_code == 413 and "inflates to more than" in inflated.json()["error"]
+    brotli = httpx.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+    assert brotli.status_code == 415 and brotli.json()["field"] == "Content-Encoding"
+
+
 def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtime):
     block = runtime["gpt"].meta["generation"]["block_size"]
     ok = _infer(oip, "alice-gpt", [{"name": "ids", "shape": [1, block], "datatype": "INT64", "data": [1] * block}])
