@@ -165,7 +165,7 @@ def make_model(folder: Path) -> Path:
     from ptpipe import export, params as params_mod
     from ptpipe.kinds.cnn import build_model
 
-    recipe = params_mod.load(ROOT / "params.yaml").cnn.recipes["default"]
+    recipe = params_mod.load(ROOT / "params.yaml").recipe("cnn")
     args = {"arch": recipe.arch, **recipe.model_args, "num_classes": 10}
     torch.manual_seed(0)
     model = build_model(**args)
@@ -174,7 +174,7 @@ def make_model(folder: Path) -> Path:
         "kind": "cnn", "model_args": args, "params": {"recipe": "default", "seed": 0},
         "data": {"classes": [f"class{i}" for i in range(10)], "mean": [0.49, 0.48, 0.45],
                  "std": [0.25, 0.24, 0.26]}}}, folder / "cnn" / "model.pt")
-    export.export_model("cnn", folder / "cnn", opset=17, revision="benchmark")
+    export.export(folder / "cnn", ROOT / "params.yaml", revision="benchmark")
     return folder / "cnn"
 
 

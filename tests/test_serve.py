@@ -105,7 +105,7 @@ def images(n: int, seed: int) -> np.ndarray:
 def export_models(root: Path, seed: int = 0) -> Path:
     write_models(root / "models", seed=seed)
     for kind in ("cnn", "lstm"):
-        export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
+        export.export(root / "models" / kind, ROOT / "params.yaml", revision="abc123")
     return root / "models"
 
 

@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     write_models(root / "models", seed=0)
     for kind in ("cnn", "lstm", "gpt"):
-        export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
+        export.export(root / "models" / kind, ROOT / "params.yaml", revision="abc123")
     return root
 
 
