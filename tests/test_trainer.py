@@ -329,3 +329,12 @@ def test_every_kind_trains_through_the_one_loop(tmp_path, tiny_params, monkeypat
         assert isinstance(result, train.FitResult) and len(result.history) == 1
         assert (tmp_path / "models" / name / "model.pt").exists()
     assert seen == ["cnn", "lstm", "gpt"] == list(kinds.KINDS)
+
+
+@pytest.mark.parametrize("fields", [{"monitor": "val/loss"}, {"patience": 2}], ids=["monitor", "patience"])
+def test_monitoring_without_validation_is_refused_before_training(tmp_path, fields):
+    # a Training with nothing to monitor would stop with a KeyError after the last epoch (monitor), or
+    # never stop early (patience)
+    with pytest.raises(ValueError, match="monitor/patience need validation"):
+        fit(toy(evaluate=None, **fields), tmp_path)
+    assert toy.calls["loss"] == 0 and not (tmp_path / "model.pt").exists()
