@@ -338,3 +338,11 @@ def test_monitoring_without_validation_is_refused_before_training(tmp_path, fiel
     with pytest.raises(ValueError, match="monitor/patience need validation"):
         fit(toy(evaluate=None, **fields), tmp_path)
     assert toy.calls["loss"] == 0 and not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_only_when_asked_and_one_line_per_epoch_either_way(tmp_path, capsys, progress):
+    train.fit(toy(epochs=2, steps=3), tmp_path / "model.pt", None, CPU, train.Distributed(), progress=progress)
+    out, err = capsys.readouterr()
+    assert ("epoch 1/2" in err and "epoch 2/2" in err) is progress  # tqdm's bar, on stderr
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("train/loss=")] == ["epoch=0", "epoch=1"]
