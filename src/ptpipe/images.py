@@ -97,8 +97,9 @@ def decode(source: str | Path | BinaryIO, size: int, max_pixels: int = MAX_PIXEL
             _draft_if_large(img, size)
             w, h = img.size  # from the header (after draft: the size that will be decoded)
             if w * h > max_pixels:
-                raise ImageTooLarge(f"{name}: {w} x {h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                                    f"(a decompression bomb, or a scan far larger than needed): shrink or remove it")
+                raise ImageTooLarge(f"{name}: image too large: {w} x {h} = {w * h:,} pixels, above the limit of "
+                                    f"{max_pixels:,} (a decompression bomb, or a scan far larger than needed): "
+                                    f"shrink or remove it")
             ImageOps.exif_transpose(img, in_place=True)  # in place: an upright image is not copied
             img = _to_rgb(img)
     except Image.DecompressionBombError as exc:  # not an OSError: Pillow's guard against huge images

@@ -89,6 +89,8 @@ class ModelKind:
     # the part of the deployable module whose weights model.pt holds (the CNN's trained net sits
     # behind the input normalisation); the whole module by default
     trained_part: Callable[["nn.Module"], "nn.Module"] = lambda module: module
+    # model_args an older model file may lack, with the value every such file had (the CNN's image_size: 32)
+    arg_defaults: dict = field(default_factory=dict)
 
     @property
     def metric(self) -> tuple[str, bool]:
@@ -97,7 +99,7 @@ class ModelKind:
 
     def signature(self, config: dict) -> dict:
         """{"inputs": [...], "outputs": [...]} resolved against the config's model_args."""
-        args = config["model_args"]
+        args = {**self.arg_defaults, **config["model_args"]}
         return {"inputs": [s.resolve(args) for s in self.inputs], "outputs": [s.resolve(args) for s in self.outputs]}
 
     def describe(self, config: dict) -> dict:

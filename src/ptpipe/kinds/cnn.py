@@ -206,7 +206,7 @@ def example_inputs(model: nn.Module, config: dict) -> tuple[torch.Tensor, ...]:
 
 
 def _image_size(config: dict) -> int:
-    return config["model_args"].get("image_size", 32)  # model files before own data sets were all CIFAR's 32
+    return {**KIND.arg_defaults, **config["model_args"]}["image_size"]
 
 
 def metadata(config: dict) -> dict:
@@ -600,4 +600,5 @@ KIND = kinds.ModelKind(
     outputs=(kinds.TensorSpec("logits", "float32", ("batch", "num_classes")),),
     build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
     recipe=Recipe, training=training, check_data=check_data, trained_part=lambda module: module.model,
+    arg_defaults={"image_size": 32},  # model files from before own data sets: all CIFAR-10's 32 x 32
 )
