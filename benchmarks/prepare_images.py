@@ -165,8 +165,9 @@ def build(work: Path, cifar_jpeg: Path | None, pngs: int, jpegs: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "built.json"
     wanted = {"pngs": pngs, "jpegs": jpegs, "cifar_jpeg": str(cifar_jpeg) if cifar_jpeg else None}
-    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
-        for name in ("pngs", "jpegs", "pngs.tar", "pngs.zip"):
+    products = ("pngs", "jpegs", "pngs.tar", "pngs.zip")
+    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted and all((work / p).exists() for p in products)):
+        for name in products:
             target = work / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         started = time.perf_counter()
@@ -230,27 +231,26 @@ def draft_quality(folder: Path, size: int, count: int = 300) -> dict:
 
 # -- DVC ----------------------------------------------------------------------------------------------
 
-def dvc_costs(work: Path) -> list[dict]:
+def dvc_costs(work: Path, repo: Path) -> list[dict]:
     """`dvc add` (first: hash + copy into the cache; second: unchanged) and `dvc status`, for the PNG
-    folder and for pngs.tar, in a temporary git + dvc repo (the venv's real dvc CLI)."""
+    folder and for pngs.tar, in a new git + dvc repo at `repo` (the venv's real dvc CLI)."""
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
     rows = []
-    with tempfile.TemporaryDirectory(dir=work, prefix="dvc-repo-") as repo:
-        env_cwd = {"cwd": repo, "check": True, "capture_output": True}
-        subprocess.run(["git", "init", "-q"], **env_cwd)
-        subprocess.run([dvc, "init", "-q"], **env_cwd)
-        shutil.copytree(work / "pngs", Path(repo) / "pngs")  # untimed: the user's data, already there
-        shutil.copy(work / "pngs.tar", repo)
-        os.chdir(repo)
-        for target, files in (("pngs", sum(1 for _ in (work / "pngs").rglob("*.png"))), ("pngs.tar", 1)):
-            status = [dvc, "status", "-q", f"{target}.dvc"]  # this target only: both are tracked in one repo
-            for step, cmd in (("dvc add (1st)", [dvc, "add", "-q", target]), ("dvc status", status),
-                              ("dvc add (2nd)", [dvc, "add", "-q", target]), ("dvc status (2nd)", status)):
-                row = {"target": target, "files": files, "step": step, **measured(cmd)}
-                rows.append(row)
-                print(f"{target:9} {step:17} {row['wall_s']:7.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB  "
-                      f"(load {row['load_1min_before']:.2f}, steal {row['steal_pct']}%)", flush=True)
-        os.chdir(ROOT)
+    in_repo = {"cwd": repo, "check": True, "capture_output": True}
+    subprocess.run(["git", "init", "-q"], **in_repo)
+    subprocess.run([dvc, "init", "-q"], **in_repo)
+    shutil.copytree(work / "pngs", Path(repo) / "pngs")  # untimed: the user's data, already there
+    shutil.copy(work / "pngs.tar", repo)
+    os.chdir(repo)
+    for target, files in (("pngs", sum(1 for _ in (work / "pngs").rglob("*.png"))), ("pngs.tar", 1)):
+        status = [dvc, "status", "-q", f"{target}.dvc"]  # this target only: both are tracked in one repo
+        for step, cmd in (("dvc add (1st)", [dvc, "add", "-q", target]), ("dvc status", status),
+                          ("dvc add (2nd)", [dvc, "add", "-q", target]), ("dvc status (2nd)", status)):
+            row = {"target": target, "files": files, "step": step, **measured(cmd)}
+            rows.append(row)
+            print(f"{target:9} {step:17} {row['wall_s']:7.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB  "
+                  f"(load {row['load_1min_before']:.2f}, steal {row['steal_pct']}%)", flush=True)
+    os.chdir(ROOT)
     return rows
 
 
@@ -320,7 +320,8 @@ def main() -> None:
     quality = draft_quality(args.work / "jpegs", args.size)
     print(f"JPEG draft: mean |draft - full| {quality['draft_vs_full']} vs |bicubic - Lanczos| "
           f"{quality['bicubic_vs_lanczos']} (levels of 255, {quality['jpegs']} JPEGs)")
-    dvc_rows = [] if args.no_dvc else dvc_costs(args.work)
+    repo = Path(tempfile.mkdtemp(dir=args.work, prefix="dvc-repo-"))
+    dvc_rows = [] if args.no_dvc else dvc_costs(args.work, repo)
     print("\n" + table(rows, dvc_rows))
     result = {"started": started, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
@@ -328,7 +329,8 @@ def main() -> None:
               "data": data, "interpreter_rss_mb": interpreter_mb, "reads": rows, "jpeg_draft_quality": quality, "dvc": dvc_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nload average before {load_before}, after {result['loadavg_after']}; wrote {args.out}")
+    print(f"\nload average before {load_before}, after {result['loadavg_after']}; wrote {args.out}", flush=True)
+    shutil.rmtree(repo)
 
 
 if __name__ == "__main__":
