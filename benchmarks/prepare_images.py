@@ -12,9 +12,9 @@ Data (built once under --work, reused when it is there):
   jpegs/<class>/*.jpg              10,000 JPEGs, 500 x 375 (every 5th 375 x 500), quality 85: a CIFAR image
                                    upscaled plus fine grain, so the files have photo-like detail (mean size printed)
 Cases, each in its own process (so peaks do not mix): read + np.save of every split, `--workers` 1 and 2,
-and the JPEGs once more with JPEG draft off (full-size decode). Files are in the page cache (just built). Peak memory = the largest sum over the
-process tree (the case and its workers) of RSS, and of PSS (shared pages counted once), sampled every
-20 ms. Target (issue 21): <= 30 s for the PNGs, <= 90 s for the JPEGs, peak <= 2 x the prepared arrays.
+and the JPEGs once more with JPEG draft off (full-size decode). Files are in the page cache (just built).
+Peak memory = the largest sum over the process tree (the case and its workers) of RSS, and of PSS (shared
+pages counted once), sampled every 20 ms. Target (issue 21): <= 30 s for the PNGs, <= 90 s for the JPEGs, peak <= 2 x the prepared arrays.
 Draft quality: mean |draft - full decode| over 300 JPEGs, beside |bicubic - Lanczos| of the full decode.
 DVC (the real `dvc` CLI in a temporary git + dvc repo): `dvc add` of the PNG folder and of pngs.tar, first
 run (hash + copy into the cache) and second run (nothing changed), and `dvc status` after each.
@@ -24,7 +24,6 @@ shared 2-core VM a figure taken under load is not the idle machine's.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -132,7 +131,8 @@ def source_images(cifar_jpeg: Path | None, count: int, seed: int = 0):
     for i in range(count):
         base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.BICUBIC)
         detail = rng.normal(0, 18, (32, 32, 3))
-        yield ("train" if (i // 10) % 6 else "test"), CLASSES[i % 10], np.clip(np.asarray(base) + detail, 0, 255).astype(np.uint8)
+        pixels = np.clip(np.asarray(base) + detail, 0, 255).astype(np.uint8)
+        yield ("train" if (i // 10) % 6 else "test"), CLASSES[i % 10], pixels
 
 
 def build_pngs(folder: Path, cifar_jpeg: Path | None, count: int) -> None:
@@ -165,8 +165,9 @@ def build(work: Path, cifar_jpeg: Path | None, pngs: int, jpegs: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "built.json"
     wanted = {"pngs": pngs, "jpegs": jpegs, "cifar_jpeg": str(cifar_jpeg) if cifar_jpeg else None}
-    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
-        for name in ("pngs", "jpegs", "pngs.tar", "pngs.zip"):
+    products = ("pngs", "jpegs", "pngs.tar", "pngs.zip")
+    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted and all((work / p).exists() for p in products)):
+        for name in products:
             target = work / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         started = time.perf_counter()
@@ -230,27 +231,26 @@ def draft_quality(folder: Path, size: int, count: int = 300) -> dict:
 
 # -- DVC ----------------------------------------------------------------------------------------------
 
-def dvc_costs(work: Path) -> list[dict]:
+def dvc_costs(work: Path, repo: Path) -> list[dict]:
     """`dvc add` (first: hash + copy into the cache; second: unchanged) and `dvc status`, for the PNG
-    folder and for pngs.tar, in a temporary git + dvc repo (the venv's real dvc CLI)."""
+    folder and for pngs.tar, in a new git + dvc repo at `repo` (the venv's real dvc CLI)."""
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
     rows = []
-    with tempfile.TemporaryDirectory(dir=work, prefix="dvc-repo-") as repo:
-        env_cwd = {"cwd": repo, "check": True, "capture_output": True}
-        subprocess.run(["git", "init", "-q"], **env_cwd)
-        subprocess.run([dvc, "init", "-q"], **env_cwd)
-        shutil.copytree(work / "pngs", Path(repo) / "pngs")  # untimed: the user's data, already there
-        shutil.copy(work / "pngs.tar", repo)
-        os.chdir(repo)
-        for target, files in (("pngs", sum(1 for _ in (work / "pngs").rglob("*.png"))), ("pngs.tar", 1)):
-            status = [dvc, "status", "-q", f"{target}.dvc"]  # this target only: both are tracked in one repo
-            for step, cmd in (("dvc add (1st)", [dvc, "add", "-q", target]), ("dvc status", status),
-                              ("dvc add (2nd)", [dvc, "add", "-q", target]), ("dvc status (2nd)", status)):
-                row = {"target": target, "files": files, "step": step, **measured(cmd)}
-                rows.append(row)
-                print(f"{target:9} {step:17} {row['wall_s']:7.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB  "
-                      f"(load {row['load_1min_before']:.2f}, steal {row['steal_pct']}%)", flush=True)
-        os.chdir(ROOT)
+    in_repo = {"cwd": repo, "check": True, "capture_output": True}
+    subprocess.run(["git", "init", "-q"], **in_repo)
+    subprocess.run([dvc, "init", "-q"], **in_repo)
+    shutil.copytree(work / "pngs", Path(repo) / "pngs")  # untimed: the user's data, already there
+    shutil.copy(work / "pngs.tar", repo)
+    os.chdir(repo)
+    for target, files in (("pngs", sum(1 for _ in (work / "pngs").rglob("*.png"))), ("pngs.tar", 1)):
+        status = [dvc, "status", "-q", f"{target}.dvc"]  # this target only: both are tracked in one repo
+        for step, cmd in (("dvc add (1st)", [dvc, "add", "-q", target]), ("dvc status", status),
+                          ("dvc add (2nd)", [dvc, "add", "-q", target]), ("dvc status (2nd)", status)):
+            row = {"target": target, "files": files, "step": step, **measured(cmd)}
+            rows.append(row)
+            print(f"{target:9} {step:17} {row['wall_s']:7.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB  "
+                  f"(load {row['load_1min_before']:.2f}, steal {row['steal_pct']}%)", flush=True)
+    os.chdir(ROOT)
     return rows
 
 
@@ -279,7 +279,8 @@ def read_cases(work: Path, workers: list[int], size: int, pngs: int, jpegs: int,
 
 
 def table(rows: list[dict], dvc_rows: list[dict]) -> str:
-    lines = ["| case | workers | s (read + save) | peak RSS MB | peak PSS MB | arrays MB | RSS / arrays | floor MB | load 1 min | steal % |",
+    lines = ["| case | workers | s (read + save) | peak RSS MB | peak PSS MB | arrays MB | RSS / arrays | floor MB "
+             "| load 1 min | steal % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['workers']} | {r['wall_s']:.1f} ({r['read_s']:.1f} + {r['save_s']:.1f}) | "
@@ -287,7 +288,8 @@ def table(rows: list[dict], dvc_rows: list[dict]) -> str:
                      f"{r['peak_rss_mb'] / r['array_mb']:.2f}x | {r['floor_mb']:.0f} | {r['load_1min_before']:.2f} | "
                      f"{r['steal_pct']} |")
     if dvc_rows:
-        lines += ["", "| DVC | files | step | s | peak RSS MB | load 1 min | steal % |", "|---|---:|---|---:|---:|---:|---:|"]
+        lines += ["", "| DVC | files | step | s | peak RSS MB | load 1 min | steal % |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
         lines += [f"| {r['target']} | {r['files']} | {r['step']} | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} | "
                   f"{r['load_1min_before']:.2f} | {r['steal_pct']} |" for r in dvc_rows]
     return "\n".join(lines)
@@ -320,15 +322,18 @@ def main() -> None:
     quality = draft_quality(args.work / "jpegs", args.size)
     print(f"JPEG draft: mean |draft - full| {quality['draft_vs_full']} vs |bicubic - Lanczos| "
           f"{quality['bicubic_vs_lanczos']} (levels of 255, {quality['jpegs']} JPEGs)")
-    dvc_rows = [] if args.no_dvc else dvc_costs(args.work)
+    repo = Path(tempfile.mkdtemp(dir=args.work, prefix="dvc-repo-"))
+    dvc_rows = [] if args.no_dvc else dvc_costs(args.work, repo)
     print("\n" + table(rows, dvc_rows))
     result = {"started": started, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "python": platform.python_version(), "pillow": Image.__version__, "numpy": np.__version__,
-              "data": data, "interpreter_rss_mb": interpreter_mb, "reads": rows, "jpeg_draft_quality": quality, "dvc": dvc_rows}
+              "data": data, "interpreter_rss_mb": interpreter_mb, "reads": rows, "jpeg_draft_quality": quality,
+              "dvc": dvc_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nload average before {load_before}, after {result['loadavg_after']}; wrote {args.out}")
+    print(f"\nload average before {load_before}, after {result['loadavg_after']}; wrote {args.out}", flush=True)
+    shutil.rmtree(repo)
 
 
 if __name__ == "__main__":

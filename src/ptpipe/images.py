@@ -11,6 +11,11 @@ anything below a class folder belongs to it (torchvision ImageFolder's rule). Hi
 are skipped and counted; files that are not images, empty or unreadable are skipped and counted up to
 a limit (`too_many_bad`), above which the whole read is refused.
 
+    data = read_image_folder("data/raw/my-pets", 32, val_fraction=0.1, test_fraction=0.1, seed=0)
+    data.classes                  ["cat", "dog", "fox"]
+    data.images["train"]          uint8 N x 3 x 32 x 32 (also "val", "test"); data.labels["train"] uint8 N
+    data.own_split, data.skipped  ("train", "test") or (); {"hidden or system file": 2, ...}
+
 numpy + Pillow only (no torch): `ptpipe.inference` and the server import this module.
 """
 from __future__ import annotations
