@@ -104,17 +104,16 @@ def check_search(root: Path, tune: params.Tune) -> None:
             if section == "space" and not _fits(tune.space[key], current):
                 raise _error(f"space.{key}", f"a {tune.space[key].type} range for {current!r} "
                                              f"({type(current).__name__}): use type: categorical, or another key")
-    try:
-        pipeline.check_overrides(root, fixed)
-    except StageError as exc:
-        raise _error("fixed", str(exc).splitlines()[-1].strip()) from None
-    for key, dist in tune.space.items():
-        for value in _candidates(dist):
-            try:
-                pipeline.check_overrides(root, [*fixed, override(key, value)])
-            except StageError as exc:
-                reason = str(exc).splitlines()[-1].strip().split(": ", 1)[-1]
-                raise _error(f"space.{key}", f"{value!r} is refused by the schema: {reason}") from None
+    checks = [(f"fixed.{key}", value, [override(key, value)]) for key, value in tune.fixed.items()]
+    checks += [(f"space.{key}", value, [*fixed, override(key, value)])
+               for key, dist in tune.space.items() for value in _candidates(dist)]
+    for where, value, overrides in checks:
+        try:
+            pipeline.check_overrides(root, overrides)
+        except StageError as exc:
+            # "params.yaml with k=v: lstm.lr: Input should be ..." -> the schema's key and reason
+            reason = str(exc).splitlines()[-1].strip().split(": ", 1)[-1]
+            raise _error(where, f"{value!r} is refused by the schema: {reason}") from None
 
 
 def check_pipeline(root: Path, tune: params.Tune) -> None:
