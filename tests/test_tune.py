@@ -47,7 +47,7 @@ def tuned_project(repo: Path, trials: int, **extra) -> Path:
     text = alice_text()
     (repo.parent / "pg11.txt").write_bytes(text)
     write_params(repo, **{"download.alice.url": f"file://{repo.parent / 'pg11.txt'}", "download.alice.md5": md5(text)},
-                 **TINY_TRAINING, **TINY_TUNE, **{"tune.trials": trials}, **extra)
+                 **TINY_TRAINING, **{**TINY_TUNE, "tune.trials": trials, **extra})
     sh("dvc", "config", "--local", "cache.dir", str(repo.parent / "cache"), cwd=repo)
     sh("dvc", "repro", "prepare@alice", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
@@ -238,7 +238,10 @@ def test_two_workers_prune_cleanly_every_trial_is_an_experiment_and_the_best_app
         with Image.open(repo / "reports/tune/lstm" / png) as image:
             assert image.format == "PNG" and image.size[0] >= 400
     assert f"dvc exp apply lstm-{best.number}" in (repo / "reports/tune/lstm/report.md").read_text()
-    sh("dvc", "exp", "apply", f"lstm-{best.number}", cwd=repo)
+    applied = sh("dvc", "exp", "apply", f"lstm-{best.number}", cwd=repo, check=False)
+    if applied.returncode:  # this baseline ran only the Alice and LSTM stages: the others' outputs are missing
+        missing = applied.stderr.split("Checkout failed for following targets:")[1].split("Is your cache")[0].split()
+        assert missing and not [m for m in missing if "alice" in m or m == "models/lstm/model.pt"], applied.stderr
     applied = yaml.safe_load((repo / "params.yaml").read_text())["lstm"]
     assert applied["lr"] == pytest.approx(best.params["lstm.lr"]) and applied["optimizer"] == best.params["lstm.optimizer"]
     metrics = json.loads((repo / "dvclive/lstm/metrics.json").read_text())
@@ -253,17 +256,20 @@ def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_tw
     import optuna
     from optuna.trial import TrialState
 
-    repo = tuned_project(tmp_path / "repo", trials=5, **{"tune.prune": None, "tune.fixed.lstm.epochs": 6})
+    repo = tuned_project(tmp_path / "repo", trials=4, **{"tune.prune": None, "tune.fixed": {"lstm.threads": 1, "lstm.epochs": 4}})
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen([sys.executable, "-m", "ptpipe.cli", "tune", "--workers", "2"], cwd=repo,
                              env=tool_env(), stdout=log, stderr=subprocess.STDOUT)
     journal = repo / tune.STATE_DIR / "lstm.journal"
 
-    def states():
+    def states():  # (not through params.yaml: `dvc exp run --temp` rewrites it for a moment while it stashes)
         if not journal.exists():
             return []
-        study = optuna.load_study(study_name="lstm", storage=tune.storage_for(repo, tune.load(repo)[1], None))
-        return [t.state for t in study.trials]
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        try:
+            return [t.state for t in optuna.load_study(study_name="lstm", storage=storage).trials]
+        except KeyError:  # the file is there, the study not yet
+            return []
 
     deadline = time.monotonic() + 400  # a bound on a hang, not a speed target
     while not (states().count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states()):
@@ -278,7 +284,7 @@ def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_tw
 
     second = ptpipe_tune(repo, "--workers", "2").stdout
     study = study_of(repo)
-    assert [t.number for t in study.trials] == list(range(5))
+    assert [t.number for t in study.trials] == list(range(4))
     assert all(t.state == TrialState.COMPLETE for t in study.trials), second
     for n, t in before.items():
         after = study.trials[n]
@@ -288,5 +294,5 @@ def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_tw
             assert exps(repo)[f"lstm-{n}"]["rev"] == finished_revs[f"lstm-{n}"]
         else:
             assert "taking over" in second
-    assert_every_finished_trial_is_its_experiment(repo, study, {"lstm.threads": 1, "lstm.epochs": 6})
+    assert_every_finished_trial_is_its_experiment(repo, study, {"lstm.threads": 1, "lstm.epochs": 4})
     assert_nothing_half_written(repo, tmp_path / "cache")

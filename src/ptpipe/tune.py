@@ -601,14 +601,14 @@ def report_markdown(info: dict, images: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOTS = {  # file -> (title, the optuna.visualization.matplotlib function, what it needs)
-    "history.png": ("Optimisation history", "plot_optimization_history", 1),
-    "importances.png": ("Parameter importances", "plot_param_importances", 2),
-    "curves.png": ("Per-epoch curves (pruned trials stop early)", "plot_intermediate_values", 1),
+PLOTS = {  # file -> (title, the optuna.visualization.matplotlib function, completed trials it needs, x label)
+    "history.png": ("Optimisation history", "plot_optimization_history", 1, "trial"),
+    "importances.png": ("Parameter importances (fANOVA over the completed trials)", "plot_param_importances", 2, None),
+    "curves.png": ("Per-epoch curves (pruned trials stop early)", "plot_intermediate_values", 1, "epoch (0 = the first)"),
 }
 
 
-def _plots(study, out: Path, complete: int) -> dict[str, str]:
+def _plots(study, out: Path, complete: int, metric: str) -> dict[str, str]:
     """Optuna's matplotlib plots as PNG files (Agg: no display, no browser); {title: file name}."""
     import warnings
 
@@ -619,12 +619,16 @@ def _plots(study, out: Path, complete: int) -> dict[str, str]:
     from optuna.visualization import matplotlib as optuna_plots
 
     made = {}
-    for name, (title, function, needs) in PLOTS.items():
-        if complete < needs:
-            continue  # importances need two completed trials to compare
+    curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    for name, (title, function, needs, x_label) in PLOTS.items():
+        if complete < needs or (name == "curves.png" and not curves):
+            continue  # importances need two completed trials to compare; curves, a pruned study's reports
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
             ax = getattr(optuna_plots, function)(study)
+        if x_label:  # Optuna's generic "Objective Value" / "Step": say which metric, and that steps are epochs
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(metric)
         figure = ax.figure
         figure.set_size_inches(8, 5)
         figure.tight_layout()
@@ -640,7 +644,7 @@ def write_report(root: Path, study, tune: params.Tune, out: Path | None = None,
     """reports/tune/<study>/: report.md, study.json (the summary) and the PNG plots, each written atomically."""
     out = out or root / "reports" / "tune" / tune.study
     info = summary(study, tune)
-    images = _plots(study, out, info["counts"]["complete"])
+    images = _plots(study, out, info["counts"]["complete"], tune.metric.key)
     files.write_json(out / "study.json", info)
     files.write_text(out / "report.md", report_markdown(info, images))
     info["report_dir"] = str(out)
