@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import pytest
 import yaml
 
 from fixtures import ROOT, TINY_TRAINING, alice_text, copy_project, md5, sh, tool_env, write_params
+from test_flows import artifacts, client, free_port, load_flow_module, prefect_server  # noqa: F401 - fixtures
 from ptpipe import pipeline, tune
 from ptpipe.stage import StageError
 
 CURVE = "dvclive/lstm/plots/metrics/val/bits_per_char.tsv"  # what train_lstm's DVCLive writes per epoch
+BASELINE = "prepare@alice"  # the stage whose output every trial starts from (committed before the study)
 # The tests' study: the LSTM stage as it is named today (the lead renames it in this one place).
 TINY_TUNE = {
     "tune.targets": ["train_lstm"],
@@ -49,7 +52,7 @@ def tuned_project(repo: Path, trials: int, **extra) -> Path:
     write_params(repo, **{"download.alice.url": f"file://{repo.parent / 'pg11.txt'}", "download.alice.md5": md5(text)},
                  **TINY_TRAINING, **{**TINY_TUNE, "tune.trials": trials, **extra})
     sh("dvc", "config", "--local", "cache.dir", str(repo.parent / "cache"), cwd=repo)
-    sh("dvc", "repro", "prepare@alice", cwd=repo)
+    sh("dvc", "repro", BASELINE, cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "baseline: prepared data", cwd=repo)
     return repo
@@ -296,3 +299,120 @@ def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_tw
             assert "taking over" in second
     assert_every_finished_trial_is_its_experiment(repo, study, {"lstm.threads": 1, "lstm.epochs": 4})
     assert_nothing_half_written(repo, tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_the_tune_flow_fails_on_a_bad_space_then_runs_the_study_and_attaches_the_report(prefect_server, client, tmp_path):
+    import optuna
+
+    repo = tuned_project(tmp_path / "repo", trials=2,
+                         **{"tune.prune": None, "tune.fixed": {"lstm.threads": 1, "lstm.epochs": 1}})
+    flows = load_flow_module("tune")
+    write_params(repo, **{"tune.space": {"lstm.lrr": {"type": "float", "low": 0.001, "high": 0.01}}})
+    failed = flows.tune(repo=str(repo), return_state=True)
+    assert failed.is_failed() and "tune.space.lstm.lrr: no such key" in failed.message
+    (incident,) = [json.loads(p.read_text()) for p in (repo / "incidents").glob("*-tune-*.json")]
+    assert "tune.space.lstm.lrr" in incident["error"] and not (repo / tune.STATE_DIR).exists()
+    sh("git", "checkout", "params.yaml", cwd=repo)
+
+    state = flows.tune(repo=str(repo), workers=2, return_state=True)
+    assert state.is_completed(), state.message
+    info = state.result()
+    study = optuna.load_study(study_name="lstm", storage=tune.storage_for(repo, tune.load(repo)[1], None))
+    assert info["best"]["value"] == study.best_value and len(info["trials"]) == 2
+    found = artifacts(client, state.state_details.flow_run_id)
+    markdown = found["tune-lstm"].data
+    assert f"dvc exp apply {info['best']['experiment']}" in markdown and markdown.count("data:image/png;base64,") == 2
+    rows = found["tune-lstm-trials"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert sorted(r["experiment"] for r in rows) == ["lstm-0", "lstm-1"]
+
+
+def _postgres_program(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian's packages put it."""
+    found = shutil.which(name)
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return found or (str(candidates[0]) if candidates else None)
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on a free loopback port (trust auth, no password), removed afterwards.
+    .ci/run installs the server when the machine has none."""
+    initdb, pg_ctl = _postgres_program("initdb"), _postgres_program("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL's initdb/pg_ctl not found: .ci/run installs them (apt-get install postgresql)")
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (apt-get install postgresql)")
+    home = Path(tempfile.mkdtemp(prefix="ptpipe-pg-"))  # not under pytest's 0700 folders: the server user reads it
+    run_as = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(home, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = home / "data"
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-t", "120", "-l", str(home / "server.log"), "-o",
+                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _clone(bare: Path, dest: Path, dvc_remote: Path) -> Path:
+    """Another machine: its own clone, its own DVC cache, the shared DVC remote."""
+    dest.parent.mkdir(parents=True)
+    sh("git", "clone", "-q", str(bare), str(dest), cwd=dest.parent)
+    sh("dvc", "config", "--local", "cache.dir", str(dest.parent / "cache"), cwd=dest)
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(dvc_remote), cwd=dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_two_clones_share_one_study_in_postgresql_and_a_third_sees_every_trial(tmp_path, postgres):
+    from optuna.trial import TrialState
+
+    bare, dvc_remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(bare), cwd=tmp_path)
+    a = tuned_project(tmp_path / "a" / "repo", trials=4,
+                      **{"tune.prune": None, "tune.fixed": {"lstm.threads": 1, "lstm.epochs": 3}})
+    sh("dvc", "remote", "modify", "--local", "storage", "url", str(dvc_remote), cwd=a)
+    sh("git", "remote", "add", "origin", str(bare), cwd=a)
+    sh("git", "push", "-q", "origin", "main", cwd=a)
+    sh("dvc", "push", "-q", cwd=a)  # the baseline's prepared data, for the other machines
+    b = _clone(bare, tmp_path / "b" / "repo", dvc_remote)
+    sh("dvc", "pull", "-q", BASELINE, cwd=b)
+
+    command = [sys.executable, "-m", "ptpipe.cli", "tune", "--storage", postgres, "--push", "origin"]
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in "ab"}
+    first = subprocess.Popen(command, cwd=a, env=tool_env(), stdout=logs["a"], stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300  # a bound on a hang, not a speed target
+    while not any(t.state == TrialState.RUNNING for t in _trials(a, postgres)):  # a has its first trial: b joins
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()
+        time.sleep(0.2)
+    second = subprocess.Popen(command, cwd=b, env=tool_env(), stdout=logs["b"], stderr=subprocess.STDOUT)
+    assert first.wait() == 0 and second.wait() == 0, (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+
+    study = study_of(a, postgres)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both machines ran trials of the one study
+    c = _clone(bare, tmp_path / "c" / "repo", dvc_remote)
+    sh("dvc", "exp", "pull", "origin", cwd=c)
+    assert_every_finished_trial_is_its_experiment(c, study, {"lstm.threads": 1, "lstm.epochs": 3})
+    best = f"lstm-{study.best_trial.number}"
+    applied = sh("dvc", "exp", "apply", best, cwd=c, check=False)  # its model comes from the DVC remote
+    assert (c / "models/lstm/model.pt").is_file(), applied.stderr
+    assert yaml.safe_load((c / "params.yaml").read_text())["lstm"]["lr"] == pytest.approx(study.best_params["lstm.lr"])
+
+
+def _trials(repo: Path, storage: str) -> list:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name="lstm", storage=tune.storage_for(repo, tune.load(repo)[1], storage)).trials
+    except KeyError:  # not created yet
+        return []
