@@ -271,7 +271,7 @@ class TuneMetric(Section):
 
 class TunePrune(Section):
     curve: str = Field(min_length=1)  # DVCLive's per-epoch TSV (step, value) of the metric, below the repo root
-    pruner: Literal["median", "threshold"]
+    pruner: Literal["median", "threshold", "none"]  # none: the curve is recorded, no trial is stopped
     startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
     warmup_epochs: int = Field(ge=0)   # epochs every trial runs before it may be pruned
     threshold: Optional[Annotated[float, Field(strict=False)]] = None  # threshold: worse than this stops

@@ -214,7 +214,7 @@ def open_study(root: Path, tune: params.Tune, storage: str | None):
 def _pruner(prune: params.TunePrune | None, direction: str):
     import optuna
 
-    if prune is None:
+    if prune is None or prune.pruner == "none":
         return optuna.pruners.NopPruner()
     if prune.pruner == "threshold":  # worse than the threshold: above it when minimizing, below when maximizing
         side = "upper" if direction == "minimize" else "lower"
@@ -661,5 +661,9 @@ def report_main(repo: str | os.PathLike = ".", storage: str | None = None,
     import optuna
 
     root, tune = load(repo)
-    study = optuna.load_study(study_name=tune.study, storage=storage_for(root, tune, storage))
+    try:
+        study = optuna.load_study(study_name=tune.study, storage=storage_for(root, tune, storage))
+    except KeyError:
+        raise StageError(f"no study {tune.study!r} in {shown(storage) if storage else 'the default storage'}: "
+                         f"run `ptpipe tune` first") from None
     return write_report(root, study, tune, Path(report_dir) if report_dir else None, log)
