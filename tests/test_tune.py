@@ -204,6 +204,16 @@ def test_overrides_come_back_from_dvcs_parser_with_their_value_and_type(project_
         assert got == value and type(got) is type(value), key
 
 
+def test_an_existing_experiment_counts_for_a_trial_only_with_the_trials_params():
+    """A taken-over trial whose experiment exists takes its result from it, unless that experiment has
+    other params (an earlier study of the same name): then the study stops instead of mixing them up."""
+    recorded = {"lstm.lr": 0.0123456789, "lstm.optimizer": "adam", "lstm.epochs": 3}
+    assert tune._same_params(recorded, {"lstm.lr": 0.0123456789, "lstm.optimizer": "adam", "lstm.epochs": 3})
+    assert not tune._same_params(recorded, {"lstm.lr": 0.0123456788})
+    assert not tune._same_params(recorded, {"lstm.optimizer": "adamw"})
+    assert not tune._same_params(recorded, {"lstm.dropout": 0.1})
+
+
 def test_curve_rows_are_read_once_and_a_line_being_written_waits(tmp_path):
     curve = tmp_path / "bits_per_char.tsv"
     curve.write_text("step\tbits_per_char\n0\t3.5\n1\t2.25\n2\t2.")  # the last line is still being written

@@ -426,6 +426,10 @@ def _run_trial(s: Study, trial, values: dict[str, object]) -> None:
         existing = experiments(s.root).get(name)
         if existing is None:
             return _fail(s, trial, f"dvc exp run succeeded but `dvc exp show` has no experiment {name}")
+    elif not _same_params(existing["params"], {**s.tune.fixed, **values}):
+        raise StageError(f"experiment {name} exists with other params than trial {trial.number} of study "
+                         f"{s.tune.study!r} (an earlier study of that name whose storage is gone?): rename "
+                         f"tune.study, or remove the old experiments (`dvc exp remove {name} ...`)")
     try:
         value = metric_of(existing, s.tune)
     except StageError as exc:
@@ -439,6 +443,16 @@ def _run_trial(s: Study, trial, values: dict[str, object]) -> None:
             s.log(f"{name}: not pushed ({str(exc).splitlines()[0]}); later: dvc exp push {s.push} {name}")
     s.study.tell(trial, value, skip_if_finished=True)
     s.log(f"{name}: {s.tune.metric.key} = {value:.6g}")
+
+
+def _same_params(recorded: dict, wanted: dict) -> bool:
+    import math
+
+    def same(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+        return a == b
+    return all(same(recorded.get(k), v) for k, v in wanted.items())
 
 
 def _report_curve(s: Study, trial, rev: str) -> None:
