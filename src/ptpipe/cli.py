@@ -5,6 +5,7 @@
     ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod [--force]
     ptpipe unassign cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn      (any folder of the repo, or --repo)
     ptpipe serve [--model cifar10-cnn#prod] [--port 8000]      (docs/serving.md)
+    ptpipe tune [--workers 2] [--storage URL] [--push origin]   (params.yaml `tune`, docs/tune.md)
 
 `predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
 model's name (params.yaml `models`: its files under models/<name>/) or a model file's path.
@@ -94,6 +95,15 @@ def _serve(args: argparse.Namespace) -> None:
     serve.main(args.model, args.repo, args.models_dir, args.host, args.port, serve.options_from(args))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from ptpipe import tune
+
+    if args.report_only:
+        tune.report_main(args.repo, args.storage, args.report)
+    else:
+        tune.run(args.repo, args.workers, args.storage, args.push, args.report, stale_after_s=args.stale_after)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ptpipe.limits import Limits  # standard library only: the serve flags' defaults, defined once
 
@@ -180,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="onnxruntime intra-op threads per call (default 1: the event loop needs the other cores; "
                           "0 = one per core)")
     srv.set_defaults(func=_serve)
+
+    tun = sub.add_parser("tune", help="an Optuna study over params.yaml's `tune` section, each trial a DVC experiment")
+    tun.add_argument("--workers", type=_at_least(1, "--workers"), default=1,
+                     help="trials run at once on this machine (default 1; give each a thread budget in tune.fixed)")
+    tun.add_argument("--storage", default=None,
+                     help="Optuna storage: a journal file path or a URL such as postgresql+psycopg://user@host/db, "
+                          "shared by every machine of the study (default: .dvc/tmp/tune/<study>.journal)")
+    tun.add_argument("--push", default=None, metavar="REMOTE",
+                     help="after each trial, `dvc exp push REMOTE <experiment>` (git refs + DVC outputs): for "
+                          "studies spread over machines")
+    tun.add_argument("--repo", default=".", help="the project's root (default: the current directory)")
+    tun.add_argument("--report", default=None, metavar="DIR", help="report folder (default reports/tune/<study>)")
+    tun.add_argument("--report-only", action="store_true", help="write the report of the study as it is; run nothing")
+    tun.add_argument("--stale-after", type=float, default=300.0, metavar="SECONDS",
+                     help="a trial of another host with no heartbeat for this long is taken over (default 300)")
+    tun.set_defaults(func=_tune)
     return parser
 
 

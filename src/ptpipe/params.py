@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import StrictBool, StrictInt, StrictStr  # the tune section's values
 
 from ptpipe.stage import StageError
 
@@ -130,6 +131,92 @@ class Validate(Section):
         return shapes
 
 
+# -- tune: an Optuna study over `dvc exp run` (ptpipe.tune, docs/tune.md) ----------------------------
+# Params are named by their dotted path in params.yaml; ptpipe.tune checks each one against the file
+# itself (the key exists, its range ends and choices pass this schema) before any trial runs.
+
+Scalar = Union[StrictBool, StrictInt, Annotated[float, Field(strict=True)], StrictStr, None]
+Number = Union[StrictInt, Annotated[float, Field(strict=False)]]  # YAML reads 1e-3 as a string
+
+
+class Distribution(Section):
+    """One searched param: Optuna's suggest_float / suggest_int / suggest_categorical arguments."""
+
+    type: Literal["float", "int", "categorical"]
+    low: Optional[Number] = None
+    high: Optional[Number] = None
+    log: bool = False   # sample the log of the value uniformly (learning rates, weight decays)
+    step: Optional[Number] = None  # grid spacing within [low, high]; not with log
+    choices: Optional[list[Scalar]] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Distribution":
+        if self.type == "categorical":
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a categorical param takes `choices` only (no low, high, log, step)")
+            if not self.choices:
+                raise ValueError("empty choices: list at least one value")
+            if len({repr(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"choices {self.choices} repeat a value")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} range takes low and high, not choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs both low and high")
+        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high, self.step or 1)):
+            raise ValueError(f"an int range needs whole numbers (got low {self.low}, high {self.high}"
+                             + (f", step {self.step})" if self.step is not None else ")"))
+        if self.low >= self.high:
+            raise ValueError(f"empty range: low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together (Optuna samples one or the other)")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0 (got {self.step})")
+        return self
+
+
+class TuneMetric(Section):
+    file: str = Field(min_length=1)  # a metrics file a trial's experiment records (`dvc exp show` reads it)
+    key: str = Field(min_length=1)   # dotted path inside it, e.g. val.bits_per_char
+
+
+class TunePrune(Section):
+    curve: str = Field(min_length=1)  # DVCLive's per-epoch TSV (step, value) of the metric, below the repo root
+    pruner: Literal["median", "threshold", "none"]  # none: the curve is recorded, no trial is stopped
+    startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
+    warmup_epochs: int = Field(ge=0)   # epochs every trial runs before it may be pruned
+    threshold: Optional[Annotated[float, Field(strict=False)]] = None  # threshold: worse than this stops
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> "TunePrune":
+        if (self.pruner == "threshold") != (self.threshold is not None):
+            raise ValueError("threshold is needed with pruner: threshold, and only then")
+        return self
+
+
+class Tune(Section):
+    """`ptpipe tune`: an Optuna study, one `dvc exp run` per trial (units and reasons in params.yaml)."""
+
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # trial n is experiment <study>-<n>
+    targets: list[str] = Field(min_length=1)  # stages a trial reproduces (and what they depend on)
+    metric: TuneMetric
+    direction: Literal["minimize", "maximize"]
+    trials: int = Field(ge=1, le=100_000)
+    seed: int  # the sampler's
+    prune: Optional[TunePrune]  # null: every trial runs to its end
+    fixed: dict[str, Union[Scalar, list[Scalar]]]  # overrides every trial gets, as after `dvc exp run -S`
+    space: dict[str, Distribution] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "Tune":
+        both = sorted(set(self.fixed) & set(self.space))
+        if both:
+            raise ValueError(f"{both[0]} is both fixed and searched: keep it in one of tune.fixed, tune.space")
+        return self
+
+
 class Params(Section):
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # the CNN recipes' lr where their own is null
     datasets: dict[str, Dataset]
@@ -141,6 +228,7 @@ class Params(Section):
     export: Export
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")
+    tune: Optional[Tune] = None  # `ptpipe tune`'s search; absent: no study to run
 
     @field_validator("datasets", "models")
     @classmethod
