@@ -1,4 +1,4 @@
-"""The `airbench94` recipe through the real download, prepare, train_cnn and evaluate_cnn code, N seeds:
+"""The `airbench94` recipe through the real download, prepare, train and evaluate stages (model cnn), N seeds:
 test accuracy (mean, sd), training seconds (median, spread) and what ran (compiled or not, graphs,
 recompiles, GPU, torch, CUDA); writes JSON. benchmarks/gpu/run.sh runs it on the GPU machine.
 
@@ -8,12 +8,12 @@ recompiles, GPU, torch, CUDA); writes JSON. benchmarks/gpu/run.sh runs it on the
 
 `--archive`: a cifar-10-python.tar.gz (the mirror's, from serve.py --build-only) goes through the
 download stage as a file:// URL with its md5, then the prepare stage (45,000 train / 5,000 val),
-in `--work`. Each run happens in its own folder with a copy of params.yaml (recipe airbench94,
+in `--work`. Each run happens in its own folder with a copy of params.yaml (models.cnn.recipe airbench94,
 seed i), so the repository's outputs are untouched. `--dry-run` does the same on a synthetic
 archive of 240 images with the recipe shrunk to 1 epoch of a tiny net on the CPU, 1 seed: it
 checks the script end to end, not the recipe.
 
-Times per run: `train_seconds` is train_cnn's timed region (CUDA events around the whitening init
+Times per run: `train_seconds` is train@cnn's timed region (CUDA events around the whitening init
 and the training steps, airbench's); `tta_seconds` the same kind of timing of the test-set forward
 passes with TTA (airbench adds these to its total); warm-up (compile), set-up and the rest of the
 loop (validation, checkpoints) are reported apart.
@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import pickle
 import statistics
 import tarfile
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from ptpipe import data, download, evaluate_cnn, prepare, train_cnn, trainer
+from ptpipe import data, download, evaluate, prepare, train
 from ptpipe.kinds.cnn import load_model, normalize, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,17 +72,11 @@ def prepare_from_archive(archive: Path, work: Path, params: dict, val_size: int)
     """The download stage (file:// URL + md5) and the prepare stage, in `work`: its data/prepared/cifar10."""
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     params = json.loads(json.dumps(params))
-    params["download"]["cifar10"] = {"url": archive.resolve().as_uri(), "md5": md5}
-    params["prepare"]["cifar10"]["val_size"] = val_size
+    params["datasets"]["cifar10"].update(url=archive.resolve().as_uri(), md5=md5, val_size=val_size)
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        download.main("cifar10")
-        prepare.main("cifar10")
-    finally:
-        os.chdir(cwd)
+    download.download("cifar10", work / "data/raw/cifar10", work / "params.yaml")
+    prepare.prepare("cifar10", work / "data/raw/cifar10", work / "data/prepared/cifar10", work / "params.yaml")
     return work / "data/prepared/cifar10"
 
 
@@ -91,10 +84,10 @@ def tta_seconds(prepared: Path, model_path: Path, device: torch.device) -> float
     """The test set's TTA forward passes as airbench times them (CUDA events; one warm-up call first)."""
     model, config = load_model(model_path)
     model = model.to(device, memory_format=torch.channels_last)
-    images, _ = data.load_cifar(prepared, "test")
+    images, _ = data.load_images(prepared, "test")
     x = normalize(images.to(device), config["data"]["mean"], config["data"]["std"]).contiguous(
         memory_format=torch.channels_last)
-    watch = trainer.Stopwatch(device)
+    watch = train.Stopwatch(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         predict(model, x[:2000], tta=config["params"]["tta"], batch_size=2000)  # cuDNN autotuning, outside the timing
         with watch.timing():
@@ -104,23 +97,20 @@ def tta_seconds(prepared: Path, model_path: Path, device: torch.device) -> float
 
 def run_seed(seed: int, params: dict, prepared: Path, work: Path) -> dict:
     work.mkdir(parents=True)
-    params["cnn"]["recipes"][RECIPE]["seed"] = seed
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        t0 = time.perf_counter()
-        train_cnn.main(prepared_dir=prepared, live_dir=None, progress=False)
-        stage_seconds = time.perf_counter() - t0
-        train = json.loads(Path("metrics/cnn_train.json").read_text())
-        test = evaluate_cnn.main(prepared_dir=prepared)["test"]
-        tta = tta_seconds(prepared, Path("models/cnn/model.pt"), trainer.resolve_device(params["train"]["device"]))
-    finally:
-        os.chdir(cwd)
+    params["recipes"]["cnn"][RECIPE]["seed"] = seed
+    params_file, model_path = work / "params.yaml", work / "models/cnn/model.pt"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    t0 = time.perf_counter()
+    train.train("cnn", prepared, model_path, None, work / "metrics/cnn/train.json", params_file, progress=False)
+    stage_seconds = time.perf_counter() - t0
+    trained = json.loads((work / "metrics/cnn/train.json").read_text())
+    test = evaluate.evaluate(prepared, model_path, work / "metrics/cnn/evaluate.json", work / "reports/cnn/evaluate",
+                             params_file)["test"]
+    tta = tta_seconds(prepared, model_path, train.resolve_device(params["train"]["device"]))
     keep = ("train_seconds", "warmup_seconds", "setup_seconds", "other_seconds", "compiled", "compile_error",
             "graphs", "graph_breaks", "recompiles", "autocast", "device")
-    row = {"seed": seed, "test_acc": test["acc"], **{k: train.get(k) for k in keep}, "tta_seconds": round(tta, 3),
-           "train_cnn_wall_seconds": round(stage_seconds, 3)}
+    row = {"seed": seed, "test_acc": test["acc"], **{k: trained.get(k) for k in keep}, "tta_seconds": round(tta, 3),
+           "train_stage_wall_seconds": round(stage_seconds, 3)}
     print(f"seed {seed}: test acc {row['test_acc']:.4f}  train {row['train_seconds']:.3f} s  tta {tta:.3f} s  "
           f"warm-up {row['warmup_seconds']:.1f} s  compiled {row['compiled']}  graphs {row['graphs']}  "
           f"recompiles {row['recompiles']}" + (f"  compile error: {row['compile_error']}" if row["compile_error"] else ""),
@@ -156,12 +146,12 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["cnn"]["recipe"] = RECIPE
+    params["models"]["cnn"]["recipe"] = RECIPE
     params["train"]["device"] = args.device
     prepared, source = args.prepared.resolve(), str(args.prepared)
     if args.dry_run:
         params["train"]["device"] = "cpu"
-        params["cnn"]["recipes"][RECIPE].update(DRY_RECIPE)
+        params["recipes"]["cnn"][RECIPE].update(DRY_RECIPE)
         args.runs = 1
         args.archive = args.work / "tiny-cifar-10-python.tar.gz"
         args.work.mkdir(parents=True)
@@ -175,7 +165,7 @@ def main() -> None:
     runtime = {"torch": torch.__version__, "cuda": torch.version.cuda,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run else None}
     summary = summarize(runs, runtime, {"dry_run": args.dry_run, "data": source,
-                                        "params": params["cnn"]["recipes"][RECIPE]})
+                                        "params": params["recipes"]["cnn"][RECIPE]})
     print(f"{RECIPE} x{len(runs)}: test acc {summary['test_acc_mean']:.4f} +- {summary['test_acc_sd']:.4f}; "
           f"train seconds median {summary['train_seconds_median']:.3f} (min {summary['train_seconds_min']:.3f}, "
           f"max {summary['train_seconds_max']:.3f}); + TTA {summary['train_plus_tta_seconds_median']:.3f}; "

@@ -3,9 +3,9 @@
     python benchmarks/cnn_threads.py --epochs 2 --rounds 1      # writes benchmarks/results/cnn_threads.json
     python benchmarks/cnn_threads.py --micro                    # the older per-step microbenchmark
 
-Runs each training stage exactly as dvc.yaml's `cmd` does (`train_cnn`, `train_lstm`, then
-`evaluate_cnn`, `evaluate_lstm` on the model it wrote), in a scratch directory holding params.yaml
-with only `epochs` (and the LSTM's `patience: null`) and `threads` changed, and links to
+Runs each model's stages exactly as dvc.yaml's `cmd` does (`train@cnn`, `train@lstm`, then
+`evaluate@cnn`, `evaluate@lstm` on the model it wrote), in a scratch directory holding params.yaml
+with only the model's recipe's `epochs` (and the LSTM's `patience: null`) and `threads` changed, and links to
 `--prepared-cifar` / `--prepared-alice`. The settings alternate (0, 1, 0, 1, ... for `--rounds`) so
 a change of machine load hits both. From the time stamps of the per-epoch lines it extrapolates the
 full run: start-up + first epoch + (full epochs - 1) x the later epochs' mean + evaluate, printed
@@ -29,17 +29,21 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {  # stage names, the params keys to change, the default full run, the target
-    "cnn": {"train": "train_cnn", "evaluate": "evaluate_cnn", "section": ("cnn", "recipes", "default"),
-            "target": "train + evaluate <= 900 s"},
-    "lstm": {"train": "train_lstm", "evaluate": "evaluate_lstm", "section": ("lstm",),
-             "target": "<= 2.0 bits/char (epoch 16 of 30) <= 600 s"},
+MODELS = {  # params.yaml's models: the target of the default full run
+    "cnn": {"target": "train + evaluate <= 900 s"},
+    "lstm": {"target": "<= 2.0 bits/char (epoch 16 of 30) <= 600 s"},
 }
 EPOCH_LINE = re.compile(r"\bepoch=(\d+)\s*$")
 
 
-def stage_cmd(name: str) -> str:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"]
+def stage_cmd(stage: str, model: str, params: dict) -> str:
+    """dvc.yaml's `cmd` of <stage>@<model> (its foreach over params.yaml's models, interpolated)."""
+    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]["cmd"]
+    item = params["models"][model]
+    for name, value in {"key": model, "item.data": item["data"], "item.kind": item["kind"],
+                        "item.recipe": item["recipe"]}.items():
+        cmd = cmd.replace("${" + name + "}", value)
+    return cmd
 
 
 def timed_run(cmd: str, cwd: Path, env: dict) -> tuple[float, list[float], str]:
@@ -58,12 +62,13 @@ def timed_run(cmd: str, cwd: Path, env: dict) -> tuple[float, list[float], str]:
 
 
 def measure(model: str, threads: int, epochs: int, prepared: dict[str, Path], params: dict) -> dict:
-    spec = MODELS[model]
-    full_epochs = _section(params, spec["section"])["epochs"]
+    spec, m = MODELS[model], params["models"][model]
+    section_path = ("recipes", m["kind"], m["recipe"])  # the model's recipe
+    full_epochs = _section(params, section_path)["epochs"]
     with tempfile.TemporaryDirectory(prefix=f"threads-{model}-") as tmp:
         work = Path(tmp)
         p = json.loads(json.dumps(params))  # a deep copy
-        section = _section(p, spec["section"])
+        section = _section(p, section_path)
         section.update(epochs=epochs, threads=threads)
         if model == "lstm":
             section["patience"] = None
@@ -73,8 +78,8 @@ def measure(model: str, threads: int, epochs: int, prepared: dict[str, Path], pa
             (work / "data/prepared" / name).symlink_to(path.resolve())
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        train_s, stamps, _ = timed_run(stage_cmd(spec["train"]), work, env)
-        eval_s, _, _ = timed_run(stage_cmd(spec["evaluate"]), work, env)
+        train_s, stamps, _ = timed_run(stage_cmd("train", model, p), work, env)
+        eval_s, _, _ = timed_run(stage_cmd("evaluate", model, p), work, env)
     later = [b - a for a, b in zip(stamps, stamps[1:])]
     epoch_s = statistics.mean(later) if later else stamps[0]
     first_s = stamps[0]  # start-up (imports, data, model) + epoch 1

@@ -6,9 +6,9 @@
             every step and a print every 2,000 mini-batches; all 50,000 training images
   plain     the issue's second anchor: the same recipe as a plain loop over one in-memory float
             tensor (normalised once), batches by index, nothing else
-  project   the stages themselves: `train_cnn.main` (the shared `ptpipe.trainer.fit` loop) with the
-            `tutorial` recipe of params.yaml (train_split train+val = the same 50,000 images, checked),
-            then `evaluate_cnn.main` on the test split
+  project   the stages themselves: `ptpipe.train.train("cnn", ...)` (the one `ptpipe.train.fit` loop) with
+            the `tutorial` recipe of params.yaml (train_split train+val = the same 50,000 images, checked),
+            then `ptpipe.evaluate.evaluate` on the test split
 
 All three use the same CPU thread count (the recipe's `threads`; 0 = torch's default, which the
 tutorial runs with). The seeds run one after another, the three variants alternating within a
@@ -41,9 +41,9 @@ import torchvision
 import torchvision.transforms as transforms
 import yaml
 
-from ptpipe import data, evaluate_cnn, train_cnn
+from ptpipe import data, evaluate, train
 from ptpipe.kinds.cnn import LeNet
-from ptpipe.trainer import set_threads
+from ptpipe.train import set_threads
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -99,9 +99,9 @@ def plain(prepared: str, epochs: int, seed: int) -> dict:
     """The recipe as the plainest fast loop: one normalised float tensor, a permutation per epoch,
     batches by index, zero_grad/forward/backward/step (the issue's second anchor)."""
     torch.manual_seed(seed)
-    x = torch.cat([data.load_cifar(prepared, s)[0] for s in ("train", "val")]).float().div_(255).sub_(0.5).div_(0.5)
-    y = torch.cat([data.load_cifar(prepared, s)[1] for s in ("train", "val")])
-    test_x, test_y = data.load_cifar(prepared, "test")
+    x = torch.cat([data.load_images(prepared, s)[0] for s in ("train", "val")]).float().div_(255).sub_(0.5).div_(0.5)
+    y = torch.cat([data.load_images(prepared, s)[1] for s in ("train", "val")])
+    test_x, test_y = data.load_images(prepared, "test")
     net = LeNet()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     epoch_seconds = []
@@ -123,22 +123,21 @@ def plain(prepared: str, epochs: int, seed: int) -> dict:
 
 
 def project(prepared: str, epochs: int, seed: int, work: Path) -> dict:
-    """The same recipe through the project's stages: `train_cnn.main` with the `tutorial` recipe of
+    """The same recipe through the project's stages: train@cnn (`train.train`) with the `tutorial` recipe of
     params.yaml (LeNet, SGD 0.001/0.9, batch 32, train+val = the same 50,000 images, its `threads`),
-    then `evaluate_cnn.main` on the test split. Timed: the training steps of the epochs (the trainer's
-    `train_seconds`, like the tutorial's timed loop) and the whole train_cnn call (data loading,
+    then evaluate@cnn (`evaluate.evaluate`) on the test split. Timed: the training steps of the epochs (the
+    loop's `train_seconds`, like the tutorial's timed loop) and the whole train.train call (data loading,
     per-epoch validation and checkpoints included)."""
     params = yaml.safe_load(PARAMS.read_text())
-    params["cnn"]["recipe"] = "tutorial"
-    recipe = params["cnn"]["recipes"]["tutorial"]
+    params["models"]["cnn"]["recipe"] = "tutorial"
+    recipe = params["recipes"]["cnn"]["tutorial"]
     recipe.update(epochs=epochs, seed=seed)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
-    result = train_cnn.main(work / "params.yaml", prepared, work / "model.pt", live_dir=None,
-                            metrics_path=None, progress=False)
+    result = train.train("cnn", prepared, work / "model.pt", None, None, work / "params.yaml", progress=False)
     stage_wall = time.perf_counter() - t0
-    metrics = evaluate_cnn.main(work / "params.yaml", prepared, work / "model.pt", work / "cnn.json", work / "plots")
-    n_train = sum(len(data.load_cifar(prepared, s)[1]) for s in ("train", "val"))
+    metrics = evaluate.evaluate(prepared, work / "model.pt", work / "cnn.json", work / "reports", work / "params.yaml")
+    n_train = sum(len(data.load_images(prepared, s)[1]) for s in ("train", "val"))
     return {"epoch_seconds": [n_train / r["train/img_per_s"] for r in result.history],
             "train_wall_s": result.train_seconds, "train_cnn_wall_s": stage_wall,
             "test_acc": metrics["test"]["acc"], "train_images": n_train}
@@ -147,7 +146,7 @@ def project(prepared: str, epochs: int, seed: int, work: Path) -> dict:
 def same_images(root: str, prepared: str) -> bool:
     """The archive's 50,000 training images and prepare's train+val are the same set (order aside)."""
     ds = MirrorCIFAR10(root=root, train=True, download=False)
-    x = torch.cat([data.load_cifar(prepared, s)[0] for s in ("train", "val")])  # N x 3 x 32 x 32
+    x = torch.cat([data.load_images(prepared, s)[0] for s in ("train", "val")])  # N x 3 x 32 x 32
     a = torch.from_numpy(ds.data).permute(0, 3, 1, 2).reshape(len(ds.data), -1).long().sum(1).sort().values
     b = x.reshape(len(x), -1).long().sum(1).sort().values
     return len(a) == len(b) and torch.equal(a, b)
@@ -197,7 +196,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of each variant per seed")
     ap.add_argument("--out", default="benchmarks/results/cnn_tutorial_vs_project.json", help="JSON results")
     args = ap.parse_args()
-    threads = yaml.safe_load(PARAMS.read_text())["cnn"]["recipes"]["tutorial"]["threads"]
+    threads = yaml.safe_load(PARAMS.read_text())["recipes"]["cnn"]["tutorial"]["threads"]
     set_threads(threads)  # every variant at the recipe's thread count (0: torch's default, as the tutorial)
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}

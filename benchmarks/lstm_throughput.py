@@ -1,12 +1,13 @@
-"""Char-LSTM training speed: the project's trainer vs a plain loop, and time to 2.0 bits/char.
+"""Char-LSTM training speed: the project's training loop vs a plain loop, and time to 2.0 bits/char.
 
     python benchmarks/lstm_throughput.py --prepared data/prepared/alice --out benchmarks/results/lstm_throughput.json
 
 1. Throughput (training characters per second, validation excluded) of the same model and
    batches (the issue's anchor recipe: 2 x 256 LSTM, batch 32, window 100, Adam 2e-3, dropout 0.2)
-   through a plain TBPTT loop and through `ptpipe.trainer.fit`, alternated `--rounds` times in one
-   run so both see the same machine load; plus the default params' model through the trainer.
-2. Time to target: the default params.yaml run (as `train_lstm` does it), wall time from the start
+   through a plain TBPTT loop and through `ptpipe.train.fit` (the kind's `lstm.training`, as train@lstm
+   runs it), alternated `--rounds` times in one run so both see the same machine load; plus the default
+   params' model (models.lstm's recipe) through the loop.
+2. Time to target: the default params.yaml run (as train@lstm does it), wall time from the start
    of training until validation first reaches `--target` bits/char, and the best it reaches.
 Prints a table and writes JSON. The load average is recorded: the 2 cores may be shared.
 """
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ptpipe import data, params, trainer
+from ptpipe import data, params, train
+from ptpipe.kinds import lstm
 from ptpipe.kinds.lstm import batchify, build_model, windows
-from ptpipe.train_lstm import LstmTask, setup
 
 ANCHOR = dict(embedding_size=256, hidden_size=256, num_layers=2, dropout=0.2, tie_weights=False)
 
@@ -50,25 +51,35 @@ def plain_epoch(train_ids: torch.Tensor, vocab_size: int, seed: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def trainer_epoch(train_ids, val_ids, vocab_size: int, model_args: dict, batch: int, seq_len: int, lr: float,
-                  seed: int, tmp: Path) -> float:
-    """One epoch of the same kind through trainer.fit (checkpoint + clip + guard included): chars/s."""
-    torch.manual_seed(seed)
-    model = build_model(vocab_size, **model_args)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    task = LstmTask(train_ids, val_ids[:2000], batch, seq_len, 8, seed, torch.device("cpu"), trainer.Distributed())
-    spec = trainer.Fit(epochs=1, model_path=tmp / "model.pt", checkpoint_path=tmp / "ckpt.pt",
-                       config={"bench": True}, clip_grad_norm=1.0, monitor="val/loss", progress=False)
-    result = trainer.fit(model, task, opt, None, spec, torch.device("cpu"))
+def loop_epoch(prepared: Path, recipe: lstm.Recipe, tmp: Path) -> float:
+    """One epoch of `recipe` through train.fit (checkpoint + clip + guard included): chars/s of the steps."""
+    t = lstm.training(recipe.model_copy(update={"epochs": 1}), prepared, torch.device("cpu"), train.Distributed(),
+                      key="recipes.lstm.bench", default_lr=recipe.lr)
+    result = train.fit(t, tmp / "model.pt", None, torch.device("cpu"), train.Distributed(), progress=False)
     return result.history[0]["train/char_per_s"]
+
+
+def first_chars(prepared: Path, chars: int | None, tmp: Path) -> Path:
+    """`prepared` with its training text cut to the first `chars` characters (a copy in tmp), or itself."""
+    if chars is None:
+        return prepared
+    import shutil
+
+    import numpy as np
+
+    cut = tmp / "prepared"
+    shutil.copytree(prepared, cut)
+    np.save(cut / "train_ids.npy", np.load(prepared / "train_ids.npy")[:chars])
+    return cut
 
 
 def time_to_target(params_file: str, prepared: str, target: float, tmp: Path) -> dict:
     p = params.load(params_file)
     device = torch.device("cpu")
-    model, task, opt, sched, config = setup(p, prepared, trainer.Distributed(), device)
+    t = lstm.training(p.recipe("lstm"), Path(prepared), device, train.Distributed(),
+                      key=f"recipes.lstm.{p.models['lstm'].recipe}", default_lr=p.lr)
     curve, t0 = [], time.perf_counter()
-    validate = task.validate
+    validate = t.evaluate
 
     def timed_validate(m):  # stamp each epoch's validation with the wall time since training began
         metrics = validate(m)
@@ -76,12 +87,8 @@ def time_to_target(params_file: str, prepared: str, target: float, tmp: Path) ->
         print(f"  epoch {len(curve)}: {curve[-1]['seconds']:.0f} s, val {metrics['val/bits_per_char']:.3f} bits/char")
         return metrics
 
-    task.validate = timed_validate
-    spec = trainer.Fit(epochs=p.lstm.epochs, model_path=tmp / "model.pt", checkpoint_path=tmp / "ckpt.pt",
-                       config=config, clip_grad_norm=p.lstm.clip, monitor="val/loss", patience=p.lstm.patience,
-                       progress=False)
     t0 = time.perf_counter()
-    trainer.fit(model, task, opt, sched, spec, device)
+    train.fit(t._replace(evaluate=timed_validate), tmp / "model.pt", None, device, train.Distributed(), progress=False)
     reached = next((row for row in curve if row["bits_per_char"] <= target), None)
     best = min(curve, key=lambda r: r["bits_per_char"])
     return {"target_bits_per_char": target, "seconds_to_target": reached and reached["seconds"],
@@ -92,8 +99,8 @@ def time_to_target(params_file: str, prepared: str, target: float, tmp: Path) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepared", default="data/prepared/alice", help="prepared Alice text (prepare's layout)")
-    ap.add_argument("--params", default="params.yaml", help="params file whose `lstm` section is the default run")
-    ap.add_argument("--rounds", type=int, default=2, help="alternations of plain loop / trainer (one epoch each)")
+    ap.add_argument("--params", default="params.yaml", help="params file whose models.lstm is the default run")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of plain loop / train.fit (one epoch each)")
     ap.add_argument("--chars", type=int, default=None,
                     help="train on the first N characters in the throughput part (default: the whole split)")
     ap.add_argument("--target", type=float, default=2.0, help="validation bits/char to reach")
@@ -105,19 +112,20 @@ def main() -> None:
     train_ids, val_ids, vocab = data.load_text(args.prepared)
     bench_ids = train_ids[: args.chars]
     p = params.load(args.params)
-    default_args = dict(embedding_size=p.lstm.embedding_size, hidden_size=p.lstm.hidden_size,
-                        num_layers=p.lstm.num_layers, dropout=p.lstm.dropout, tie_weights=p.lstm.tie_weights)
+    default = p.recipe("lstm")
+    # the anchor recipe in the default recipe's schema: no schedule, clip 1, Adam (beta1 = momentum 0.9)
+    anchor = default.model_copy(update={**ANCHOR, "batch_size": 32, "seq_len": 100, "lr": 2e-3, "optimizer": "adam",
+                                        "momentum": 0.9, "weight_decay": 0.0, "clip": 1.0, "schedule": "constant",
+                                        "patience": None, "seed": args.seed, "eval_streams": 8})
     load_before = os.getloadavg()
-    rates = {"plain loop (anchor recipe)": [], "ptpipe trainer (anchor recipe)": [], "ptpipe trainer (default params)": []}
+    rates = {"plain loop (anchor recipe)": [], "ptpipe loop (anchor recipe)": [], "ptpipe loop (default params)": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        bench_dir = first_chars(Path(args.prepared), args.chars, tmp)
         for r in range(args.rounds):
             rates["plain loop (anchor recipe)"].append(plain_epoch(bench_ids, len(vocab), args.seed))
-            rates["ptpipe trainer (anchor recipe)"].append(
-                trainer_epoch(bench_ids, val_ids, len(vocab), ANCHOR, 32, 100, 2e-3, args.seed, tmp))
-            rates["ptpipe trainer (default params)"].append(
-                trainer_epoch(bench_ids, val_ids, len(vocab), default_args, p.lstm.batch_size, p.lstm.seq_len,
-                              p.lstm.lr or p.lr, args.seed, tmp))
+            rates["ptpipe loop (anchor recipe)"].append(loop_epoch(bench_dir, anchor, tmp))
+            rates["ptpipe loop (default params)"].append(loop_epoch(bench_dir, default, tmp))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
         target = None if args.skip_target else time_to_target(args.params, args.prepared, args.target, tmp)
 

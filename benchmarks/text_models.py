@@ -4,7 +4,7 @@
         --out benchmarks/results/text_models.json
 
 For each model, in one run (so both see the same machine): the params.yaml recipe trained from
-scratch through the project's own `trainer.fit` (the stage's `setup`, not a copy of it), on the
+scratch through the project's own `train.fit` (the kind's `training`, as train@<model> runs it), on the
 CPU with `--threads` torch threads, in a temporary folder; then exported (`ptpipe.export`) and
 used for generation through onnxruntime (`ptpipe.inference.TextGenerator`, the same path as
 `ptpipe generate --backend onnx`). Reported per model: parameters, epochs run, training seconds
@@ -33,75 +33,69 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ptpipe import export, files, params, train_gpt, train_lstm, trainer  # noqa: E402
+from ptpipe import data, export, files, kinds, params, train  # noqa: E402
 from ptpipe.inference import TextGenerator  # noqa: E402
 
-STAGES = {"lstm": train_lstm, "gpt": train_gpt}
+MODELS = ("lstm", "gpt")  # params.yaml's models (each trains with its models.<name>.recipe)
 
 
 class OverBudget(Exception):
     pass
 
 
-class Timed:
-    """A task that records, after every epoch, the wall seconds since the start, the training seconds
-    so far (epoch start to validation start) and the validation metrics, and stops the run once the
-    budget is spent."""
+def timed(t: train.Training, budget_s: float, epochs: list) -> train.Training:
+    """`t` whose batches and validation record, after every epoch, the wall seconds since the start, the
+    training seconds so far (epoch start to validation start) and the validation metrics into `epochs`,
+    and that stops the run (OverBudget) once the budget is spent."""
+    start, clock = time.perf_counter(), {"train_s": 0.0, "epoch_start": None}
 
-    def __init__(self, task, budget_s: float):
-        self.task, self.budget_s, self.epochs = task, budget_s, []
-        self.unit = task.unit
-        if hasattr(task, "steps_per_epoch"):
-            self.steps_per_epoch = task.steps_per_epoch
-        self.start = time.perf_counter()
-        self.train_s, self.epoch_start = 0.0, None
+    def batches(epoch: int):
+        clock["epoch_start"] = time.perf_counter()
+        return t.batches(epoch)
 
-    def train_batches(self, epoch: int):
-        self.epoch_start = time.perf_counter()
-        return self.task.train_batches(epoch)
-
-    def loss(self, model, batch):
-        return self.task.loss(model, batch)
-
-    def validate(self, model):
-        self.train_s += time.perf_counter() - self.epoch_start
-        metrics = self.task.validate(model)
-        self.epochs.append({"wall_s": time.perf_counter() - self.start, "train_s": self.train_s, **metrics})
-        if self.epochs[-1]["wall_s"] > self.budget_s:
+    def evaluate(model):
+        clock["train_s"] += time.perf_counter() - clock["epoch_start"]
+        metrics = t.evaluate(model)
+        epochs.append({"wall_s": time.perf_counter() - start, "train_s": clock["train_s"], **metrics})
+        if epochs[-1]["wall_s"] > budget_s:
             raise OverBudget
         return metrics
+
+    return t._replace(batches=batches, evaluate=evaluate)
 
 
 def generation_speed(onnx_path: Path, threads: int, chars: int) -> float:
     model = TextGenerator(onnx_path, threads)
-    model.generate("Alice", 20, 0.8, 1)  # warm-up: session arenas, first shapes
+    prompt = "Alice" if set("Alice") <= set(model.vocab) else "".join(model.vocab[-5:])  # another corpus: its own
+    model.generate(prompt, 20, 0.8, 1)  # warm-up: session arenas, first shapes
     t0 = time.perf_counter()
-    model.generate("Alice", chars, 0.8, 1)
+    model.generate(prompt, chars, 0.8, 1)
     return chars / (time.perf_counter() - t0)
 
 
-def run_model(kind: str, p: params.Params, prepared: Path, budget_s: float, target: float, threads: int,
+def run_model(name: str, params_file: Path, prepared: Path, budget_s: float, target: float, threads: int,
               gen_chars: int, tmp: Path) -> dict:
-    stage = STAGES[kind]
-    cfg = getattr(p, kind)
-    model, task, optimizer, schedule, config = stage.setup(p, prepared, trainer.Distributed(), torch.device("cpu"))
-    timed = Timed(task, budget_s)
-    folder = tmp / kind
-    spec = trainer.Fit(epochs=cfg.epochs, model_path=folder / "model.pt", checkpoint_path=folder / "checkpoint.pt",
-                       config=config, clip_grad_norm=cfg.clip, non_finite_hint=stage.non_finite_hint(p),
-                       monitor="val/loss", monitor_mode="min", patience=cfg.patience, progress=False)
+    """models.<name> of params_file trained as train@<name> does it (its kind's `training`, then train.fit)."""
+    p = params.load(params_file)
+    m = p.models[name]
+    cpu, ddp = torch.device("cpu"), train.Distributed()
+    t = kinds.get(m.kind).training(p.recipe(name), prepared, cpu, ddp, key=f"recipes.{m.kind}.{m.recipe}",
+                                   default_lr=p.lr)
+    t = t._replace(config={**t.config, "data": {**data.describe(prepared, m.data, "text"), **t.config["data"]}})
+    history: list[dict] = []
+    folder = tmp / name
     over = False
     try:
-        trainer.fit(model, timed, optimizer, schedule, spec, torch.device("cpu"))
+        train.fit(timed(t, budget_s, history), folder / "model.pt", None, cpu, ddp, progress=False)
     except OverBudget:
         over = True
-        files.save_torch(spec.model_path, {"state_dict": model.state_dict(), "config": config})
-    history = timed.epochs
+        files.save_torch(folder / "model.pt", {"state_dict": train.unwrap(t.model).state_dict(), "config": t.config})
     best = min(range(len(history)), key=lambda i: history[i]["val/loss"])
     reached = next((e for e in history if e["val/bits_per_char"] <= target), None)
-    export.export_model(kind, folder, p.export.opset, revision="benchmark")
+    export.export(folder, params_file, revision="benchmark")
     return {
-        "parameters": sum(t.numel() for t in model.parameters()),
+        "kind": m.kind,
+        "parameters": sum(x.numel() for x in train.unwrap(t.model).parameters()),
         "epochs_run": len(history),
         "over_budget": over,
         "train_seconds": round(history[-1]["train_s"], 1),
@@ -113,7 +107,7 @@ def run_model(kind: str, p: params.Params, prepared: Path, budget_s: float, targ
         f"train_s_to_{target:g}_bits_per_char": None if reached is None else round(reached["train_s"], 1),
         "epochs": [{k: round(v, 4) for k, v in e.items()} for e in history],
         "onnx_generation_chars_per_s": round(generation_speed(folder / "model.onnx", threads, gen_chars)),
-        "recipe": config["params"],
+        "recipe": t.config["params"],
     }
 
 
@@ -121,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--prepared", default=str(ROOT / "data/prepared/alice"))
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--models", nargs="+", choices=sorted(STAGES), default=["lstm", "gpt"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), help="text models of params.yaml (default: %(default)s)")
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
     ap.add_argument("--target", type=float, default=2.1, help="val bits/char whose first crossing is timed")
     ap.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads; 0 = one per core")
@@ -129,15 +123,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/text_models.json"))
     args = ap.parse_args()
 
-    p = params.load(args.params)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models:
-            results[kind] = run_model(kind, p, Path(args.prepared), args.minutes * 60, args.target, args.threads,
-                                      args.gen_chars, Path(tmp))
+            results[kind] = run_model(kind, Path(args.params), Path(args.prepared), args.minutes * 60, args.target,
+                                      args.threads, args.gen_chars, Path(tmp))
             print(f"{kind}: {json.dumps({k: v for k, v in results[kind].items() if k not in ('recipe', 'epochs')})}",
                   flush=True)
     report = {

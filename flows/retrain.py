@@ -54,16 +54,15 @@ class RetrainRequest(BaseModel):
     validate_after: bool = Field(True, description="Run validate-onnx when the pipeline has a validate stage")
 
 
-@task(name="check-params")
 def check_params(repo: str, overrides: list[str]) -> list[list[str]]:
-    """Every experiment's overrides (a sweep expanded), each validated before anything runs."""
+    """Every experiment's overrides (a sweep expanded), each validated before anything runs. A plain call, not
+    a task: a bad override is one `retrain failed: ...` line, not a task's traceback before the flow's."""
     experiments = pipeline.expand_sweeps(overrides)
     for each in experiments:
         pipeline.check_overrides(repo, each)
     return experiments
 
 
-@task(name="check-workspace")
 def check_workspace(repo: str) -> None:
     changed = pipeline.uncommitted_inputs(repo)
     if changed:

@@ -233,6 +233,57 @@ TINY_TRAINING = {
 }
 
 
+def recipe_keys(kind: str, recipe: str = "default", **values) -> dict:
+    """{"recipes.<kind>.<recipe>.<key>": value}: dotted keys for write_params."""
+    return {f"recipes.{kind}.{recipe}.{key}": value for key, value in values.items()}
+
+
+def write_tiny_params(root: Path, **overrides) -> Path:
+    """root/params.yaml: the project's own params.yaml shrunk ONCE for tests (TINY_TRAINING), on the CPU, every
+    recipe at 1 thread (a 2-thread op on a busy 2-core machine waits for the descheduled thread: 4-10x slower),
+    then `overrides` (dotted keys, as write_params). The `tiny_params` fixture (conftest.py) is this in tmp_path."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    recipes = yaml.safe_load(path.read_text())["recipes"]
+    threads = {f"recipes.{kind}.{name}.threads": 1 for kind, named in recipes.items() for name in named}
+    write_params(root, **{**TINY_TRAINING, **threads, "train.device": "cpu", **overrides})
+    return path
+
+
+def stage_paths(root: Path, name: str) -> dict:
+    """The train stage's paths of model `name` under root, as dvc.yaml's `train@<name>` passes them."""
+    data = yaml.safe_load((root / "params.yaml").read_text())["models"][name]["data"]
+    return {"data_dir": root / PREPARED / data, "model_path": root / "models" / name / "model.pt",
+            "live_dir": root / "dvclive" / name, "metrics_path": root / "metrics" / name / "train.json"}
+
+
+def train_model(root: Path, name: str, **paths):
+    """ptpipe.train.train of model `name` with root's params.yaml and paths (stage_paths, `paths` replacing
+    some: live_dir=None / metrics_path=None write none), no progress bar: the stage, in-process."""
+    from ptpipe import train
+
+    return train.train(name, **{**stage_paths(root, name), **paths}, params_file=root / "params.yaml",
+                       progress=False)
+
+
+def train_command(root: Path, name: str) -> list[str]:
+    """The train stage's command line (dvc.yaml's cmd) for model `name`, relative to root (run it with cwd=root)."""
+    paths = {k: str(v.relative_to(root)) for k, v in stage_paths(root, name).items()}
+    return [sys.executable, "-m", "ptpipe.train", name, "--data", paths["data_dir"], "--model", paths["model_path"],
+            "--live", paths["live_dir"], "--metrics", paths["metrics_path"]]
+
+
+def evaluate_model(root: Path, name: str, model_path: Path | None = None) -> dict:
+    """ptpipe.evaluate.evaluate of model `name` under root, with dvc.yaml's evaluate@<name> paths."""
+    from ptpipe import evaluate
+
+    paths = stage_paths(root, name)
+    return evaluate.evaluate(paths["data_dir"], model_path or paths["model_path"],
+                             root / "metrics" / name / "evaluate.json", root / "reports" / name / "evaluate",
+                             root / "params.yaml")
+
+
 def serve_data(server: FixtureServer, repo: Path, **archive_kwargs) -> None:
     """Put tiny CIFAR + Alice on the server and point repo's params.yaml at them."""
     cifar = cifar_archive(**archive_kwargs)

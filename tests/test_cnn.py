@@ -1,4 +1,4 @@
-"""The CIFAR-10 classifier: train_cnn + evaluate_cnn on tiny learnable data (CPU, seconds each)."""
+"""The image classifier kind: train@cnn + evaluate@cnn on tiny learnable data (CPU, seconds each)."""
 import json
 import os
 import signal
@@ -10,48 +10,54 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import CLASSES, tool_env, write_params, write_prepared_cifar
-from ptpipe import evaluate_cnn, train_cnn
+from fixtures import (CLASSES, evaluate_model, recipe_keys, tool_env, train_command, train_model, write_params,
+                      write_prepared_cifar)
+from ptpipe import kinds, params, train
+from ptpipe.kinds import cnn
 from ptpipe.stage import StageError
 
+SHRINK = {"default": {"epochs": 3, "batch_size": 64, "tta": 1}}  # on top of the tiny params (conftest)
+
+
 def small(root: Path, recipe: str = "default", **overrides) -> None:
-    """Select `recipe` and shrink it to a seconds-long CPU run; overrides are recipe keys."""
-    shrink = {"default": {"model_args": {"widths": [8, 16, 16], "scale": 0.5}, "epochs": 3, "batch_size": 64,
-                          "tta": 1}}.get(recipe, {})
-    # 1 thread: a 2-thread op on a busy 2-core machine waits for the descheduled thread (4-10x slower)
-    values = {"threads": 1, **shrink, **overrides}
-    write_params(root, **{"cnn.recipe": recipe}, **{f"cnn.recipes.{recipe}.{k}": v for k, v in values.items()})
+    """Train models.cnn with `recipe`, shrunk to a seconds-long CPU run; overrides are recipe keys."""
+    write_params(root, **{"models.cnn.recipe": recipe}, **recipe_keys("cnn", recipe, **{**SHRINK.get(recipe, {}),
+                                                                                         **overrides}))
 
 
 @pytest.fixture
-def cnn_dir(in_tmp):
-    write_prepared_cifar(in_tmp)
-    return in_tmp
+def cnn_dir(tmp_path, tiny_params):
+    write_prepared_cifar(tmp_path)
+    return tmp_path
 
 
 def outputs(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for d in ("models", "dvclive", "metrics", "plots")
+    return sorted(str(p.relative_to(root)) for d in ("models", "dvclive", "metrics", "reports")
                   for p in (root / d).rglob("*") if p.is_file())
 
 
 def test_learns_class_patches_far_above_chance(cnn_dir):
     small(cnn_dir, lr=0.01)
-    result = train_cnn.main(progress=False)
+    result = train_model(cnn_dir, "cnn")
     assert result.history[-1]["val/acc"] > 0.6  # chance is 0.1
-    metrics = evaluate_cnn.main()
+    metrics = evaluate_model(cnn_dir, "cnn")
     assert metrics["test"]["acc"] > 0.6
     assert set(metrics["per_class_acc"]) == set(CLASSES)
-    rows = json.loads((cnn_dir / "plots/cnn/confusion.json").read_text())
+    assert json.loads((cnn_dir / "metrics/cnn/evaluate.json").read_text()) == metrics
+    rows = json.loads((cnn_dir / "reports/cnn/evaluate/confusion.json").read_text())
     assert len(rows) == 200 and set(rows[0]) == {"actual", "predicted"}
-    assert (cnn_dir / "plots/cnn/predictions.png").read_bytes()[:4] == b"\x89PNG"
+    assert (cnn_dir / "reports/cnn/evaluate/predictions.png").read_bytes()[:4] == b"\x89PNG"
     live = json.loads((cnn_dir / "dvclive/cnn/metrics.json").read_text())
     assert {"train", "val"} <= set(live)
+    final = json.loads((cnn_dir / "metrics/cnn/train.json").read_text())
+    assert final["val_acc"] == result.best["val/acc"] and final["epochs_run"] == 3 and final["best_epoch"] == 3
+    assert final["compiled"] is False and final["device"] == "cpu" and final["gpu"] is None
 
 
 def test_tutorial_recipe_is_lenet_and_learns(cnn_dir):
     small(cnn_dir, "tutorial", lr=0.01, epochs=3)
-    result = train_cnn.main(progress=False)
-    saved = torch.load("models/cnn/model.pt", weights_only=True)
+    result = train_model(cnn_dir, "cnn")
+    saved = torch.load(cnn_dir / "models/cnn/model.pt", weights_only=True)
     assert saved["config"]["kind"] == "cnn" and saved["config"]["model_args"]["arch"] == "lenet"
     assert [tuple(v.shape) for k, v in saved["state_dict"].items() if k.endswith("weight")] == [
         (6, 3, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
@@ -60,75 +66,75 @@ def test_tutorial_recipe_is_lenet_and_learns(cnn_dir):
 
 def test_same_seed_same_metrics(cnn_dir, tmp_path):
     small(cnn_dir)
-    first = train_cnn.main(progress=False).history
-    second = train_cnn.main(progress=False, model_path=tmp_path / "again.pt", live_dir=None).history
+    first = train_model(cnn_dir, "cnn").history
+    second = train_model(cnn_dir, "cnn", model_path=tmp_path / "again/model.pt", live_dir=None).history
     strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in h]  # noqa: E731
     assert strip(first) == strip(second)
 
 
 def test_every_file_loads_with_weights_only(cnn_dir):
     small(cnn_dir, epochs=1)
-    train_cnn.main(progress=False)
-    saved = torch.load("models/cnn/model.pt", weights_only=True)
-    from ptpipe.kinds.cnn import build_model
-
-    model = build_model(**saved["config"]["model_args"])  # arch + the net's arguments
+    train_model(cnn_dir, "cnn")
+    saved = torch.load(cnn_dir / "models/cnn/model.pt", weights_only=True)
+    model = cnn.build_model(**saved["config"]["model_args"])  # arch + the net's arguments
     model.load_state_dict(saved["state_dict"])  # rebuilt without params.yaml
-    for path in Path("models").rglob("*.pt"):
+    assert saved["config"]["data"]["classes"] == CLASSES and saved["config"]["data"]["name"] == "cifar10"
+    for path in (cnn_dir / "models").rglob("*.pt"):
         torch.load(path, weights_only=True)
 
 
-def test_unprepared_workspace_says_which_stage_to_run_and_writes_nothing(in_tmp):
-    small(in_tmp)  # params only: no data/prepared
-    with pytest.raises(StageError, match=r"card\.json is missing: run `dvc repro prepare` first"):
-        train_cnn.main(progress=False)
-    assert sorted(p.name for p in in_tmp.iterdir()) == ["params.yaml"]
+def test_unprepared_workspace_says_which_stage_to_run_and_writes_nothing(tmp_path, tiny_params):
+    small(tmp_path)  # params only: no data/prepared
+    with pytest.raises(StageError, match=r"holds no prepared cifar10-python data \(card\.json is missing\): "
+                                         r"run `dvc repro prepare@cifar10` first"):
+        train_model(tmp_path, "cnn")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_non_finite_loss_names_the_step_and_writes_no_model(cnn_dir):
     small(cnn_dir, "tutorial", lr=10)  # the largest lr the params allow
     with pytest.raises(StageError, match=r"non-finite training loss at epoch 1, step \d+: .* "
-                                         r"lower the learning rate \(cnn\.recipes\.tutorial\.lr: 10, "
-                                         r"cnn\.recipes\.tutorial\.optimizer: sgd\)"):
-        train_cnn.main(progress=False)
-    assert not Path("models/cnn/model.pt").exists()
+                                         r"lower the learning rate \(recipes\.cnn\.tutorial\.lr: 10, "
+                                         r"recipes\.cnn\.tutorial\.optimizer: sgd\)"):
+        train_model(cnn_dir, "cnn")
+    assert outputs(cnn_dir) == []
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("cnn.recipes.default.epochs", "ten", "cnn.recipes.default.epochs"),
-    ("cnn.recipes.default.lr", -0.1, "cnn.recipes.default.lr"),
-    ("cnn.recipes.default.optimiser", "sgd", "cnn.recipes.default.optimiser: unknown key"),
-    ("cnn.recipe", "fastest", "recipe 'fastest' is not one of cnn.recipes"),
-    ("cnn.recipes.default.model_args", {"depth": 3}, "model_args: airbench takes no argument 'depth'"),
-    ("cnn.recipes.default.checkpoint_every", 0, "cnn.recipes.default.checkpoint_every"),
-    ("cnn.recipes.default.validation", "sometimes", "cnn.recipes.default.validation"),
-    ("cnn.recipes.default.autocast", "float16", "cnn.recipes.default.autocast"),
-    ("cnn.recipes.default.drop_last", "yes", "cnn.recipes.default.drop_last"),
+    ("recipes.cnn.default.epochs", "ten", "recipes.cnn.default.epochs"),
+    ("recipes.cnn.default.lr", -0.1, "recipes.cnn.default.lr"),
+    ("recipes.cnn.default.optimiser", "sgd", "recipes.cnn.default.optimiser: unknown key"),
+    ("models.cnn.recipe", "fastest", "models.cnn.recipe: 'fastest' is not one of recipes.cnn"),
+    ("recipes.cnn.default.model_args", {"depth": 3}, "recipes.cnn.default.model_args: airbench takes no argument 'depth'"),
+    ("recipes.cnn.default.checkpoint_every", 0, "recipes.cnn.default.checkpoint_every"),
+    ("recipes.cnn.default.validation", "sometimes", "recipes.cnn.default.validation"),
+    ("recipes.cnn.default.autocast", "float16", "recipes.cnn.default.autocast"),
+    ("recipes.cnn.default.drop_last", "yes", "recipes.cnn.default.drop_last"),
+    ("models.cnn.data", "alice", "models.cnn.data: 'alice' is text data"),
 ])
 def test_bad_cnn_params_name_the_key_and_write_nothing(cnn_dir, key, value, message):
     write_params(cnn_dir, **{key: value})
     with pytest.raises(StageError, match=message.replace("(", r"\(")):
-        train_cnn.main(progress=False)
+        train_model(cnn_dir, "cnn")
     assert outputs(cnn_dir) == []
 
 
 def test_drop_last_with_a_batch_larger_than_the_data_is_refused_before_anything_is_written(cnn_dir):
     small(cnn_dir, batch_size=1024, drop_last=True)
-    with pytest.raises(StageError, match=r"cnn.recipes.default: no training batch: batch_size 1024 is more than "
+    with pytest.raises(StageError, match=r"recipes.cnn.default: no training batch: batch_size 1024 is more than "
                                          r"the 600 training images per process and drop_last is on"):
-        train_cnn.main(progress=False)
+        train_model(cnn_dir, "cnn")
     assert outputs(cnn_dir) == []
 
 
 def test_no_validation_and_no_checkpoint_when_train_val_holds_nothing_out(cnn_dir, monkeypatch):
     small(cnn_dir, train_split="train+val", checkpoint_every=100)  # validation: auto
-    monkeypatch.setattr(train_cnn.CnnTask, "validate", lambda *a: pytest.fail("validated"))
-    saved = []
-    monkeypatch.setattr(train_cnn.trainer.files, "save_torch", lambda path, obj: saved.append(Path(path).name))
-    result = train_cnn.main(progress=False)
-    assert all("val/acc" not in row for row in result.history) and saved == ["model.pt"]
-    final = json.loads(Path("metrics/cnn_train.json").read_text())
-    assert final["val_acc"] is None and final["compiled"] is False and final["recompiles"] == 0
+    saved, save = [], train.files.save_torch
+    monkeypatch.setattr(train.files, "save_torch", lambda path, obj: (saved.append(Path(path).name), save(path, obj)))
+    result = train_model(cnn_dir, "cnn")
+    assert all("val/acc" not in row and "val/loss" not in row for row in result.history) and saved == ["model.pt"]
+    final = json.loads((cnn_dir / "metrics/cnn/train.json").read_text())
+    assert "val_acc" not in final and final["compiled"] is False and final["recompiles"] == 0
 
 
 def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
@@ -136,10 +142,10 @@ def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
     # TTA) but at a quarter of its widths, on 600 images: batch 1024 > 600, so one (partial) step per epoch
     small(cnn_dir, "airbench94", epochs=6, drop_last=False,
           model_args={"widths": [16, 64, 64], "scale": 1 / 9, "zero_whiten_bias": True})
-    result = train_cnn.main(progress=False)
+    result = train_model(cnn_dir, "cnn")
     losses = [row["train/loss"] for row in result.history]
     assert losses[-1] < losses[0] - 0.2
-    metrics = evaluate_cnn.main()
+    metrics = evaluate_model(cnn_dir, "cnn")
     assert metrics["test"]["tta"] == 2 and metrics["test"]["acc"] > 0.2
 
 
@@ -147,10 +153,10 @@ def test_airbench94_recipe_runs_on_cpu_and_its_loss_falls(cnn_dir):
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
     small(cnn_dir, epochs=4)
     write_prepared_cifar(cnn_dir, n_train=2000)  # epochs long enough to be killed inside one
-    reference = train_cnn.main(progress=False, model_path=tmp_path / "ref/model.pt", live_dir=None,
-                               metrics_path=None).history
+    reference = train_model(cnn_dir, "cnn", model_path=tmp_path / "ref/model.pt", live_dir=None,
+                            metrics_path=None).history
 
-    cmd = [sys.executable, "-m", "ptpipe.train_cnn"]
+    cmd = train_command(cnn_dir, "cnn")
     proc = subprocess.Popen(cmd, cwd=cnn_dir, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoint = cnn_dir / "models/cnn/checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -169,34 +175,46 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(cnn_dir, tmp_path):
     ref = torch.load(tmp_path / "ref/model.pt", weights_only=True)
     for k, v in ref["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
-    final = json.loads((cnn_dir / "metrics/cnn_train.json").read_text())
+    final = json.loads((cnn_dir / "metrics/cnn/train.json").read_text())
     assert final["val_acc"] == reference[-1]["val/acc"] and final["val_loss"] == reference[-1]["val/loss"]
     assert not checkpoint.exists()
 
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused():
-    from ptpipe.kinds.cnn import EpochImages
-
     images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     kwargs = dict(seed=0, mean=[0.5] * 3, std=[0.5] * 3, flip="none", translate=0)
     with pytest.raises(StageError, match=r"batch_size 255 does not divide among train.nproc=2 processes"):
-        EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
-    assert len(EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2
+        cnn.EpochImages(images, labels, batch_size=255, world_size=2, rank=0, **kwargs)
+    assert len(cnn.EpochImages(images, labels, batch_size=4, world_size=2, rank=1, **kwargs)) == 2
 
 
-def test_non_finite_hint_names_the_recipe_keys_in_effect(in_tmp):
-    from ptpipe import params, train_cnn
+def hint(root: Path) -> str:
+    """The hint the CNN's Training carries (what a non-finite or diverged run says), for models.cnn."""
+    p = params.load(root / "params.yaml")
+    r, recipe = p.recipe("cnn"), p.models["cnn"].recipe
+    return cnn.training(r, root / "data/prepared/cifar10", torch.device("cpu"), train.Distributed(),
+                        key=f"recipes.cnn.{recipe}", default_lr=p.lr).hint
 
-    p = params.load()  # default recipe: lr null -> the top-level lr, AdamW with weight decay
-    assert train_cnn.non_finite_hint(p, p.lr) == (
-        f"lower the learning rate (lr: {p.lr:g}, cnn.recipes.default.optimizer: adamw) "
-        f"or lower cnn.recipes.default.weight_decay ({p.cnn.selected.weight_decay:g})")
-    small(in_tmp, "airbench94")
-    p = params.load()
-    hint = train_cnn.non_finite_hint(p, p.cnn.selected.lr)
-    assert hint.startswith("lower the learning rate (cnn.recipes.airbench94.lr: 1.5, "
-                           "cnn.recipes.airbench94.optimizer: sgd), ")
-    assert hint.endswith("or lower cnn.recipes.airbench94.bias_lr_scale (64)")
+
+def test_non_finite_hint_names_the_recipe_keys_in_effect(cnn_dir):
+    p = params.load(cnn_dir / "params.yaml")  # default recipe: lr null -> the top-level lr, AdamW with weight decay
+    assert hint(cnn_dir) == (
+        f"lower the learning rate (lr: {p.lr:g}, recipes.cnn.default.optimizer: adamw) "
+        f"or lower recipes.cnn.default.weight_decay ({p.recipe('cnn').weight_decay:g})")
+    small(cnn_dir, "airbench94", model_args={"widths": [8, 16, 16]}, drop_last=False)
+    h = hint(cnn_dir)
+    assert h.startswith("lower the learning rate (recipes.cnn.airbench94.lr: 1.5, "
+                        "recipes.cnn.airbench94.optimizer: sgd), ")
+    assert h.endswith("or lower recipes.cnn.airbench94.bias_lr_scale (64)")
+
+
+def test_a_recipe_records_its_resolved_lr_and_data(cnn_dir):
+    small(cnn_dir, epochs=1)  # lr null: the top-level lr
+    write_params(cnn_dir, lr=0.002)
+    train_model(cnn_dir, "cnn")
+    config = kinds.load_file(cnn_dir / "models/cnn/model.pt")["config"]
+    assert config["params"]["lr"] == 0.002 and config["model_args"]["image_size"] == 32
+    assert config["data"]["name"] == "cifar10" and config["data"]["format"] == "cifar10-python"
 
 
 def test_lookahead_follows_airbench94s_schedule():
@@ -211,7 +229,7 @@ def test_lookahead_follows_airbench94s_schedule():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        wrapped = train_cnn.Lookahead(opt, model, total, steps_per_epoch) if ours else opt
+        wrapped = cnn.Lookahead(opt, model, total, steps_per_epoch, every=5, start_epoch=3) if ours else opt
         ema, steps = None, 0
         for epoch in range(epochs):
             for b in batches[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]:
@@ -236,3 +254,19 @@ def test_lookahead_follows_airbench94s_schedule():
 
     ours, reference = run(True), run(False)
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_lookahead_state_is_checkpointed_and_restored():
+    from torch import nn
+
+    model = nn.Linear(4, 4)
+    la = cnn.Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), model, total=20, per_epoch=2, every=1,
+                       start_epoch=0)
+    for _ in range(3):
+        la.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        la.step()
+    state = la.state_dict()
+    other = cnn.Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), model, 20, 2, 1, 0)
+    other.load_state_dict(state)
+    assert other.steps == 3 and all(torch.equal(a, b) for a, b in zip(other.ema, la.ema))

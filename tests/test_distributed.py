@@ -59,15 +59,13 @@ def test_lstm_stage_under_train_nproc_2(tmp_path):
     """`train.nproc: 2` makes the stage command launch torchrun itself; only rank 0 writes."""
     import torch
 
-    from fixtures import write_prepared_text
-    from test_lstm import PHRASE, write_params
+    from fixtures import train_command, write_params, write_prepared_text
+    from test_lstm import PHRASE, lstm_params
 
     write_prepared_text(tmp_path, PHRASE * 40)
-    params = write_params(tmp_path, epochs=3)
-    text = params.read_text().replace("nproc: 1", "nproc: 2")
-    assert "nproc: 2" in text
-    params.write_text(text)
-    run = subprocess.run([sys.executable, "-m", "ptpipe.train_lstm"], cwd=tmp_path, env=tool_env(),
+    lstm_params(tmp_path, epochs=3)
+    write_params(tmp_path, **{"train.nproc": 2})
+    run = subprocess.run(train_command(tmp_path, "lstm"), cwd=tmp_path, env=tool_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("best epoch") == 1  # rank 0 alone reports
@@ -78,20 +76,20 @@ def test_lstm_stage_under_train_nproc_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(in_tmp):
-    from fixtures import write_params, write_prepared_cifar
+def test_cnn_stage_under_train_nproc_2_learns_and_only_rank_0_writes(tmp_path, tiny_params):
+    from fixtures import train_command, write_params, write_prepared_cifar
     from test_cnn import small
 
-    write_prepared_cifar(in_tmp)
-    small(in_tmp, lr=0.01)
-    write_params(in_tmp, **{"train.nproc": 2, "train.device": "cpu"})
-    run = subprocess.run([sys.executable, "-m", "ptpipe.train_cnn"], cwd=in_tmp, env=tool_env(),
+    write_prepared_cifar(tmp_path)
+    small(tmp_path, lr=0.01)
+    write_params(tmp_path, **{"train.nproc": 2, "train.device": "cpu"})
+    run = subprocess.run(train_command(tmp_path, "cnn"), cwd=tmp_path, env=tool_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("val/acc=") == 3  # one line per epoch, from rank 0 alone
-    metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/cnn/train.json").read_text())
     assert metrics["val_acc"] > 0.6  # the class patches are learnt with half-batches on two ranks
-    assert sorted(p.name for p in (in_tmp / "models/cnn").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models/cnn").iterdir()) == ["model.pt"]
 
 
 def free_port() -> int:
@@ -129,20 +127,19 @@ def test_two_nodes_rendezvous_over_c10d_and_only_rank_0_writes(tmp_path):
 
 
 @pytest.mark.slow
-def test_cnn_under_ddp_compiles_the_wrapped_module_through_the_wrapper(in_tmp):
+def test_cnn_under_ddp_compiles_the_wrapped_module_through_the_wrapper(tmp_path, tiny_params):
     """DDP first, then compile the module it wraps, warmed up through the wrapper: dynamo compiles
     inside DDP's forward, so DDPOptimizer splits the graph at the gradient buckets."""
-    from fixtures import write_params, write_prepared_cifar
+    from fixtures import write_prepared_cifar
     from test_cnn import small
 
-    write_prepared_cifar(in_tmp, n_train=150, n_val=40, n_test=40)
-    small(in_tmp, compile="always", autocast="bfloat16", epochs=2)
-    write_params(in_tmp, **{"train.device": "cpu"})
+    write_prepared_cifar(tmp_path, n_train=150, n_val=40, n_test=40)
+    small(tmp_path, compile="always", autocast="bfloat16", epochs=2)
     env = {**tool_env(), "TORCH_LOGS": "+torch._dynamo.backends.distributed"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(Path(__file__).with_name("ddp_compile_cnn.py"))]
-    run = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "DDPOptimizer used bucket cap" in run.stdout + run.stderr
-    metrics = json.loads((in_tmp / "metrics/cnn_train.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/cnn/train.json").read_text())
     assert metrics["compiled"] is True and metrics["recompiles"] == 0 and metrics["graphs"] >= 2

@@ -4,53 +4,45 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-import ptpipe
-from fixtures import write_prepared_text
-from ptpipe import cli, export, generate, kinds, train_gpt, validate
+from fixtures import (evaluate_model, recipe_keys, tool_env, train_command, train_model, write_params, write_prepared_text,
+                      write_tiny_params)
+from ptpipe import cli, export, generate, kinds, params, train, validate
+from ptpipe.kinds import gpt
 from ptpipe.kinds.gpt import CharGPT, init_weights, window_loss
 from ptpipe.stage import StageError
 
-REPO = Path(__file__).resolve().parents[1]
-SRC = Path(ptpipe.__file__).resolve().parents[1]
 PHRASE = "the quick brown fox jumps over the lazy dog. "
 
-TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, init_std=0.06, batch_size=8, epochs=6,
-            steps_per_epoch=25, lr=0.01, weight_decay=0.1, beta2=0.99, warmup_fraction=0.05, initial_lr_factor=0.1,
-            final_lr_factor=0.1,
-            clip=1.0, patience=None, seed=0, threads=1, eval_stride=16)
+# what these tests train: a small model that learns a repeated sentence (on top of the tiny params)
+LEARN = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, init_std=0.06, batch_size=8, epochs=6,
+             steps_per_epoch=25, lr=0.01, weight_decay=0.1, beta2=0.99, warmup_fraction=0.05, initial_lr_factor=0.1,
+             final_lr_factor=0.1, clip=1.0, patience=None, seed=0, threads=1, eval_stride=16)
 
 
-def write_params(root: Path, **gpt) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"]["device"] = "cpu"
-    params["gpt"] = {**TINY, **gpt}
-    params["validate"]["shapes"]["gpt"] = {"batch": [1, 3], "seq": [1, 7, 32]}
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+def gpt_params(root: Path, **recipe) -> Path:
+    """root/params.yaml: the tiny params, models.gpt's recipe = LEARN + `recipe`, validate shapes within block 32."""
+    path = write_tiny_params(root, **{"validate.shapes.gpt": {"batch": [1, 3], "seq": [1, 7, 32]}})
+    write_params(root, **recipe_keys("gpt", **{**LEARN, **recipe}))
     return path
 
 
-def run_stage(root: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "ptpipe.train_gpt", *args], cwd=root, env=env,
+def run_stage(root: Path) -> subprocess.Popen:
+    return subprocess.Popen(train_command(root, "gpt"), cwd=root, env=tool_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def train(root: Path, **gpt) -> train_gpt.trainer.FitResult:
-    return train_gpt.main(write_params(root, **gpt), root / "data/prepared/alice", root / "models/gpt/model.pt",
-                          root / "dvclive/gpt", root / "metrics/gpt.json", progress=False)
+def train_gpt(root: Path, **recipe) -> train.FitResult:
+    gpt_params(root, **recipe)
+    return train_model(root, "gpt")
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +50,26 @@ def trained(tmp_path_factory):
     """A tiny model trained (in-process, through the real stage) on a repeated sentence, then exported."""
     root = tmp_path_factory.mktemp("gpt")
     write_prepared_text(root, PHRASE * 40)
-    result = train(root)
-    export.export_model("gpt", root / "models/gpt", opset=17, revision="test")
+    result = train_gpt(root)
+    export.export(root / "models/gpt", root / "params.yaml", revision="test")
     return root, result
 
 
 def test_learns_repetitive_text_far_below_the_unigram(trained):
     root, result = trained
-    metrics = json.loads((root / "metrics/gpt.json").read_text())
-    assert metrics["unigram_val_bits_per_char"] > 3.5  # 28 distinct characters
+    metrics = json.loads((root / "metrics/gpt/train.json").read_text())
     assert result.best["val/bits_per_char"] == metrics["val_bits_per_char"] < 0.2
+    evaluated = evaluate_model(root, "gpt")  # evaluate@gpt: the same windows as validation, beside the baseline
+    assert evaluated["unigram_val_bits_per_char"] > 3.5  # 28 distinct characters
+    assert evaluated["val_bits_per_char"] == pytest.approx(metrics["val_bits_per_char"], rel=1e-6)
+    assert "temperature 0.5" in (root / "reports/gpt/evaluate/samples.txt").read_text()
     assert result.history[-1]["train/loss"] < 0.2 < result.history[0]["train/loss"]
     assert metrics["parameters"] == sum(p.numel() for p in CharGPT(**kinds.load_file(
         root / "models/gpt/model.pt")["config"]["model_args"]).parameters())
     assert not (root / "models/gpt/checkpoint.pt").exists()
     logged = json.loads((root / "dvclive/gpt/metrics.json").read_text())
     assert "bits_per_char" in logged["val"]
-    assert torch.get_num_threads() == 1  # gpt.threads
+    assert torch.get_num_threads() == 1  # recipes.gpt.default.threads
 
 
 def test_model_file_is_self_describing_and_ties_the_decoder(trained):
@@ -91,7 +86,7 @@ def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
     meta = export.load_torchscript(root / "models/gpt/model.ts")[1]
     assert meta["generation"] == {"mode": "window", "block_size": 32}
     assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}]
-    report = validate.validate_models(root / "models", root / "data/prepared", models=("gpt",),
+    report = validate.validate_models({"gpt": (root / "models/gpt", root / "data/prepared/alice")},
                                       params_file=root / "params.yaml")
     assert report["passed"]
     assert set(report["gpt"]["onnxruntime"]) == {f"batch={b} seq={t}" for b in (1, 3) for t in (1, 7, 32)}
@@ -101,7 +96,7 @@ def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
 def test_validate_refuses_a_sequence_longer_than_the_block(trained):
     root, _ = trained
     with pytest.raises(StageError, match=r"validate.shapes.gpt.seq: \[33\] longer than the model's block_size 32"):
-        validate.validate_models(root / "models", root / "data/prepared", models=("gpt",),
+        validate.validate_models({"gpt": (root / "models/gpt", root / "data/prepared/alice")},
                                  shapes={"gpt": {"batch": [1], "seq": [8, 33]}}, params_file=root / "params.yaml")
 
 
@@ -110,7 +105,7 @@ def test_generate_gives_the_same_text_on_all_three_backends(trained, temperature
     root, _ = trained
     files = {"torch": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
     prompt = "the quick brown fox jumps over the lazy"  # 39 characters: longer than block_size 32
-    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, kind="gpt")
+    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, model="gpt")
              for backend, name in files.items()}
     assert len(set(texts.values())) == 1, texts
     text = texts["onnx"]
@@ -161,18 +156,17 @@ def test_init_weights_follows_gpt2():
 
 
 def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosine(tmp_path):
-    from ptpipe import params, trainer
-
     write_prepared_text(tmp_path, PHRASE * 10)
-    p = params.load(write_params(tmp_path, lr=0.004, epochs=4, steps_per_epoch=50, warmup_fraction=0.1))
-    model, _, optimizer, schedule, config = train_gpt.setup(p, tmp_path / "data/prepared/alice",
-                                                            trainer.Distributed(), torch.device("cpu"))
+    p = params.load(gpt_params(tmp_path, lr=0.004, epochs=4, steps_per_epoch=50, warmup_fraction=0.1))
+    t = gpt.training(p.recipe("gpt"), tmp_path / "data/prepared/alice", torch.device("cpu"), train.Distributed(),
+                     key="recipes.gpt.default", default_lr=p.lr)
+    model, optimizer, schedule, config = t.model, t.optimizer, t.lr_factor, t.config
     decayed, plain = optimizer.param_groups
-    assert isinstance(optimizer, torch.optim.AdamW) and decayed["betas"] == plain["betas"] == (0.9, 0.99)
+    assert isinstance(optimizer, torch.optim.AdamW) and decayed["betas"] == plain["betas"] == (0.9, 0.99)  # beta1, beta2
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(t.dim() == 2 for t in decayed["params"]) and all(t.dim() == 1 for t in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
-    assert config["params"]["lr"] == 0.004 == decayed["initial_lr"] == plain["initial_lr"]  # gpt.lr, not the top-level lr
+    assert config["params"]["lr"] == 0.004 == decayed["initial_lr"] == plain["initial_lr"]  # recipes.gpt.default.lr, not the top-level lr
     factors = [schedule(s) for s in range(220)]  # 200 steps, 20 of them warm-up
     assert factors[0] == pytest.approx(0.1) and factors[20] == pytest.approx(1.0)
     assert factors[110] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
@@ -182,34 +176,36 @@ def test_adamw_decays_only_2d_weights_and_the_lr_warms_up_then_follows_the_cosin
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"n_embed": 32}, "gpt.n_embed: unknown key"),
-    ({"lr": -0.1}, "gpt.lr"),
-    ({"lr": None}, "gpt.lr"),
-    ({"batch_size": "4"}, "gpt.batch_size"),
+    ({"n_embed": 32}, "recipes.gpt.default.n_embed: unknown key"),
+    ({"lr": -0.1}, "recipes.gpt.default.lr"),
+    ({"lr": None}, "recipes.gpt.default.lr"),
+    ({"beta1": 1.0}, "recipes.gpt.default.beta1"),
+    ({"batch_size": "4"}, "recipes.gpt.default.batch_size"),
     ({"n_head": 3}, r"n_embd \(32\) must be a multiple of n_head \(3\)"),
     ({"eval_stride": 64}, r"eval_stride \(64\) must be at most block_size \(32\)"),
 ])
 def test_bad_params_name_the_key_and_write_nothing(tmp_path, change, key):
     write_prepared_text(tmp_path, PHRASE * 10)
     with pytest.raises(StageError, match=key):
-        train(tmp_path, **change)
+        train_gpt(tmp_path, **change)
     assert not any((tmp_path / d).exists() for d in ("models", "dvclive", "metrics"))
 
 
 def test_text_shorter_than_a_window_is_refused_before_training(tmp_path):
     write_prepared_text(tmp_path, PHRASE)  # 41 training characters
-    with pytest.raises(StageError, match="too few for gpt.block_size=64 windows; lower gpt.block_size"):
-        train(tmp_path, block_size=64, eval_stride=8)
+    with pytest.raises(StageError, match="too few for recipes.gpt.default.block_size=64 windows; "
+                                         "lower recipes.gpt.default.block_size"):
+        train_gpt(tmp_path, block_size=64, eval_stride=8)
     assert not any((tmp_path / d).exists() for d in ("models", "dvclive", "metrics"))
 
 
 def test_bad_params_exit_2_with_one_line_from_the_command(tmp_path):
     write_prepared_text(tmp_path, PHRASE * 10)
-    write_params(tmp_path, warmup_fraction=1.5)
+    gpt_params(tmp_path, warmup_fraction=1.5)
     proc = run_stage(tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "gpt.warmup_fraction" in out and "Traceback" not in out
+    assert "recipes.gpt.default.warmup_fraction" in out and "Traceback" not in out
     assert not (tmp_path / "models").exists()
 
 
@@ -220,7 +216,7 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     for name in ("straight", "killed"):
         root = tmp_path / name
         write_prepared_text(root, text)
-        write_params(root, epochs=5, steps_per_epoch=30, dropout=0.2, patience=2)
+        gpt_params(root, epochs=5, steps_per_epoch=30, dropout=0.2, patience=2)
         runs[name] = root
     assert run_stage(runs["straight"]).wait(timeout=600) == 0
 
@@ -248,9 +244,10 @@ def test_resume_after_sigkill_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
     for m in metrics:
         m["train"].pop("char_per_s")  # wall-clock throughput: the one thing allowed to differ
     assert metrics[0] == metrics[1]
-    final = [json.loads((r / "metrics/gpt.json").read_text()) for r in runs.values()]
+    final = [json.loads((r / "metrics/gpt/train.json").read_text()) for r in runs.values()]
     for m in final:
-        m.pop("train_seconds")
+        for timing in ("train_seconds", "other_seconds", "setup_seconds"):
+            m.pop(timing)
     assert final[0] == final[1]
 
 
@@ -258,12 +255,11 @@ def test_a_run_that_diverges_but_stays_finite_writes_no_model(tmp_path):
     """lr 10 without clipping: the loss stays finite but ends far above the unigram baseline and chance;
     the run stops naming the gpt keys in effect (weight decay included), and no model file is written."""
     write_prepared_text(tmp_path, PHRASE * 40)
-    params_file = write_params(tmp_path, lr=10.0, clip=None, epochs=2, steps_per_epoch=10, weight_decay=0.5)
     model_path = tmp_path / "models/gpt/model.pt"
     with pytest.raises(StageError, match=r"training diverged: .*far above the larger of twice the unigram baseline"
-                                         r".*lower the learning rate \(gpt.lr: 10\), set a gradient clip \(gpt.clip\) "
-                                         r"or lower gpt.weight_decay \(0.5\)"):
-        train_gpt.main(params_file, tmp_path / "data/prepared/alice", model_path, live_dir=tmp_path / "dvclive/gpt",
-                       metrics_path=tmp_path / "metrics/gpt.json", progress=False)
-    assert not model_path.exists() and not (tmp_path / "metrics/gpt.json").exists()
+                                         r".*lower the learning rate \(recipes.gpt.default.lr: 10\), set a gradient "
+                                         r"clip \(recipes.gpt.default.clip\) or lower recipes.gpt.default.weight_decay "
+                                         r"\(0.5\)"):
+        train_gpt(tmp_path, lr=10.0, clip=None, epochs=2, steps_per_epoch=10, weight_decay=0.5)
+    assert not model_path.exists() and not (tmp_path / "metrics/gpt/train.json").exists()
     assert not (tmp_path / "dvclive/gpt").exists()

@@ -1,5 +1,5 @@
 """benchmarks/gpu/run.sh --dry-run: the GPU machine's script end to end on the CPU (synthetic
-archive -> download stage via file:// -> prepare -> train_cnn + evaluate_cnn, 1 seed, 1 epoch),
+archive -> download stage via file:// -> prepare -> train@cnn + evaluate@cnn, 1 seed, 1 epoch),
 so the one device call it is written for does not fail on a typo. The real run needs the carried
 .carry/ (JPEG archive, serve.py, wheels), which CI does not have."""
 import json

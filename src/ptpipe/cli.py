@@ -95,6 +95,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptpipe.limits import Limits  # standard library only: the serve flags' defaults, defined once
+
     parser = argparse.ArgumentParser(prog="ptpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,8 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     srv.add_argument("--no-batching", action="store_true", help="one onnxruntime call per request")
     srv.add_argument("--batch-window-ms", type=float, default=2.0, help="micro-batch gathering window (default 2)")
-    srv.add_argument("--max-batch", type=int, default=64, help="images per request and per call (default 64)")
-    srv.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit in MiB (default 16)")
+    srv.add_argument("--max-batch", type=_at_least(1, "--max-batch"), default=Limits.max_batch,
+                     help=f"images per request and per call (default {Limits.max_batch})")
+    srv.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20,
+                     help=f"request body limit in MiB (default {Limits.max_body_bytes / 2**20:g})")
+    srv.add_argument("--max-pixels", type=_at_least(1, "--max-pixels"), default=Limits.max_pixels,
+                     help=f"pixels of one uploaded image, refused before decoding (default {Limits.max_pixels:,})")
+    srv.add_argument("--max-decodes", type=_at_least(1, "--max-decodes"), default=Limits.max_decodes,
+                     help=f"images decoded at once: the ceiling of decoding memory (default {Limits.max_decodes})")
+    srv.add_argument("--body-timeout-s", type=float, default=Limits.body_timeout_s,
+                     help=f"seconds for a whole request body to arrive, else 408 (default {Limits.body_timeout_s:g})")
     srv.add_argument("--poll-s", type=float, default=0.0,
                      help="re-resolve the models every N s and swap in new versions (default 0: only on "
                           "POST /v2/repository/models/NAME/load)")

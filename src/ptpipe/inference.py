@@ -189,10 +189,11 @@ class ImageClassifier(ExportedModel):
     def __init__(self, path: str | Path = CNN_ONNX, threads: int = DEFAULT_THREADS, **kwargs):
         super().__init__(path, threads, **kwargs)
         self.classes: list[str] = self.meta["classes"]
+        self.image_size: int = self.meta.get("image_size", 32)  # what its images are resized to
         self._input, self._output = self.meta["inputs"][0]["name"], self.meta["outputs"][0]["name"]
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N x 3 x 32 x 32 -> float32 N x classes."""
+        """uint8 N x 3 x S x S -> float32 N x classes."""
         return self.session.run([self._output], {self._input: np.ascontiguousarray(images, dtype=np.uint8)})[0]
 
     def top_k(self, images: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -204,16 +205,16 @@ class ImageClassifier(ExportedModel):
 def predict_files(paths: list[str], model: str | Path = CNN_ONNX, top_k: int = 3, threads: int = DEFAULT_THREADS,
                   ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, str]]:
     """({path: [(class, probability)] best first}, {path: error}) — one bad file spoils nothing else."""
+    classifier = ImageClassifier(model, threads)
     images, good, errors = [], [], {}
     for path in paths:
         try:
-            images.append(load_image(path))
+            images.append(load_image(path, classifier.image_size))
             good.append(path)
         except StageError as err:
             errors[path] = str(err)
     results = {}
     if good:
-        classifier = ImageClassifier(model, threads)
         k = min(top_k, len(classifier.classes))
         results = dict(zip(good, classifier.top_k(np.stack(images), k)))
     return results, errors

@@ -81,6 +81,8 @@ def fit(t: Training, model_path: Path, live_dir: Path | None, device: torch.devi
     """Train `t.model`, write model_path = {state_dict, config} once at the end (the checkpoint beside it
     each `checkpoint_every` epochs, removed then). A run that fails leaves no DVCLive folder behind (its
     params and metrics would look like a finished run's); a resumed run rebuilds it from its history."""
+    if t.evaluate is None and (t.monitor is not None or t.patience is not None):  # a kind's mistake, not a user's
+        raise ValueError("monitor/patience need validation: a Training without evaluate keeps the last epoch")
     model, optimizer, watch = wrap_ddp(t.model, device, ddp), t.optimizer, t.stopwatch or Stopwatch(device)
     checkpoint_path = model_path.with_name("checkpoint.pt")
     # the config records the data's md5 (ptpipe.data.describe): other data, no resume
@@ -545,7 +547,14 @@ def train(name: str, data_dir: str | Path, model_path: str | Path, live_dir: str
     t = kind.training(recipe, data_dir, device, ddp, key=key, default_lr=p.lr)
     t = t._replace(config={**t.config, "data": {**facts, **t.config["data"]}})
     setup_seconds = time.perf_counter() - t_start - (t.facts or {}).get("warmup_seconds", 0.0)
+    facts = dict(t.facts or {})
+    graphs = _dynamo_graphs() if "graphs" in facts else None  # a kind that compiled says how many graphs
     result = fit(t, model_path, Path(live_dir) if live_dir is not None else None, device, ddp, progress)
+    if graphs is not None:
+        facts["recompiles"] = _dynamo_graphs() - graphs  # graphs compiled inside the timed epochs
+        if facts["recompiles"]:
+            print(f"warning: torch.compile compiled {facts['recompiles']} more graph(s) during training (a shape "
+                  f"or mode the warm-up did not cover): those epochs include compile time", file=sys.stderr)
     if ddp.is_main and metrics_path is not None:
         files.write_json(metrics_path, {
             **{k.replace("/", "_"): v for k, v in result.best.items() if k != "epoch" and "_per_s" not in k},
@@ -554,11 +563,19 @@ def train(name: str, data_dir: str | Path, model_path: str | Path, live_dir: str
             "other_seconds": round(result.other_seconds, 3),  # validation, checkpoints, logging, model file
             "setup_seconds": round(setup_seconds, 3),  # loading the data, building the model
             "parameters": sum(x.numel() for x in unwrap(t.model).parameters()),
-            "device": device.type, "torch": torch.__version__, **(t.facts or {}),
+            "device": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **facts,
         })
     _say(ddp, f"{name}: best epoch {result.best['epoch'] + 1} of {len(result.history)}; "
               f"{result.train_seconds:.0f} s training; wrote {model_path}")
     return result
+
+
+def _dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its counters are never reset: take differences)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def main() -> None:
