@@ -36,7 +36,7 @@ from ptpipe.inference import DEFAULT_THREADS, open_session
 
 VOCAB = 72
 PARAMS = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")
-DEFAULT_CNN = PARAMS.cnn.recipes["default"]
+DEFAULT_CNN = PARAMS.recipe("cnn")  # the tutorial CNN model's recipe (models.cnn)
 CNN_MODELS = {"lenet": ("lenet", {}), "default": (DEFAULT_CNN.arch, DEFAULT_CNN.model_args)}
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -179,7 +179,7 @@ def one_round(args) -> dict:
                 config = {"kind": "cnn", "model_args": {"arch": arch, **model_args, "num_classes": 10}, "params": {},
                           "data": {"classes": [str(i) for i in range(10)], "mean": MEAN, "std": STD}}
                 results[name] = bench_cnn(kinds.get("cnn").build(config).eval(), config, tmp, args.runs)
-            la = PARAMS.lstm
+            la = PARAMS.recipe("lstm")
             args_ = dict(vocab_size=VOCAB, embedding_size=la.embedding_size, hidden_size=la.hidden_size,
                          num_layers=la.num_layers, dropout=la.dropout, tie_weights=la.tie_weights)
             lstm_config = {"kind": "lstm", "model_args": args_, "params": {},

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from ptpipe import incidents, pipeline, repo_slot
@@ -82,8 +83,11 @@ def apply_overrides(repo: str, overrides: list[str]) -> None:
 
 
 @task
-def run_stage(repo: str, stage: str) -> None:
-    pipeline.repro_stage(repo, stage, log=get_run_logger().info)
+def run_stage(repo: str, stage: str):
+    try:
+        pipeline.repro_stage(repo, stage, log=get_run_logger().info)
+    except pipeline.DvcFailed as exc:  # the stage's own output is in the log: no traceback of ours after it
+        return Failed(message=str(exc), data=exc)
 
 
 @task(name="save-experiment")
@@ -161,9 +165,14 @@ def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict
                 with pipeline.temporary_copy(repo, log=logger.info) as workdir:
                     results.append({"overrides": overrides, **_reproduce(request, repo, str(workdir), overrides, name)})
             return {**results[-1], "experiments": results}
+    except StageError as exc:
+        # Something the user can fix: the reason as the last line of the run log (`prefect deployment run
+        # --watch` prints the log, then the state) and as the state message (the UI shows it). A returned
+        # Failed state carries the exception (a direct call raises it, on_failure records it) and logs no
+        # traceback; anything else is a bug and keeps its traceback.
+        logger.error("retrain failed: %s", exc)
+        return Failed(message=f"retrain failed: {exc}", data=exc)
     except Exception as exc:
-        # The reason as the last line of the run log (`prefect deployment run --watch` prints the
-        # log, then only the state's name) and as the state message (the UI shows it).
         logger.error("retrain failed: %s", exc)
         raise
 

@@ -217,7 +217,7 @@ def metadata(config: dict) -> dict:
 
 def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kinds.Case]:
     """The first N test images (raw uint8: the files contain the normalisation), N in `batch`."""
-    batches = kinds.shape_params(shapes, "cnn", "batch")
+    batches = kinds.shape_params(shapes, config["kind"], "batch")  # a kind reusing this one names its own key
     images = data.load_images(prepared_dir, "test")[0].numpy()
     if len(images) == 0:
         raise StageError(f"{prepared_dir} has no test images to validate on")
