@@ -105,11 +105,14 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptpipe.limits import Limits  # standard library only: the serve flags' defaults, defined once
-
     parser = argparse.ArgumentParser(prog="ptpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_inference, _add_registry, _add_serve, _add_tune):
+        add(sub)
+    return parser
 
+
+def _add_inference(sub) -> None:
     gen = sub.add_parser("generate", help="generate text with a trained text model (default: the character LSTM)")
     gen.add_argument("--prompt", required=True, help="text that warms the state; every character must be in the vocabulary")
     gen.add_argument("--length", type=_at_least(0, "--length"), default=300,
@@ -138,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
     pred.set_defaults(func=_predict)
 
+
+def _add_registry(sub) -> None:
     rel = sub.add_parser("release", help="push a model's files to the DVC remote and tag the version (GTO)")
     rel.add_argument("name", help="artifact name from dvc.yaml, e.g. cifar10-cnn or alice-lstm")
     rel.add_argument("version", help="vMAJOR.MINOR.PATCH, e.g. v1.0.0")
@@ -163,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     for registry_command in (rel, pro, una, ver):
         registry_command.add_argument("--repo", default=None,
                                       help="the project (default: the repository holding the current folder)")
+
+
+def _add_serve(sub) -> None:
+    from ptpipe.limits import Limits  # standard library only: the serve flags' defaults, defined once
 
     srv = sub.add_parser("serve", help="HTTP inference server for the exported models (onnxruntime, no torch)")
     srv.add_argument("--model", action="append", default=[],
@@ -191,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "0 = one per core)")
     srv.set_defaults(func=_serve)
 
+
+def _add_tune(sub) -> None:
     tun = sub.add_parser("tune", help="an Optuna study over params.yaml's `tune` section, each trial a DVC experiment")
     tun.add_argument("--workers", type=_at_least(1, "--workers"), default=1,
                      help="trials run at once on this machine (default 1; give each a thread budget in tune.fixed)")
@@ -206,7 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--stale-after", type=float, default=300.0, metavar="SECONDS",
                      help="a trial of another host with no heartbeat for this long is taken over (default 300)")
     tun.set_defaults(func=_tune)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

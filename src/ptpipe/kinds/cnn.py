@@ -524,18 +524,23 @@ def compile_and_warm_up(model: nn.Module, parts: dict, device: torch.device, mod
     return facts
 
 
+def _splits(r: Recipe, data_dir: Path) -> tuple:
+    """(classes, mean, std, (train images, labels), (val images, labels)) as the recipe trains on them."""
+    card = data.load_card(data_dir)
+    train_x, train_y = data.load_images(data_dir, "train")
+    val_x, val_y = data.load_images(data_dir, "val")
+    if r.train_split == "train+val":
+        train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    return card["classes"], r.mean or card["mean"], r.std or card["std"], (train_x, train_y), (val_x, val_y)
+
+
 def training(r: Recipe, data_dir: Path, device: torch.device, ddp, key: str, default_lr: float) -> train.Training:
     """The CNN's part of training: the whole training split on the device as one uint8 tensor,
     augmentation and normalisation as batched tensor ops (`EpochImages`), channels_last on every device
     (oneDNN's convolutions are faster on it on a CPU too), bf16 autocast, cuDNN autotuning and
     torch.compile on a GPU; the timed region is the whitening init plus the training steps, as airbench's."""
     lr = r.lr if r.lr is not None else default_lr
-    card = data.load_card(data_dir)
-    classes, mean, std = card["classes"], r.mean or card["mean"], r.std or card["std"]
-    train_x, train_y = data.load_images(data_dir, "train")
-    val_x, val_y = data.load_images(data_dir, "val")
-    if r.train_split == "train+val":
-        train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    classes, mean, std, (train_x, train_y), (val_x, val_y) = _splits(r, data_dir)
     on_gpu = device.type == "cuda"
     autocast_dtype = AUTOCAST[r.autocast] if r.autocast != "auto" else (torch.bfloat16 if on_gpu else None)
     dtype = autocast_dtype or torch.float32  # the images are cast once, to what the convs compute in
