@@ -235,6 +235,45 @@ def add_missing_sources(repo: Path) -> list[str]:
     return added
 
 
+# -- dvc.yaml as DVC expands it (foreach over params.yaml's datasets and models) -----------------------
+
+def load_params(root=ROOT) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def _interpolate(text: str, key: str, item) -> str:
+    text = text.replace("${key}", str(key))
+    for field, value in (item.items() if isinstance(item, dict) else ()):
+        text = text.replace("${item.%s}" % field, str(value))
+    return text.replace("${item}", str(item))
+
+
+def foreach_items(stage: dict, params: dict):
+    """(key, item) pairs of a `foreach` stage: a list, a dict, or `${<params key>}` read from params.yaml."""
+    items = stage["foreach"]
+    if isinstance(items, str):
+        match = re.fullmatch(r"\$\{([\w.]+)\}", items)
+        assert match, f"foreach {items!r}: expected a list, a dict or ${{params key}}"
+        items = params
+        for part in match.group(1).split("."):
+            items = items[part]
+    return items.items() if isinstance(items, dict) else ((item, item) for item in items)
+
+
+def expanded_stages(root=ROOT) -> dict[str, dict]:
+    """dvc.yaml's stages with `foreach` expanded (list: ${item}; dict: ${key}, ${item.<field>}), as
+    {name: (stage, the foreach group, its key)}."""
+    params = load_params(root)
+    out = {}
+    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage:
+            out[name] = (stage, None, None)
+            continue
+        for key, item in foreach_items(stage, params):
+            out[f"{name}@{key}"] = (yaml.safe_load(_interpolate(yaml.safe_dump(stage["do"]), key, item)), name, key)
+    return out
+
+
 # Params overrides that make the training stages take seconds on the tiny fixtures (write_params).
 TINY_TRAINING = {
     "recipes.cnn.default.epochs": 1, "recipes.cnn.default.model_args": {"widths": [8, 16, 16], "scale": 0.5},

@@ -7,12 +7,12 @@ and a second LSTM with no dvc.yaml edit, and take them away again.
 """
 import ast
 import json
-import re
 
 import pytest
 import yaml
 
-from fixtures import ROOT, TINY_TRAINING, alice_text, copy_project, md5, serve_data, sh, write_params
+from fixtures import (ROOT, TINY_TRAINING, alice_text, copy_project, expanded_stages, load_params, md5, serve_data, sh,
+                      write_params)
 
 PLUMBING = {"files", "params", "stage"}  # cannot change a stage's result (see the head of dvc.yaml)
 DATA_STAGES = ("download", "prepare")  # per data set
@@ -47,43 +47,6 @@ def ptpipe_imports(module: str, anywhere: bool = False) -> set[str]:
                 if package:
                     todo.append(package)
     return seen
-
-
-def load_params(root=ROOT) -> dict:
-    return yaml.safe_load((root / "params.yaml").read_text())
-
-
-def _interpolate(text: str, key: str, item) -> str:
-    text = text.replace("${key}", str(key))
-    for field, value in (item.items() if isinstance(item, dict) else ()):
-        text = text.replace("${item.%s}" % field, str(value))
-    return text.replace("${item}", str(item))
-
-
-def foreach_items(stage: dict, params: dict):
-    """(key, item) pairs of a `foreach` stage: a list, a dict, or `${<params key>}` read from params.yaml."""
-    items = stage["foreach"]
-    if isinstance(items, str):
-        match = re.fullmatch(r"\$\{([\w.]+)\}", items)
-        assert match, f"foreach {items!r}: expected a list, a dict or ${{params key}}"
-        items = params
-        for part in match.group(1).split("."):
-            items = items[part]
-    return items.items() if isinstance(items, dict) else ((item, item) for item in items)
-
-
-def expanded_stages(root=ROOT) -> dict[str, dict]:
-    """dvc.yaml's stages with `foreach` expanded (list: ${item}; dict: ${key}, ${item.<field>}), as
-    {name: (stage, the foreach group, its key)}."""
-    params = load_params(root)
-    out = {}
-    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
-        if "foreach" not in stage:
-            out[name] = (stage, None, None)
-            continue
-        for key, item in foreach_items(stage, params):
-            out[f"{name}@{key}"] = (yaml.safe_load(_interpolate(yaml.safe_dump(stage["do"]), key, item)), name, key)
-    return out
 
 
 def expected_stages(params: dict) -> set[str]:
