@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from onnx import numpy_helper
 from PIL import Image
 
@@ -29,9 +30,30 @@ def make_workdir(root: Path, cnn_arch: str) -> Path:
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     write_prepared(root)
     write_models(root / "models", cnn_arch=cnn_arch)
-    for kind in kinds.names():
-        export.export_model(kind, root / "models" / kind, opset=17, revision="abc123")
+    for model in MODELS:
+        export.export(root / "models" / model, root / "params.yaml", revision="abc123")
     return root
+
+
+MODELS = ("cnn", "lstm", "gpt")  # what fixtures.write_models writes (params.yaml's models)
+
+
+def models_of(root: Path, *names: str) -> dict:
+    """{name: (models/<name>, its prepared data)} as the validate stage and flow pass them (params.yaml's models)."""
+    found = validate.workspace_models(root, root / "params.yaml")
+    return {name: found[name] for name in names or found}
+
+
+def validate_in(root: Path, *names: str, **kw) -> dict:
+    return validate.validate_models(models_of(root, *names), params_file=root / "params.yaml", **kw)
+
+
+def validate_stage(model: str, cwd: Path):
+    """The validate stage's command as dvc.yaml runs it for models.<model>."""
+    data_set = {"cnn": "cifar10"}.get(model, "alice")
+    return run_module("-m", "ptpipe.validate", "--model-dir", f"models/{model}", "--data", f"data/prepared/{data_set}",
+                      "--metrics", f"metrics/{model}/validate.json", "--report", f"reports/{model}/validate.json",
+                      cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +63,11 @@ def workdir(tmp_path_factory):
 
 def test_airbench_with_batchnorm_exports_and_validates(tmp_path):
     root = make_workdir(tmp_path, "airbench")
-    report = validate.validate_models(root / "models", root / "data/prepared", atol=1e-4, models=("cnn",))
+    report = validate_in(root, "cnn", atol=1e-4)
     assert report["passed"] and 0 < max(report["max_abs_diff"]["cnn"].values()) <= 1e-4
     meta = {p.key: json.loads(p.value) for p in onnx.load(root / "models/cnn/model.onnx").metadata_props}
     assert meta["arch"] == "airbench" and meta["model_args"] == {"arch": "airbench", "widths": [8, 16, 16],
-                                                                  "num_classes": 10}
+                                                                  "num_classes": 10, "image_size": 32}
 
 
 def run_module(*args, cwd, check=False):
@@ -72,7 +94,11 @@ def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
     assert cnn_meta["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]
     lstm = onnx.load(workdir / "models/lstm/model.onnx")
     lstm_meta = {p.key: json.loads(p.value) for p in lstm.metadata_props}
-    assert lstm_meta["params"] == {"seed": 0}
+    saved = torch.load(workdir / "models/lstm/model.pt", weights_only=True)["config"]
+    assert lstm_meta["params"] == saved["params"] and lstm_meta["model_args"] == saved["model_args"]
+    from ptpipe import data
+
+    assert lstm_meta["data"] == {"name": "alice", "md5": data.digest(workdir / "data/prepared/alice")}  # its data set
     assert lstm_meta["ptpipe.task"] == "text-generation"
     assert lstm_meta["generation"] == {"mode": "recurrent", "state": [
         {"input": "h0", "output": "h", "shape": [2, "batch", 16]}, {"input": "c0", "output": "c", "shape": [2, "batch", 16]}]}
@@ -87,8 +113,8 @@ def test_onnx_files_pass_the_full_check_and_describe_themselves(workdir):
 
 def test_validate_passes_at_shapes_the_export_never_saw(workdir):
     # the export ran batch 2 (and length 5); these are all different
-    report = validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4)
-    assert report["passed"]
+    report = validate_in(workdir, atol=1e-4)
+    assert report["passed"] and set(report["max_abs_diff"]) == set(MODELS)
     assert set(report["cnn"]["onnxruntime"]) == {"batch=1", "batch=7", "batch=64"}
     assert len(report["lstm"]["onnxruntime"]) == 2 * 3 * 2  # batches x lengths x (zero, carried)
     for model in ("cnn", "lstm"):
@@ -122,7 +148,7 @@ def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_dif
     _perturb_onnx(work / "models/cnn/model.onnx", last, 0.5)
 
     with pytest.raises(validate.ValidationFailed) as exc:
-        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("cnn",))
+        validate_in(work, "cnn", atol=1e-4)
     message = str(exc.value)
     match = re.search(r"cnn onnxruntime batch=(\d+): max \|logits difference\| = ([0-9.e+-]+) > atol 0.0001", message)
     assert match, message
@@ -133,13 +159,16 @@ def test_perturbed_onnx_weight_fails_validate_naming_model_backend_shape_and_dif
     assert report["cnn"]["onnxruntime"]["batch=64"]["logits"] > 1e-3
 
     # the stage: exit 2, the same one-line message, and no metrics file that looks like a pass
-    (work / "metrics").mkdir(exist_ok=True)
-    (work / "metrics/validate.json").write_text('{"passed": true}')  # an earlier run's report
-    result = run_module("-m", "ptpipe.validate", cwd=work)
+    (work / "metrics/cnn").mkdir(parents=True)
+    (work / "metrics/cnn/validate.json").write_text('{"passed": true}')  # an earlier run's metric
+    result = validate_stage("cnn", cwd=work)
     assert result.returncode == 2, result.stderr
     assert "error: exported model disagrees with PyTorch: cnn onnxruntime batch=1:" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (work / "metrics/validate.json").exists()
+    assert not (work / "metrics/cnn/validate.json").exists()
+    # the report says which cases failed (for the user to read)
+    failed = json.loads((work / "reports/cnn/validate.json").read_text())
+    assert failed["passed"] is False and any(not c["ok"] for c in failed["checks"])
 
 
 def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
@@ -151,7 +180,7 @@ def test_perturbed_lstm_names_the_state_and_carry(workdir, tmp_path):
     _perturb_onnx(work / "models/lstm/model.onnx", lstm_weight, 0.05)
     with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime batch=1 seq=1 state=zero: max \|\w+ "
                                                         r"difference\| = [0-9.e-]+ > atol"):
-        validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("lstm",))
+        validate_in(work, "lstm", atol=1e-4)
 
 
 def test_an_onnx_model_that_drops_the_carried_state_fails_only_carried_checks(workdir, monkeypatch):
@@ -164,7 +193,7 @@ def test_an_onnx_model_that_drops_the_carried_state_fails_only_carried_checks(wo
 
     monkeypatch.setattr(validate, "_onnx_runner", forgetful)
     with pytest.raises(validate.ValidationFailed, match=r"lstm onnxruntime batch=1 seq=1 state=carried") as exc:
-        validate.validate_models(workdir / "models", workdir / "data/prepared", atol=1e-4, models=("lstm",))
+        validate_in(workdir, "lstm", atol=1e-4)
     onnx_rows = [c for c in exc.value.report["checks"] if c["backend"] == "onnxruntime"]
     assert all(c["ok"] == c["shape"].endswith("state=zero") for c in onnx_rows)  # exactly the carried ones fail
 
@@ -172,16 +201,18 @@ def test_an_onnx_model_that_drops_the_carried_state_fails_only_carried_checks(wo
 def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_models(workdir, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(workdir, work)
-    result = run_module("-m", "ptpipe.validate", cwd=work)
-    assert result.returncode == 0, result.stderr
-    report = json.loads((work / "metrics/validate.json").read_text())
-    assert report["passed"] is True and set(report["max_abs_diff"]) == set(kinds.names())
+    for model in MODELS:
+        result = validate_stage(model, cwd=work)
+        assert result.returncode == 0, result.stderr
+        metric = json.loads((work / f"metrics/{model}/validate.json").read_text())
+        assert metric["passed"] is True and set(metric["max_abs_diff"]) == {model}
+        assert json.loads((work / f"reports/{model}/validate.json").read_text())["checks"]
 
     (work / "models/lstm/model.pt").unlink()
     (work / "models/lstm/model.onnx").unlink()
-    result = run_module("-m", "ptpipe.export", "lstm", cwd=work)
+    result = run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", cwd=work)
     assert result.returncode == 2
-    assert "models/lstm/model.pt is missing: run `dvc repro train_lstm` first" in result.stderr
+    assert "models/lstm/model.pt is missing: run `dvc repro train@lstm` first" in result.stderr
     assert not (work / "models/lstm/model.onnx").exists()
     assert [p.name for p in (work / "models/lstm").iterdir()] == ["model.ts"]  # no temporaries left
 
@@ -193,15 +224,18 @@ def test_export_stage_runs_from_params(workdir, tmp_path):
         f.unlink()
     text = (work / "params.yaml").read_text().replace("opset: 17", "opset: 18")
     (work / "params.yaml").write_text(text)
-    result = run_module("-m", "ptpipe.export", cwd=work)
-    assert result.returncode == 0, result.stderr
+    for model in ("cnn", "lstm"):
+        result = run_module("-m", "ptpipe.export", "--model-dir", f"models/{model}", cwd=work)
+        assert result.returncode == 0, result.stderr
     for kind in ("cnn", "lstm"):
         model = onnx.load(work / "models" / kind / "model.onnx")
         assert {o.domain: o.version for o in model.opset_import}[""] == 18
         assert (work / "models" / kind / "model.ts").stat().st_size > 0
+    before = (work / "models/cnn/model.onnx").read_bytes()
     (work / "params.yaml").write_text(text.replace("opset: 18", "opset: 12"))
-    result = run_module("-m", "ptpipe.export", cwd=work)
+    result = run_module("-m", "ptpipe.export", "--model-dir", "models/cnn", cwd=work)
     assert result.returncode == 2 and "export.opset" in result.stderr
+    assert (work / "models/cnn/model.onnx").read_bytes() == before  # params checked before anything is written
 
 
 NO_TORCH = """
@@ -322,7 +356,7 @@ def test_files_that_are_not_ours_are_one_line_errors(workdir, tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     result = run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",
                         "--model", str(tmp_path / "text.pt"), cwd=tmp_path)
-    assert result.returncode == 2 and "text.pt: not a model file written by a ptpipe training stage" in result.stderr
+    assert result.returncode == 2 and "text.pt: not a model file written by a ptpipe train stage" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -415,16 +449,16 @@ def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path
     serve_data(server, repo)
     write_params(repo, **TINY_TRAINING)
     first = sh("dvc", "repro", "validate", cwd=repo)
-    per_kind = [f"{stage}@{kind}" for stage in ("export", "validate") for kind in kinds.names()]
-    for stage in ("train_cnn", "train_lstm", "train_gpt", *per_kind):
-        assert f"Running stage '{stage}'" in first.stdout
-    for kind in kinds.names():
-        metric = json.loads((repo / f"metrics/validate/{kind}.json").read_text())
-        assert metric["passed"] and set(metric["max_abs_diff"][kind]) == {"torchscript", "onnxruntime"}
-        assert json.loads((repo / f"reports/validate/{kind}.json").read_text())["checks"]  # the per-case rows
+    models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
+    for model in models:
+        for stage in ("train", "export", "validate"):
+            assert f"Running stage '{stage}@{model}'" in first.stdout
+        metric = json.loads((repo / f"metrics/{model}/validate.json").read_text())
+        assert metric["passed"] and set(metric["max_abs_diff"][model]) == {"torchscript", "onnxruntime"}
+        assert json.loads((repo / f"reports/{model}/validate.json").read_text())["checks"]  # the per-case rows
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     columns = json.dumps(shown)
-    assert "metrics/validate/lstm.json" in columns and "max_abs_diff" in columns
+    assert "metrics/lstm/validate.json" in columns and "max_abs_diff" in columns
     assert "checks" not in columns and "seq=37" not in columns  # a few numbers, not the per-case table
 
     again = sh("dvc", "repro", "validate", cwd=repo)
@@ -433,8 +467,9 @@ def test_dvc_repro_through_export_and_validate_on_tiny_fixtures(server, tmp_path
     with open(repo / "src/ptpipe/kinds/lstm.py", "a") as f:
         f.write("# edited\n")
     changed = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
-    assert {"train_lstm", "export@lstm", "validate@lstm"} <= set(changed)
-    assert not {"train_cnn", "export@cnn", "validate@cnn"} & set(changed), changed
+    assert {"train@lstm", "export@lstm", "validate@lstm"} <= set(changed)
+    for model in ("cnn", "gpt"):  # another kind's models (the gpt shares the LSTM's data, not its module)
+        assert not {f"train@{model}", f"export@{model}", f"validate@{model}"} & set(changed), changed
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)

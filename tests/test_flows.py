@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import ROOT, TINY_TRAINING, FixtureServer, copy_project, serve_data, sh, tool_env, write_params
+from fixtures import (ROOT, TINY_TRAINING, FixtureServer, copy_project, load_params, serve_data, sh, tool_env,
+                      write_params)
 from ptpipe import incidents, pipeline
 from ptpipe.stage import StageError
 
@@ -260,13 +261,15 @@ def artifacts(client, run_id) -> dict:
 def test_stage_order_puts_dependencies_first_and_finds_new_stages(tmp_path):
     repo = copy_project(tmp_path / "repo")
     order = pipeline.stage_order(repo)
-    assert order[:4] == ["download@cifar10", "download@alice", "prepare@cifar10", "prepare@alice"]
-    # (each branch adds its stages; whatever they are, each comes after what it depends on)
-    before = [("prepare@cifar10", "train_cnn"), ("train_cnn", "evaluate_cnn"), ("prepare@alice", "train_lstm"),
-              ("train_lstm", "evaluate_lstm"), ("train_cnn", "export@cnn"), ("train_lstm", "export@lstm"),
-              ("export@cnn", "validate@cnn"), ("export@lstm", "validate@lstm")]
-    for first, then in before:
-        if first in order and then in order:
+    params = load_params(repo)
+    datasets, models = params["datasets"], params["models"]
+    # the data stages first, in dvc.yaml's (and params.yaml's) order: nothing else can run before them
+    assert order[:2 * len(datasets)] == [f"{s}@{d}" for s in ("download", "prepare") for d in datasets]
+    assert len(order) == len(set(order)) == 2 * len(datasets) + 4 * len(models)
+    # each model's stages come after what they depend on
+    for model, m in models.items():
+        for first, then in ((f"prepare@{m['data']}", f"train@{model}"), (f"train@{model}", f"evaluate@{model}"),
+                            (f"train@{model}", f"export@{model}"), (f"export@{model}", f"validate@{model}")):
             assert order.index(first) < order.index(then), (first, then, order)
     # a stage added later (declared first, depending on prepared data) is found and ordered after its deps
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
@@ -282,8 +285,10 @@ def test_bad_overrides_are_refused_naming_the_key(tmp_path):
     before = (repo / "params.yaml").read_text()
     with pytest.raises(StageError, match=r"lr: Input should be greater than 0"):
         pipeline.check_overrides(repo, ["lr=-1"])
-    with pytest.raises(StageError, match=r"override 'prepare.cifar10.val_sise=3'.*keys must already exist"):
-        pipeline.check_overrides(repo, ["prepare.cifar10.val_sise=3"])
+    with pytest.raises(StageError, match=r"override 'datasets.cifar10.val_sise=3'.*keys must already exist"):
+        pipeline.check_overrides(repo, ["datasets.cifar10.val_sise=3"])
+    with pytest.raises(StageError, match=r"models.cnn.data: no data set 'cifar100' in datasets"):
+        pipeline.check_overrides(repo, ["models.cnn.data=cifar100"])  # checked across entries, as every stage does
     with pytest.raises(StageError, match=r"expected key=value"):
         pipeline.check_overrides(repo, ["lr"])
     with pytest.raises(StageError, match=r"download.retries: Input should be a valid integer"):
@@ -306,11 +311,11 @@ def test_sweep_overrides_expand_to_one_experiment_each_or_are_refused_in_one_lin
     assert pipeline.expand_sweeps([]) == [[]]  # a plain run
     assert pipeline.expand_sweeps(["lr=0.01"]) == [["lr=0.01"]]
     assert pipeline.expand_sweeps(["lr=0.001,0.003"]) == [["lr=0.001"], ["lr=0.003"]]
-    assert pipeline.expand_sweeps(["params.yaml:prepare.cifar10.seed=range(1,3)", "lr=0.01"]) == [
-        ["prepare.cifar10.seed=1", "lr=0.01"], ["prepare.cifar10.seed=2", "lr=0.01"]]
-    assert pipeline.expand_sweeps(["validate.cnn_batches=[1,7]"]) == [["validate.cnn_batches=[1,7]"]]  # a list
-    for each in pipeline.expand_sweeps(["lr=0.001,0.003", "prepare.cifar10.seed=range(1,3)"]):
-        assert pipeline.check_overrides(repo, each).prepare.cifar10.seed in (1, 2)
+    assert pipeline.expand_sweeps(["params.yaml:datasets.cifar10.seed=range(1,3)", "lr=0.01"]) == [
+        ["datasets.cifar10.seed=1", "lr=0.01"], ["datasets.cifar10.seed=2", "lr=0.01"]]
+    assert pipeline.expand_sweeps(["validate.shapes.cnn.batch=[1,7]"]) == [["validate.shapes.cnn.batch=[1,7]"]]  # a list
+    for each in pipeline.expand_sweeps(["lr=0.001,0.003", "datasets.cifar10.seed=range(1,3)"]):
+        assert pipeline.check_overrides(repo, each).datasets["cifar10"].seed in (1, 2)
     with pytest.raises(StageError, match=r"override 'lr=0.001,0.003' is a sweep \(several values\)"):
         pipeline.check_overrides(repo, ["lr=0.001,0.003"])  # one experiment's overrides: never a sweep
     with pytest.raises(StageError, match=r"^overrides lr=glob\(\*\): Glob override"):
@@ -330,8 +335,8 @@ def test_documented_way_back_to_the_committed_state_leaves_nothing_modified(serv
     sh("dvc", "repro", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "run", cwd=repo)
-    sh("dvc", "exp", "run", "-S", "prepare.cifar10.val_size=40", cwd=repo)  # the workspace now holds it
-    assert "prepare.cifar10.val_size" in sh("dvc", "params", "diff", cwd=repo).stdout
+    sh("dvc", "exp", "run", "-S", "datasets.cifar10.val_size=40", cwd=repo)  # the workspace now holds it
+    assert "datasets.cifar10.val_size" in sh("dvc", "params", "diff", cwd=repo).stdout
     assert "dvc.lock" in git_state(repo) and "summary.json" in git_state(repo)
     assert RESTORE in (ROOT / "docs" / "orchestration.md").read_text()
     sh("bash", "-c", RESTORE, cwd=repo)
@@ -382,12 +387,15 @@ def test_validation_report_is_one_summary_table_per_model_with_the_detail_attach
 
 def test_models_of_an_older_revision_are_fetched_from_the_dvc_cache(tmp_path):
     """validate-onnx's `rev`: the models/ of a tagged commit, while the workspace holds newer ones."""
+    import shutil
+
     repo = tmp_path / "repo"
     repo.mkdir()
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     (repo / "models").mkdir()
     (repo / "models" / "README.md").write_text("what the stages write here\n")  # as in the project
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")  # its models: which files a revision must have
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "dvc init", cwd=repo)
     sh("git", "tag", "empty", cwd=repo)
@@ -432,12 +440,12 @@ def test_bad_override_fails_the_flow_before_dvc_runs_and_records_an_incident(pro
     repo, _, gate = project
     retrain = load_flow_module("retrain")
     state = retrain.retrain(
-        request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=-5"]), repo=str(repo), return_state=True
+        request=retrain.RetrainRequest(set_params=["datasets.cifar10.val_size=-5"]), repo=str(repo), return_state=True
     )
     assert state.is_failed()
     assert not (repo / "dvc.lock").exists() and not (gate / "stage.log").exists()  # DVC never ran
     (record,) = incidents_of(repo, state.state_details.flow_run_id)
-    assert record["flow"] == "retrain" and "prepare.cifar10.val_size" in record["error"]
+    assert record["flow"] == "retrain" and "datasets.cifar10.val_size" in record["error"]
 
 
 @pytest.mark.slow
@@ -450,7 +458,7 @@ def test_override_runs_leave_the_workspace_as_found_and_a_plain_run_uses_the_com
     committed = (repo / "params.yaml").read_text()
     lock_before = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
 
-    state = retrain.retrain(request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=40"],
+    state = retrain.retrain(request=retrain.RetrainRequest(set_params=["datasets.cifar10.val_size=40"],
                                                            experiment="val-40"), repo=str(repo), return_state=True)
     assert state.is_completed(), state
     result = state.result()
@@ -474,18 +482,18 @@ def test_override_runs_leave_the_workspace_as_found_and_a_plain_run_uses_the_com
 
     # a sweep: one experiment per value, the workspace still as the plain run left it
     lock = (repo / "dvc.lock").read_text()
-    sweep = retrain.retrain(request=retrain.RetrainRequest(set_params=["prepare.cifar10.val_size=30,45"],
+    sweep = retrain.retrain(request=retrain.RetrainRequest(set_params=["datasets.cifar10.val_size=30,45"],
                                                            experiment="val"), repo=str(repo), return_state=True)
     assert sweep.is_completed(), sweep
     assert [(e["experiment"], e["overrides"], e["metrics"]["summary.json"]["val_images"])
-            for e in sweep.result()["experiments"]] == [("val-1", ["prepare.cifar10.val_size=30"], 30),
-                                                         ("val-2", ["prepare.cifar10.val_size=45"], 45)]
+            for e in sweep.result()["experiments"]] == [("val-1", ["datasets.cifar10.val_size=30"], 30),
+                                                         ("val-2", ["datasets.cifar10.val_size=45"], 45)]
     assert {"val-40", "val-1", "val-2"} <= set(sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout.split())
     assert (repo / "dvc.lock").read_text() == lock and (repo / "params.yaml").read_text() == committed
     assert json.loads((repo / "summary.json").read_text())["val_images"] == 50
 
     # an edited workspace is not the committed state: a plain run refuses before DVC runs
-    write_params(repo, **{"prepare.cifar10.val_size": 60})
+    write_params(repo, **{"datasets.cifar10.val_size": 60})
     refused = retrain.retrain(repo=str(repo), return_state=True)
     assert refused.is_failed()
     message = str(refused.result(raise_on_failure=False))
@@ -527,26 +535,26 @@ def test_deployments_register_with_the_prefect_yaml_schedules(deployed, client):
 
 
 @pytest.mark.slow
-def test_triggered_retrain_completes_retries_the_download_and_reports_metrics(project, worker, client):
+def test_triggered_retrain_completes_the_stage_retries_the_download_and_reports_metrics(project, worker, client):
     repo, data_server, gate = project
     before = git_state(repo)
-    # The download stage's own retries off, and the next fetch of the text answered 503:
-    # only the flow's task retry can make this run succeed.
+    # The next fetch of the text answered 503: the download stage's own retry (one, set here) makes the
+    # run succeed (the flow does not retry a stage on top of it)
     data_server.fail("/pg11.txt", 1, status=503)
     run = start_run(client, "retrain/nightly", {"request": {
-        "set_params": ["download.retries=0", "prepare.cifar10.val_size=40"],
-        "experiment": "val-40", "retry_delay_s": 1,
+        "set_params": ["download.retries=1", "datasets.cifar10.val_size=40"], "experiment": "val-40",
     }})
     state = final_state(client, run.id)
     logs = "\n".join(run_logs(client, run.id))
     assert state.is_completed(), f"{state}\n{logs}"
     assert "Running stage 'download@alice'" in logs  # dvc output streamed into the run log
     assert [p for p, _ in data_server.requests].count("/pg11.txt") == 2  # failed once, retried once
+    assert "HTTP 503; retrying" in logs  # by the stage, as its output says
 
     report = artifacts(client, run.id)["retrain-report"].data
     assert "| summary.json | val_images | 40 |" in report  # the metric, from the overridden param
     assert "| summary.json | text.vocab_size |" in report
-    assert "| params.yaml | prepare.cifar10.val_size | 50 | 40 |" in report
+    assert "| params.yaml | datasets.cifar10.val_size | 50 | 40 |" in report
     commit = sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
     assert f"| git_commit | {commit} |" in report
     assert "val-40" in sh("dvc", "exp", "list", "--name-only", cwd=repo).stdout
@@ -592,7 +600,8 @@ def test_validate_onnx_waits_while_a_pipeline_run_holds_the_slot(project, worker
         assert not any("holding the 'dvc-repo'" in m for m in run_logs(client, run.id))
     state = final_state(client, run.id)
     assert state.is_completed(), f"{state}\n" + "\n".join(run_logs(client, run.id))
-    assert {"onnx-cnn", "onnx-lstm", "onnx-detail"} <= set(artifacts(client, run.id))
+    assert {*(f"onnx-{model}" for model in load_params(project[0])["models"]), "onnx-detail"} <= set(
+        artifacts(client, run.id))
     assert client.read_global_concurrency_limit_by_name("dvc-repo").active_slots == 0
 
 
@@ -628,8 +637,7 @@ def test_failed_stage_ends_the_run_failed_with_the_reason_watch_prints_and_an_in
     _, env = prefect_server
     before = git_state(repo)
     request = {"request": {
-        "set_params": ["download.retries=0", "download.cifar10.url=" + data_server.url + "/gone.tar.gz"],
-        "download_retries": 1, "retry_delay_s": 0,
+        "set_params": ["download.retries=0", "datasets.cifar10.url=" + data_server.url + "/gone.tar.gz"],
     }}
     watched = subprocess.run([PREFECT, "deployment", "run", "retrain/nightly", "--params", json.dumps(request),
                               "--watch", "--watch-timeout", "300"], cwd=repo, env={**env, "COLUMNS": "1000"},
@@ -693,7 +701,7 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     from onnx import numpy_helper
 
     from fixtures import write_models, write_prepared
-    from ptpipe import export, kinds
+    from ptpipe import export
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -701,8 +709,9 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
         shutil.copy(ROOT / name, repo / name)
     write_prepared(repo)
     write_models(repo / "models")
-    for kind in kinds.names():
-        export.export_model(kind, repo / "models" / kind, opset=17, revision="test")
+    models = load_params(repo)["models"]
+    for model in models:
+        export.export(repo / "models" / model, repo / "params.yaml", revision="test")
     path = repo / "models/cnn/model.onnx"
     model = onnx.load(path)
     bias = next(i for i in model.graph.initializer if i.name == "model.fc3.bias")  # LeNet's last layer
@@ -719,7 +728,7 @@ def test_validation_run_on_a_perturbed_model_ends_failed_naming_model_shape_and_
     assert diff and abs(float(diff.group(1)) - 0.01) < 1e-5, message  # the 0.01 put into the bias
     found = artifacts(client, state.state_details.flow_run_id)
     # one table per model + the detail
-    assert set(found) - {None} == {*(flows.artifact_key(kind) for kind in kinds.names()), "onnx-detail"}
+    assert set(found) - {None} == {*(flows.artifact_key(model) for model in models), "onnx-detail"}
     data = found["onnx-cnn"].data
     table = json.loads(data) if isinstance(data, str) else data
     rows = {row["backend"]: row for row in table}

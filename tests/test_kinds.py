@@ -47,7 +47,7 @@ def _cases(config, prepared_dir, shapes):
 
 
 BIGRAM = kinds.ModelKind(
-    name="bigram", task="text-generation", train_stage="train_bigram", prepared="alice",
+    name="bigram", task="text-generation", formats=("text",),
     inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")),),
     outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),),
     build=lambda config: Bigram(**config["model_args"]),
@@ -57,32 +57,49 @@ BIGRAM = kinds.ModelKind(
 )
 
 
+def add_bigram(mp: pytest.MonkeyPatch) -> None:
+    """Make `bigram` a known kind in this process, as the tests of the kinds interface do: KINDS and get."""
+    real_get = kinds.get
+    mp.setattr(kinds, "KINDS", (*kinds.KINDS, "bigram"))
+    mp.setattr(kinds, "get", lambda name, where="the request": BIGRAM if name == "bigram" else real_get(name, where))
+
+
+@pytest.fixture
+def bigram(monkeypatch):
+    add_bigram(monkeypatch)
+
+
+PROJECT_KINDS = kinds.KINDS  # what a fresh process knows (the package's own kinds)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """Prepared data, the project's two models and a bigram model, all exported."""
+    """Prepared data, the project's three models and a bigram model, all exported."""
+    from ptpipe import data
+
     root = tmp_path_factory.mktemp("kinds")
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     write_prepared(root)
     write_models(root / "models")
-    kinds.register(BIGRAM)
     vocab = json.loads((root / "data/prepared/alice/vocab.json").read_text())["chars"]
     torch.manual_seed(0)
     config = {"kind": "bigram", "model_args": {"vocab_size": len(vocab), "width": 8}, "params": {"seed": 0},
-              "data": {"vocab": vocab}}
+              "data": {"name": "alice", "md5": data.digest(root / "data/prepared/alice"), "vocab": vocab}}
     (root / "models/bigram").mkdir()
     files.save_torch(root / "models/bigram/model.pt", {"state_dict": Bigram(len(vocab), 8).state_dict(),
                                                       "config": config})
-    for kind in (*kinds.names(), "bigram"):
-        export.export_model(kind, root / "models" / kind, opset=17, revision="abc")
-    yield root
-    kinds._registered.pop("bigram")
+    with pytest.MonkeyPatch.context() as mp:
+        add_bigram(mp)
+        for model in (*PROJECT_KINDS, "bigram"):
+            export.export(root / "models" / model, root / "params.yaml", revision="abc")
+    return root
 
 
-def test_a_kind_from_the_test_suite_exports_validates_and_generates_on_every_backend(work):
+def test_a_kind_from_the_test_suite_exports_validates_and_generates_on_every_backend(work, bigram):
     meta = inference.read_metadata(inference.open_session(work / "models/bigram/model.onnx"))
     assert meta["ptpipe.kind"] == "bigram" and meta["generation"]["mode"] == "window"
     assert meta["outputs"][0]["shape"] == ["batch", "seq", meta["model_args"]["vocab_size"]]  # fixed from model_args
-    report = validate.validate_models(work / "models", work / "data/prepared", atol=1e-4, models=("bigram",),
+    report = validate.validate_models({"bigram": (work / "models/bigram", work / "data/prepared/alice")}, atol=1e-4,
                                       shapes={"bigram": {"batch": [1, 3], "seq": [1, 9]}})
     assert report["passed"] and {c["shape"] for c in report["checks"]} == {
         "batch=1 seq=1", "batch=1 seq=9", "batch=3 seq=1", "batch=3 seq=9"}
@@ -96,10 +113,11 @@ def test_a_kind_from_the_test_suite_exports_validates_and_generates_on_every_bac
 
 def test_the_shared_modules_have_no_kind_branches():
     """No `kind == "cnn"`-style branch outside the kind modules: a new kind must not fall into one."""
-    for path in [ROOT / "src/ptpipe" / f"{name}.py" for name in ("export", "validate", "generate", "inference",
-                                                                 "cli", "registry")] + sorted(ROOT.glob("flows/*.py")):
+    shared = ("export", "validate", "evaluate", "train", "data", "prepare", "download", "generate", "inference", "cli",
+              "registry", "pipeline", "serve", "served")
+    for path in [ROOT / "src/ptpipe" / f"{name}.py" for name in shared] + sorted(ROOT.glob("flows/*.py")):
         text, name = path.read_text(), path.name
-        for kind in ("cnn", "lstm"):
+        for kind in kinds.KINDS:
             assert f'== "{kind}"' not in text and f"== '{kind}'" not in text, (name, kind)
 
 
@@ -108,8 +126,19 @@ def test_validate_shapes_of_an_unknown_kind_are_refused_naming_the_key(tmp_path)
 
     text = (ROOT / "params.yaml").read_text().replace("    lstm:\n      batch: [1, 5]", "    lstn:\n      batch: [1, 5]")
     (tmp_path / "params.yaml").write_text(text)
-    known = ", ".join(kinds.known())
+    known = ", ".join(kinds.KINDS)
     with pytest.raises(StageError, match=rf"validate.shapes: unknown model kind 'lstn' \(known kinds are {known}\)"):
+        params.load(tmp_path / "params.yaml")
+
+
+def test_a_model_of_an_unknown_kind_in_params_is_refused_naming_its_key(tmp_path):
+    from fixtures import write_params
+    from ptpipe import params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_params(tmp_path, **{"models.mine": {"kind": "resnet", "data": "cifar10", "recipe": "default"}})
+    with pytest.raises(StageError, match=r"params.yaml: models.mine.kind: unknown model kind 'resnet' "
+                                         rf"\(known kinds are {', '.join(kinds.KINDS)}\)"):
         params.load(tmp_path / "params.yaml")
 
 
@@ -128,6 +157,13 @@ def one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def validate_stage(model, data_set, cwd, metrics=None, report=None):
+    """The validate stage's command as dvc.yaml runs it for models.<model> (data set `data_set`)."""
+    return run_module("-m", "ptpipe.validate", "--model-dir", f"models/{model}", "--data", f"data/prepared/{data_set}",
+                      "--metrics", metrics or f"metrics/{model}/validate.json",
+                      "--report", report or f"reports/{model}/validate.json", cwd=cwd)
 
 
 def _with_meta(src: Path, dest: Path, **changes) -> None:
@@ -150,12 +186,12 @@ def test_an_unknown_kind_is_a_one_line_error_from_export_validate_generate_and_p
     saved = torch.load(copy / "models/lstm/model.pt", weights_only=True)
     saved["config"]["kind"] = "mystery"
     torch.save(saved, copy / "models/lstm/model.pt")
-    known = f"known kinds are {', '.join(kinds.names())}"  # the package's modules: what a fresh process knows
-    one_line_error(run_module("-m", "ptpipe.export", "lstm", cwd=copy), "unknown model kind 'mystery'",
-                   "models/lstm/model.pt", known)
-    nope = run_module("-m", "ptpipe.export", "nope", cwd=copy)  # a kind on the command line: argparse
-    assert nope.returncode == 2 and f"unknown model kind 'nope': {known}" in nope.stderr
-    one_line_error(run_module("-m", "ptpipe.validate", "lstm", cwd=copy), "unknown model kind 'mystery'", known)
+    known = f"known kinds are {', '.join(PROJECT_KINDS)}"  # what a fresh process knows
+    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", cwd=copy),
+                   "unknown model kind 'mystery'", "models/lstm/model.pt", known)
+    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/nope", cwd=copy),
+                   "models/nope/model.pt is missing: run `dvc repro train@nope` first")
+    one_line_error(validate_stage("lstm", "alice", cwd=copy), "unknown model kind 'mystery'", known)
     one_line_error(run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",
                               "--model", "models/lstm/model.pt", cwd=copy), "unknown model kind 'mystery'", known)
     # exported files naming an unknown kind
@@ -180,7 +216,7 @@ def test_validate_refuses_foreign_onnx_files_before_running_and_removes_the_old_
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     identity = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     good = (copy / "models/lstm/model.onnx").read_bytes()
-    metric = copy / "metrics/validate.json"
+    metric = copy / "metrics/lstm/validate.json"
     cases = {
         "identity": (identity.SerializeToString(), "models/lstm/model.onnx is not a ptpipe model"),
         "cnn file": ((copy / "models/cnn/model.onnx").read_bytes(),
@@ -188,10 +224,10 @@ def test_validate_refuses_foreign_onnx_files_before_running_and_removes_the_old_
         "truncated": (good[: len(good) // 2], "models/lstm/model.onnx: onnxruntime cannot load it"),
     }
     for name, (payload, message) in cases.items():
-        metric.parent.mkdir(exist_ok=True)
+        metric.parent.mkdir(parents=True, exist_ok=True)
         metric.write_text('{"passed": true}')  # an earlier run's metric
         (copy / "models/lstm/model.onnx").write_bytes(payload)
-        one_line_error(run_module("-m", "ptpipe.validate", "lstm", cwd=copy), message)
+        one_line_error(validate_stage("lstm", "alice", cwd=copy), message)
         assert not metric.exists(), name
     # a graph with the right kind in its metadata but other inputs than the kind's
     (copy / "models/lstm/model.onnx").write_bytes(good)
@@ -200,28 +236,32 @@ def test_validate_refuses_foreign_onnx_files_before_running_and_removes_the_old_
     for node in model.graph.node:
         node.input[:] = ["tokens" if i == "ids" else i for i in node.input]
     onnx.save(model, copy / "models/lstm/model.onnx")
-    one_line_error(run_module("-m", "ptpipe.validate", "lstm", cwd=copy), "its graph takes tokens int64",
+    one_line_error(validate_stage("lstm", "alice", cwd=copy), "its graph takes tokens int64",
                    "its kind expects ids int64")
 
 
 def test_validate_writes_a_small_metric_and_the_per_case_report_apart(copy):
     """Issue 16.5: `dvc metrics show` gets a few numbers; the per-case rows go to the report file."""
-    result = run_module("-m", "ptpipe.validate", "--metrics", "m.json", "--report", "r/v.json", cwd=copy)
-    assert result.returncode == 0, result.stderr
-    metric = json.loads((copy / "m.json").read_text())
-    assert set(metric) == {"passed", "atol", "max_abs_diff"} and metric["passed"] is True
-    assert set(metric["max_abs_diff"]) == set(kinds.names())
-    assert set(metric["max_abs_diff"]["lstm"]) == {"torchscript", "onnxruntime"}
-    report = json.loads((copy / "r/v.json").read_text())
-    per_model = {m: sum(c["model"] == m for c in report["checks"]) for m in ("cnn", "lstm")}
-    assert per_model == {"cnn": 2 * 3, "lstm": 2 * 2 * 3 * 2} and "batch=5 seq=37 state=carried" in report["lstm"]["onnxruntime"]
+    rows = {}
+    for model, data_set in (("cnn", "cifar10"), ("lstm", "alice")):
+        result = validate_stage(model, data_set, cwd=copy, metrics=f"m/{model}.json", report=f"r/{model}/v.json")
+        assert result.returncode == 0, result.stderr
+        metric = json.loads((copy / f"m/{model}.json").read_text())
+        assert set(metric) == {"passed", "atol", "max_abs_diff"} and metric["passed"] is True
+        assert set(metric["max_abs_diff"]) == {model}  # one model per stage
+        assert set(metric["max_abs_diff"][model]) == {"torchscript", "onnxruntime"}
+        report = json.loads((copy / f"r/{model}/v.json").read_text())
+        rows[model] = report["checks"]
+        assert {c["model"] for c in report["checks"]} == {model}
+    assert {m: len(r) for m, r in rows.items()} == {"cnn": 2 * 3, "lstm": 2 * 2 * 3 * 2}
+    assert "batch=5 seq=37 state=carried" in {c["shape"] for c in rows["lstm"]}
 
 
 def test_exports_are_byte_reproducible(copy, tmp_path):
     """Issue 16.3: the same model.pt exported twice (other folders) gives the same model.ts and model.onnx."""
     other = tmp_path / "other"
     shutil.copytree(copy / "models/lstm", other)
-    export.export_model("lstm", other, opset=17, revision="abc")
+    export.export(other, copy / "params.yaml", revision="abc")
     for name in ("model.ts", "model.onnx"):
         assert files.digest(other / name, "md5") == files.digest(copy / "models/lstm" / name, "md5"), name
     saved = torch.load(copy / "models/cnn/model.pt", weights_only=True)
@@ -249,7 +289,7 @@ def test_an_export_older_than_its_model_file_is_refused(copy, tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
     one_line_error(run_module("-m", "ptpipe.cli", "predict", str(tmp_path / "x.png"), cwd=copy),
                    "models/cnn/model.onnx is stale", "run `dvc repro export`")
-    one_line_error(run_module("-m", "ptpipe.validate", "cnn", cwd=copy), "models/cnn/model.onnx is stale")
+    one_line_error(validate_stage("cnn", "cifar10", cwd=copy), "models/cnn/model.onnx is stale")
     # a file on its own (deployed, fetched from the registry) has nothing to compare with: it runs
     shutil.copy(copy / "models/cnn/model.onnx", tmp_path / "model.onnx")
     assert inference.open_model(tmp_path / "model.onnx").kind == "cnn"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from fixtures import TINY_TRAINING as TINY
@@ -51,11 +52,15 @@ def released(tmp_path_factory):
     repo = copy_project(root / "repo")
     serve_data(server, repo)
     write_params(repo, **TINY)
+    # the gpt without a dvc.yaml artifact entry: a params model is released under its own name
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    del dvc_yaml["artifacts"]["alice-gpt"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     sh("dvc", "remote", "modify", "storage", "url", str(root / "remote"), cwd=repo)
-    sh("git", "commit", "-qam", "tiny params, local remote", cwd=repo)
+    sh("git", "commit", "-qam", "tiny params, local remote, gpt undeclared", cwd=repo)
 
     first = sh("dvc", "repro", cwd=repo)
-    assert "Running stage 'validate@" in first.stdout and "Running stage 'evaluate_lstm'" in first.stdout
+    assert "Running stage 'validate@" in first.stdout and "Running stage 'evaluate@lstm'" in first.stdout
     assert "Running stage" not in sh("dvc", "repro", cwd=repo).stdout  # a second repro runs nothing
 
     # a stale dvc.lock or a dirty workspace is refused, and nothing is tagged
@@ -67,8 +72,11 @@ def released(tmp_path_factory):
     rel = ptpipe("release", "cifar10-cnn", "v1.0.0", cwd=repo)
     assert rel.returncode == 0, rel.stderr
     shas["v1.0.0"] = sha256(repo / "models/cnn/model.onnx")
+    own = ptpipe("release", "gpt", "v1.0.0", cwd=repo)  # models.gpt, named by no artifact
+    assert own.returncode == 0, own.stderr
+    shas["gpt"] = sha256(repo / "models/gpt/model.onnx")
     # an edit on the released commit: the workspace is checked first, nothing else is said
-    write_params(repo, **{"cnn.recipes.default.seed": 7})
+    write_params(repo, **{"recipes.cnn.default.seed": 7})
     edited = ptpipe("release", "cifar10-cnn", "v1.0.1", cwd=repo)
     assert edited.returncode == 2 and "uncommitted changes" in edited.stderr and "params.yaml" in edited.stderr
     assert "already released" not in edited.stderr, edited.stderr
@@ -80,7 +88,7 @@ def released(tmp_path_factory):
     assert "Traceback" not in again.stderr and not sh("git", "tag", "--list", "cifar10-cnn@v1.0.1", cwd=repo).stdout
     assert sorted(p.name for p in (root / "remote").rglob("*") if p.is_file()) == pushed
 
-    write_params(repo, **{"cnn.recipes.default.seed": 1})
+    write_params(repo, **{"recipes.cnn.default.seed": 1})
     sh("git", "commit", "-qam", "seed 1", cwd=repo)
     stale = ptpipe("release", "cifar10-cnn", "v1.1.0", cwd=repo)
     assert stale.returncode == 2 and "dvc.lock is stale" in stale.stderr
@@ -90,10 +98,11 @@ def released(tmp_path_factory):
     assert ptpipe("release", "cifar10-cnn", "v1.1.0", cwd=repo).returncode == 0
     shas["v1.1.0"] = sha256(repo / "models/cnn/model.onnx")
     assert shas["v1.0.0"] != shas["v1.1.0"]
+    gpt_sha = shas.pop("gpt")
     assert ptpipe("promote", "cifar10-cnn", "v1.0.0", "prod", cwd=repo).returncode == 0
     unknown = ptpipe("promote", "cifar10-cnn", "v9.9.9", "prod", cwd=repo)
     assert unknown.returncode == 2 and "v9.9.9" in unknown.stderr and "Traceback" not in unknown.stderr
-    yield root, repo, shas
+    yield root, repo, {**shas, "gpt@v1.0.0": gpt_sha}
     server.close()
 
 
@@ -117,7 +126,7 @@ def test_fresh_clone_pulls_each_version_byte_for_byte_and_predicts(released, tmp
     image = tmp_path / "x.jpg"
     Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
     with cache_moved_away(repo):  # only the remote has the files now
-        pull_each_version(clone, shas, image, tmp_path)
+        pull_each_version(clone, {v: s for v, s in shas.items() if v.startswith("v")}, image, tmp_path)
 
 
 def pull_each_version(clone: Path, shas: dict, image: Path, tmp_path: Path) -> None:
@@ -224,3 +233,21 @@ def test_promote_again_needs_force_and_a_stage_can_be_unassigned(released, tmp_p
     assert "staging" not in " ".join(stages_of("v1.1.0"))
     not_there = ptpipe("unassign", "cifar10-cnn", "v1.1.0", "staging", cwd=sub)
     assert not_there.returncode == 2 and "is not in stage 'staging'" in not_there.stderr
+
+
+@pytest.mark.slow
+def test_a_params_model_no_artifact_names_is_released_and_fetched_under_its_own_name(released, tmp_path):
+    from ptpipe import registry
+
+    _, repo, shas = released
+    assert "gpt@v1.0.0" in sh("git", "tag", cwd=repo).stdout.split()
+    listing = ptpipe("versions", "gpt", cwd=repo)
+    assert listing.returncode == 0 and "v1.0.0" in listing.stdout, listing.stderr
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    with cache_moved_away(repo):  # from the remote, through the models/<name> fallback
+        path = registry.fetch_model("gpt", "v1.0.0", repo=str(clone), cache_dir=tmp_path / "cache")
+    assert sha256(path) == shas["gpt@v1.0.0"]
+    from ptpipe.inference import TextGenerator
+
+    assert TextGenerator(path).generate("Alice", 5, 0.8, 1).startswith("Alice")

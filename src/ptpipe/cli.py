@@ -37,11 +37,16 @@ _threads = _at_least(0, "--threads", " (one per core)")
 def _model_file(model: str | None, default: str) -> tuple[str | None, str]:
     """(path or None, model name) of `--model`: an existing file is a path, anything else names a model
     (params.yaml models.<name>: its files under models/<name>/)."""
+    import re
     from pathlib import Path
 
-    if model is None or not Path(model).is_file():
-        return None, model or default
-    return model, default
+    if model is None:
+        return None, default
+    # a model name is letters, digits, - and _ (ptpipe.params.NAME): anything else (models/x.onnx) is a path,
+    # so a missing file is reported as that file, not as models/<the path>/model.onnx
+    if Path(model).is_file() or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model):
+        return model, default
+    return None, model
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -55,13 +55,35 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _cifar_members(archive: Path, key: str) -> dict[str, bytes]:
-    """{file name: bytes} of the regular files under cifar-10-batches-py/ in the archive, read in place."""
+    """{file name: bytes} of the regular files cifar-10-batches-py/<name> in the archive, read in place.
+
+    Nothing is unpacked, yet a member that is absolute, climbs out with `..`, is a link or a device, or
+    is named twice is refused (as the archive's own tools would be asked to write it elsewhere): the
+    official archive has none, so such an archive is not the one named in params."""
     try:
         with tarfile.open(archive) as tar:
-            return {PurePosixPath(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
-                    if m.isfile() and PurePosixPath(m.name).parent.name == "cifar-10-batches-py"}
-    except tarfile.TarError as exc:
-        raise StageError(f"{archive} is not a readable tar archive ({exc}): {key}.format cifar10-python takes "
+            found: dict[str, bytes] = {}
+            for m in tar.getmembers():
+                path = PurePosixPath(m.name)
+                if path.is_absolute() or ".." in path.parts:
+                    problem = "has an absolute path" if path.is_absolute() else "climbs out with '..'"
+                elif not (m.isfile() or m.isdir()):
+                    problem = "is a link" if (m.issym() or m.islnk()) else "is a device or special file"
+                else:
+                    problem = None
+                if problem:
+                    raise StageError(f"{archive}: member {m.name!r} {problem}: refusing the archive (CIFAR-10's "
+                                     f"has only plain files); check {key}.url")
+                parts = tuple(p for p in path.parts if p != ".")
+                if m.isfile() and len(parts) == 2 and parts[0] == "cifar-10-batches-py":
+                    if parts[1] in found:
+                        raise StageError(f"{archive}: member {m.name!r} appears twice: refusing the archive; "
+                                         f"check {key}.url")
+                    found[parts[1]] = tar.extractfile(m).read()
+            return found
+    except tarfile.TarError as exc:  # (tarfile's message can span lines: the first says enough)
+        reason = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
+        raise StageError(f"{archive} is not a readable tar archive ({reason}): {key}.format cifar10-python takes "
                          f"CIFAR-10's cifar-10-python.tar.gz; for a folder of images use format image-folder") from None
 
 
