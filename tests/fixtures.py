@@ -215,24 +215,10 @@ def copy_project(dest: Path, source: Path = ROOT) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    add_missing_sources(dest)
     sh("git", "init", "-q", "-b", "main", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "project", cwd=dest)
     return dest
-
-
-def add_missing_sources(repo: Path) -> list[str]:
-    """An empty stand-in for each src/ file dvc.yaml names in a stage's deps that the project does not have
-    yet (src/ptpipe/images.py is being written on another branch): `dvc repro` refuses a missing dep.
-    Only in the test's copy; once the file exists nothing is added."""
-    text = (repo / "dvc.yaml").read_text()
-    added = []
-    for rel in sorted(set(re.findall(r"^\s*- (src/\S+\.py)\s*$", text, re.M))):
-        if "${" not in rel and not (repo / rel).exists():
-            (repo / rel).write_text("")
-            added.append(rel)
-    return added
 
 
 # -- dvc.yaml as DVC expands it (foreach over params.yaml's datasets and models) -----------------------
