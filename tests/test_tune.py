@@ -262,6 +262,24 @@ def test_two_workers_prune_cleanly_every_trial_is_an_experiment_and_the_best_app
 
 
 @pytest.mark.slow
+def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones(tmp_path):
+    """The shipped pruner (median), one worker: the seeded sampler's first draws are adam, sgd, sgd; the
+    adam trial finishes, each sgd trial is worse than it at its second epoch and stops there."""
+    from optuna.trial import TrialState
+
+    prune = {"curve": CURVE, "pruner": "median", "startup_trials": 1, "warmup_epochs": 1, "threshold": None}
+    repo = tuned_project(tmp_path / "repo", trials=3, **{"tune.prune": prune})
+    out = ptpipe_tune(repo).stdout
+    study = study_of(repo)
+    assert [t.params["lstm.optimizer"] for t in study.trials] == ["adam", "sgd", "sgd"], out
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED], out
+    for t in study.trials[1:]:
+        assert max(t.intermediate_values) == 1 and t.intermediate_values[1] > study.trials[0].intermediate_values[1]
+    assert_every_finished_trial_is_its_experiment(repo, study, {"lstm.threads": 1, "lstm.epochs": 3})
+    assert_nothing_half_written(repo, tmp_path / "cache")
+
+
+@pytest.mark.slow
 def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_twice(tmp_path):
     """SIGKILL to `ptpipe tune` while two trials run: its `dvc exp run`s (own process groups) outlive it.
     The next `ptpipe tune` ends them, reruns unfinished trials under their numbers, and leaves the
