@@ -28,6 +28,7 @@ from ptpipe.stage import StageError
 
 CURVE = "dvclive/lstm/plots/metrics/val/bits_per_char.tsv"  # what train@lstm's DVCLive writes per epoch
 BASELINE = "prepare@alice"  # the stage whose output every trial starts from (committed before the study)
+MODEL = "models/lstm/model.pt"  # what the trial's stage writes (the applied experiment's model)
 # The tests' study: the LSTM stage as it is named today (the lead renames it in this one place).
 TINY_TUNE = {
     "tune.targets": ["train@lstm"],
@@ -92,8 +93,9 @@ def assert_every_finished_trial_is_its_experiment(repo: Path, study, fixed: dict
     listed = exps(repo)
     complete = {f"{study.study_name}-{t.number}": t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert set(listed) == set(complete)
+    metric = TINY_TUNE["tune.metric"]
     for name, trial in complete.items():
-        assert listed[name]["metrics"]["dvclive/lstm/metrics.json"]["val.bits_per_char"] == pytest.approx(trial.value)
+        assert listed[name]["metrics"][metric["file"]][metric["key"]] == pytest.approx(trial.value)
         for key, value in {**trial.params, **fixed}.items():
             assert listed[name]["params"][key] == pytest.approx(value) if isinstance(value, float) else value
 
@@ -192,17 +194,14 @@ def test_workers_below_one_and_a_missing_section_are_refused(project_copy, capsy
 
 def test_overrides_come_back_from_dvcs_parser_with_their_value_and_type(project_copy):
     """What a trial passes to `dvc exp run -S` is read back by DVC as the value Optuna proposed."""
-    values = {"recipes.lstm.default.lr": 1e-05, "recipes.lstm.default.dropout": 0.123456789012,
-              "recipes.lstm.default.batch_size": 48, "recipes.lstm.default.optimizer": "adamw",
-              "recipes.lstm.default.tie_weights": False, "recipes.lstm.default.embedding_size": 256,
-              "recipes.lstm.default.clip": None, "evaluate.sample.prompt": "true", "evaluate.sample.length": 7}
+    values = {"recipes.lstm.default.lr": 1e-05, "recipes.lstm.default.dropout": 0.123456789012, "recipes.lstm.default.batch_size": 48, "recipes.lstm.default.optimizer": "adamw",
+              "recipes.lstm.default.tie_weights": False, "recipes.lstm.default.embedding_size": 256, "recipes.lstm.default.clip": None, "evaluate.sample.prompt": "true", "evaluate.sample.length": 7}
     p = pipeline.check_overrides(project_copy, [tune.override(k, v) for k, v in values.items()])
     for key, value in values.items():
         if key.startswith("recipes.lstm.default."):  # a recipe as its kind's schema reads it (models.lstm's)
             got = getattr(p.recipe("lstm"), key.rsplit(".", 1)[1])
         else:
-            got = p.evaluate.sample
-            got = getattr(got, key.rsplit(".", 1)[1])
+            got = getattr(p.evaluate.sample, key.rsplit(".", 1)[1])
         assert got == value and type(got) is type(value), key
 
 
@@ -256,11 +255,31 @@ def test_two_workers_prune_cleanly_every_trial_is_an_experiment_and_the_best_app
     applied = sh("dvc", "exp", "apply", f"lstm-{best.number}", cwd=repo, check=False)
     if applied.returncode:  # this baseline ran only the Alice and LSTM stages: the others' outputs are missing
         missing = applied.stderr.split("Checkout failed for following targets:")[1].split("Is your cache")[0].split()
-        assert missing and not [m for m in missing if "alice" in m or m == "models/lstm/model.pt"], applied.stderr
-    applied = yaml.safe_load((repo / "params.yaml").read_text())["lstm"]
-    assert applied["lr"] == pytest.approx(best.params["recipes.lstm.default.lr"]) and applied["optimizer"] == best.params["recipes.lstm.default.optimizer"]
-    metrics = json.loads((repo / "dvclive/lstm/metrics.json").read_text())
-    assert metrics["val"]["bits_per_char"] == pytest.approx(best.value) and (repo / "models/lstm/model.pt").is_file()
+        assert missing and not [m for m in missing if "alice" in m or m == MODEL], applied.stderr
+    applied = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in best.params.items():
+        assert tune._lookup(applied, key)[1] == pytest.approx(value) if isinstance(value, float) else value
+    metric = TINY_TUNE["tune.metric"]
+    metrics = pipeline._flatten(json.loads((repo / metric["file"]).read_text()))
+    assert metrics[metric["key"]] == pytest.approx(best.value) and (repo / MODEL).is_file()
+
+
+@pytest.mark.slow
+def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones(tmp_path):
+    """The shipped pruner (median), one worker: the seeded sampler's first draws are adam, sgd, sgd; the
+    adam trial finishes, each sgd trial is worse than it at its second epoch and stops there."""
+    from optuna.trial import TrialState
+
+    prune = {"curve": CURVE, "pruner": "median", "startup_trials": 1, "warmup_epochs": 1, "threshold": None}
+    repo = tuned_project(tmp_path / "repo", trials=3, **{"tune.prune": prune})
+    out = ptpipe_tune(repo).stdout
+    study = study_of(repo)
+    assert [t.params["recipes.lstm.default.optimizer"] for t in study.trials] == ["adam", "sgd", "sgd"], out
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED], out
+    for t in study.trials[1:]:
+        assert max(t.intermediate_values) == 1 and t.intermediate_values[1] > study.trials[0].intermediate_values[1]
+    assert_every_finished_trial_is_its_experiment(repo, study, {"recipes.lstm.default.threads": 1, "recipes.lstm.default.epochs": 3})
+    assert_nothing_half_written(repo, tmp_path / "cache")
 
 
 @pytest.mark.slow
@@ -275,7 +294,7 @@ def test_a_study_killed_with_sigkill_resumes_losing_no_trial_and_running_none_tw
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen([sys.executable, "-m", "ptpipe.cli", "tune", "--workers", "2"], cwd=repo,
                              env=tool_env(), stdout=log, stderr=subprocess.STDOUT)
-    journal = repo / tune.STATE_DIR / "recipes.lstm.default.journal"
+    journal = repo / tune.STATE_DIR / "lstm.journal"
 
     def states():  # (not through params.yaml: `dvc exp run --temp` rewrites it for a moment while it stashes)
         if not journal.exists():
@@ -420,8 +439,8 @@ def test_two_clones_share_one_study_in_postgresql_and_a_third_sees_every_trial(t
     assert_every_finished_trial_is_its_experiment(c, study, {"recipes.lstm.default.threads": 1, "recipes.lstm.default.epochs": 3})
     best = f"lstm-{study.best_trial.number}"
     applied = sh("dvc", "exp", "apply", best, cwd=c, check=False)  # its model comes from the DVC remote
-    assert (c / "models/lstm/model.pt").is_file(), applied.stderr
-    assert yaml.safe_load((c / "params.yaml").read_text())["lstm"]["lr"] == pytest.approx(study.best_params["recipes.lstm.default.lr"])
+    assert (c / MODEL).is_file(), applied.stderr
+    assert tune._lookup(yaml.safe_load((c / "params.yaml").read_text()), "recipes.lstm.default.lr")[1] == pytest.approx(study.best_params["recipes.lstm.default.lr"])
 
 
 def _trials(repo: Path, storage: str) -> list:
