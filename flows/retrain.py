@@ -83,11 +83,8 @@ def apply_overrides(repo: str, overrides: list[str]) -> None:
 
 
 @task
-def run_stage(repo: str, stage: str):
-    try:
-        pipeline.repro_stage(repo, stage, log=get_run_logger().info)
-    except pipeline.DvcFailed as exc:  # the stage's own output is in the log: no traceback of ours after it
-        return Failed(message=str(exc), data=exc)
+def run_stage(repo: str, stage: str) -> None:
+    pipeline.repro_stage(repo, stage, log=get_run_logger().info)
 
 
 @task(name="save-experiment")
