@@ -63,7 +63,7 @@ def baseline_clone(work: Path, text: Path, overrides: dict) -> Path:
     repo = work / "repo"
     sh("git", "clone", "-q", str(ROOT), str(repo), cwd=work)
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["download"]["alice"] = {"url": text.resolve().as_uri(), "md5": hashlib.md5(text.read_bytes()).hexdigest()}
+    raw["datasets"]["alice"].update(url=text.resolve().as_uri(), md5=hashlib.md5(text.read_bytes()).hexdigest())
     for dotted, value in overrides.items():
         *parents, last = dotted.split("/")  # "/"-separated: the keys inside tune.fixed hold dots
         node = raw

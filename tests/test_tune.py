@@ -50,7 +50,7 @@ def tuned_project(repo: Path, trials: int, **extra) -> Path:
     copy_project(repo)
     text = alice_text()
     (repo.parent / "pg11.txt").write_bytes(text)
-    write_params(repo, **{"download.alice.url": f"file://{repo.parent / 'pg11.txt'}", "download.alice.md5": md5(text)},
+    write_params(repo, **{"datasets.alice.url": f"file://{repo.parent / 'pg11.txt'}", "datasets.alice.md5": md5(text)},
                  **TINY_TRAINING, **{**TINY_TUNE, "tune.trials": trials, **extra})
     sh("dvc", "config", "--local", "cache.dir", str(repo.parent / "cache"), cwd=repo)
     sh("dvc", "repro", BASELINE, cwd=repo)
