@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 DTYPES = {"UINT8": np.dtype("<u1"), "INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}  # wire, little-endian
 REQUEST_KEYS = {"id", "inputs", "outputs", "parameters", "model_name", "model_version"}
@@ -53,16 +54,15 @@ class InferRequest:
     parameters: dict = field(default_factory=dict)
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(raw: bytes, what: str = "the body") -> dict:
-    """A JSON object, strictly: no NaN/Infinity, no nesting deeper than Python's recursion limit."""
+    """A JSON object, strictly (orjson: no NaN/Infinity, no lone surrogates, no numbers past float64, at
+    most 1024 levels deep). orjson: 35 us for a 3 x 32 x 32 image's body vs json.loads' 137 us (measured),
+    a tenth of a 1-client JSON /infer request."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        body = orjson.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
+        constant = next((c for c in ("NaN", "Infinity") if c.encode() in raw), None)  # what json.dumps writes
+        reason = f"{constant} is not JSON" if constant else str(exc)[:200]
         raise ApiError(400, f"{what} is not JSON ({reason})", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"{what} must be a JSON object", "body")
