@@ -127,6 +127,7 @@ def server(workspace):
 
 def test_health_metadata_and_versions(server, workspace):
     assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
+    assert f"listening on {server.url} (Ctrl-C stops)" in server.log.read_text()  # where to point a client
     assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data", "classification",
                                                                   "model_repository"]
     cnn_md5 = files.digest(workspace / "models/cnn/model.onnx", "md5")

@@ -830,6 +830,8 @@ def main(models: list[str], repo: str | None = None, models_dir: str = "models",
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # uvicorn's own "running on" line is an INFO record, and its log level is warning (no access log)
+    print(f"listening on http://{host}:{port} (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 http=_header_limited_protocol(options.limits))
 
