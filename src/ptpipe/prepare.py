@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ptpipe import files, params as params_mod, stage
+from ptpipe import files, images, params as params_mod, stage
 from ptpipe.stage import StageError
 
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -170,7 +170,7 @@ def write_images(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         staging.mkdir()
         for split, (x, y) in splits.items():
             np.save(staging / f"{split}_images.npy", np.ascontiguousarray(x))
-            np.save(staging / f"{split}_labels.npy", y.astype(np.uint8 if len(classes) <= 256 else np.int32))
+            np.save(staging / f"{split}_labels.npy", y.astype(images.label_dtype(len(classes)), copy=False))
         files.write_json(staging / "card.json", card)
     return card
 
@@ -231,7 +231,6 @@ def prepare_text(source: Path, out_dir: Path, gutenberg: bool, val_fraction: flo
 def prepare_image_folder(source: Path, out_dir: Path, d: params_mod.ImageFolderDataset, key: str) -> dict:
     from tqdm import tqdm
 
-    from ptpipe import images
 
     with tqdm(desc=f"decoding {source.name}", unit="img", dynamic_ncols=True, mininterval=0.5) as bar:
         def progress(done: int, total: int) -> None:

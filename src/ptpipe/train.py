@@ -548,10 +548,10 @@ def train(name: str, data_dir: str | Path, model_path: str | Path, live_dir: str
     t = t._replace(config={**t.config, "data": {**facts, **t.config["data"]}})
     setup_seconds = time.perf_counter() - t_start - (t.facts or {}).get("warmup_seconds", 0.0)
     facts = dict(t.facts or {})
-    graphs = _dynamo_graphs() if "graphs" in facts else None  # a kind that compiled says how many graphs
+    graphs = dynamo_counts()[0] if "graphs" in facts else None  # a kind that compiled says how many graphs
     result = fit(t, model_path, Path(live_dir) if live_dir is not None else None, device, ddp, progress)
     if graphs is not None:
-        facts["recompiles"] = _dynamo_graphs() - graphs  # graphs compiled inside the timed epochs
+        facts["recompiles"] = dynamo_counts()[0] - graphs  # graphs compiled inside the timed epochs
         if facts["recompiles"]:
             print(f"warning: torch.compile compiled {facts['recompiles']} more graph(s) during training (a shape "
                   f"or mode the warm-up did not cover): those epochs include compile time", file=sys.stderr)
@@ -571,11 +571,12 @@ def train(name: str, data_dir: str | Path, model_path: str | Path, live_dir: str
     return result
 
 
-def _dynamo_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far (its counters are never reset: take differences)."""
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs, graph breaks) dynamo has compiled in this process so far (its counters are never reset by
+    torch._dynamo.reset: take differences)."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"]
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def main() -> None:

@@ -495,10 +495,8 @@ def compile_and_warm_up(model: nn.Module, parts: dict, device: torch.device, mod
     module is compiled and warmed up through it (PyTorch's advice: compile the module DDP wraps).
     A failed compile is a StageError under `always`; under `auto` a loud warning and eager training.
     Returns what happened, for metrics/<model>/train.json."""
-    from torch._dynamo.utils import counters  # never reset by torch._dynamo.reset: differences are taken
-
     facts = {"compile": mode, "compiled": False, "compile_error": None, "warmup_seconds": 0.0}
-    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    graphs, breaks = train.dynamo_counts()
     warm = lambda: train.warm_up(model, parts["batches"](0), parts["loss"], parts["evaluate"], device,  # noqa: E731
                                  parts["autocast_dtype"])
     if mode == "always" or (mode == "auto" and device.type == "cuda"):
@@ -519,8 +517,8 @@ def compile_and_warm_up(model: nn.Module, parts: dict, device: torch.device, mod
                   f"!! {error}\n{'!' * 78}", file=sys.stderr, flush=True)
     if not facts["compiled"] and device.type == "cuda":
         facts["warmup_seconds"] = warm()
-    facts.update(graphs=counters["stats"]["unique_graphs"] - graphs,
-                 graph_breaks=sum(counters["graph_break"].values()) - breaks)
+    graphs_now, breaks_now = train.dynamo_counts()
+    facts.update(graphs=graphs_now - graphs, graph_breaks=breaks_now - breaks)
     return facts
 
 
