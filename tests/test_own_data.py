@@ -208,3 +208,20 @@ def test_one_class_is_refused_naming_the_data_set(tmp_path):
     with pytest.raises(StageError, match=r"^datasets\.only: .*found 1 class folder \(cat\): at least 2"):
         prepare.prepare("only", raw, tmp_path / "prepared", tmp_path / "params.yaml")
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_sample_prompt_outside_the_texts_characters_names_the_key_and_writes_nothing(tmp_path):
+    from fixtures import write_models, write_prepared
+    from ptpipe import evaluate
+
+    write_prepared(tmp_path)
+    write_models(tmp_path / "models")  # model files recording the prepared data's md5
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    doc["evaluate"]["sample"]["prompt"] = "Zebra§"  # 'Z' and '§' never occur in the text
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    metrics, reports = tmp_path / "metrics/lstm/evaluate.json", tmp_path / "reports/lstm/evaluate"
+    with pytest.raises(StageError, match=r"^params.yaml: evaluate.sample.prompt 'Zebra§': characters not in the "
+                                         r"model's vocabulary: '(§Z|Z§)'"):
+        evaluate.evaluate(tmp_path / "data/prepared/alice", tmp_path / "models/lstm/model.pt", metrics, reports,
+                          tmp_path / "params.yaml")
+    assert not metrics.exists() and not reports.exists()
