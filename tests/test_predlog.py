@@ -302,6 +302,7 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
     finally:
         srv.stop()
     assert not list(workspace.glob("*.sqlite*")) and not list(tmp_path.glob("*.sqlite*"))
+    (tmp_path / "a-file").write_text("not a database\n")
 
     for args, named in [(["--log-sample", "0.5"], "--log-sample needs --log"),
                         (["--log", "x.sqlite", "--log-sample", "1.5"], "--log-sample"),
@@ -309,7 +310,8 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
                         (["--log", "x.sqlite", "--log-retention", "7 days"], "--log-retention"),
                         (["--log", "x.sqlite", "--log-max-rows", "0"], "--log-max-rows"),
                         (["--log", "x.sqlite", "--log-raw", "-1"], "--log-raw"),
-                        (["--log", str(tmp_path / "no/such/dir/x.sqlite")], "--log")]:
+                        (["--log", str(tmp_path / "a-file/x.sqlite")], "--log"),
+                        (["--log", str(tmp_path / "a-file")], "--log")]:  # not SQLite: named at the start
         done = ptpipe_no_torch(tmp_path, "serve", "--port", "1", *args, cwd=workspace, timeout=120)
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
     assert not list(workspace.glob("x.sqlite*"))

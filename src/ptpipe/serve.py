@@ -950,7 +950,8 @@ def _log_options(args) -> LogOptions | None:
                     "raw_per_hour": "--log-raw"}[next(iter(given))]
             raise StageError(f"{flag} needs --log PATH (the prediction log it configures)")
         return None
-    folder = Path(args.log).resolve().parent
-    if not folder.is_dir():
-        raise StageError(f"--log {args.log}: the folder {folder} does not exist")
+    try:
+        Path(args.log).resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageError(f"--log {args.log}: its folder cannot be made ({err.strerror})") from None
     return LogOptions(args.log, **given)
