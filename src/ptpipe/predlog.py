@@ -185,7 +185,7 @@ class PredictionLog:
                              self._raw_quota(model, len(ids))))
 
     def text(self, model: str, version: str, id: str, prompt: str, runtime) -> None:
-        """Queue one row for a prompt; the writer asks `runtime` (inference.TextGenerator) for its bits/char."""
+        """Queue one row for a prompt; the writer runs `runtime` (inference.TextGenerator) on it for its bits/char."""
         self._put("text", (model, version, time.time(), id, prompt, runtime, self._raw_quota(model, 1)))
 
     def ids(self, model: str, version: str, ids: list[str], tokens: np.ndarray, logits: np.ndarray | None) -> None:
@@ -275,8 +275,9 @@ def _image_rows(records: list[tuple]) -> list[tuple]:
 
 def _text_rows(records: list[tuple]) -> list[tuple]:
     rows = []
-    for model, version, t, id, prompt, runtime, raw in records:
-        stats = np.array([len(prompt), runtime.prompt_bits(prompt)], dtype=np.float32)
+    for model, version, t, id, prompt, runtime, raw in records:  # drift.prompt_stats: what the reference holds
+        stats = np.array(drift.prompt_stats(runtime.run, runtime.meta, inference.encode(prompt, runtime.vocab)),
+                         dtype=np.float32)
         rows.append((id, model, version, t, b"", stats.tobytes(), ",".join(drift.TEXT_STATS), None, None,
                      prompt.encode("utf-8") if raw else None))
     return rows
@@ -286,7 +287,7 @@ def _ids_rows(records: list[tuple]) -> list[tuple]:
     rows = []
     for model, version, t, ids, tokens, logits in records:
         for i, id in enumerate(ids):
-            bits = inference.bits_per_char(logits[i], tokens[i]) if logits is not None else float("nan")
+            bits = drift.prompt_bits_per_char(logits[i], tokens[i]) if logits is not None else float("nan")
             stats = np.array([tokens.shape[1], bits], dtype=np.float32)
             rows.append((id, model, version, t, b"", stats.tobytes(), ",".join(drift.TEXT_STATS), None, None, None))
     return rows
