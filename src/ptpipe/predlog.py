@@ -111,6 +111,8 @@ def read_window(path, model: str, size: int, until: float | None = None) -> Wind
     conn = connect(path)
     try:
         rows = conn.execute(_WINDOW_SQL, (model, time.time() if until is None else until, size)).fetchall()
+    except sqlite3.Error as err:  # another SQLite file, or not one
+        raise StageError(f"{path} is not a prediction log ({err})") from None
     finally:
         conn.close()
     rows = rows[::-1]
