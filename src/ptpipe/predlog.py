@@ -139,7 +139,7 @@ def has_prediction(path, model: str, id: str) -> bool:
 # -- writing --------------------------------------------------------------------------------------
 
 class PredictionLog:
-    """The server's writer. `images`, `text` and `feedback` are called on the request path and only queue;
+    """The server's writer. `images`, `text`, `ids` and `feedback` are called on the request path and only queue;
     the thread `predlog` writes. `sampled()` draws whether one request is logged."""
 
     def __init__(self, options: LogOptions):
@@ -150,7 +150,7 @@ class PredictionLog:
         self._put_lock = threading.Lock()  # numbers and appends in one order: streamed text records from threads
         self._committed, self._cond = 0, threading.Condition()
         self._raw_hour: dict[str, list[int]] = {}  # model -> [clock hour, raw inputs kept in it]
-        self.dropped = 0
+        self.dropped, self._dropped_said = 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predlog", daemon=True)
         self._thread.start()
@@ -178,12 +178,11 @@ class PredictionLog:
         slot[1] += take
         return take
 
-    def images(self, model: str, version: str, ids: list[str], images: np.ndarray, scores: np.ndarray,
-               uploads: list[bytes] | None = None, logits: bool = True) -> None:
-        """Queue one row per image: uint8 N x 3 x S x S, scores N x C (logits, or probabilities if not
-        `logits`), the uploaded files (their header gives the original size). Arrays are not copied: the
-        caller does not change them afterwards."""
-        self._put("images", (model, version, time.time(), ids, images, scores, logits, uploads,
+    def images(self, model: str, version: str, ids: list[str], images: np.ndarray, logits: np.ndarray,
+               uploads: list[bytes] | None = None) -> None:
+        """Queue one row per image: uint8 N x 3 x S x S, the model's logits N x C, the uploaded files (their
+        header gives the original size). Arrays are not copied: the caller does not change them afterwards."""
+        self._put("images", (model, version, time.time(), ids, images, logits, uploads,
                              self._raw_quota(model, len(ids))))
 
     def text(self, model: str, version: str, id: str, prompt: str, runtime) -> None:
@@ -243,6 +242,10 @@ class PredictionLog:
         with self._cond:
             self._committed = batch[-1][0] if batch else self._committed
             self._cond.notify_all()
+        if self.dropped > self._dropped_said:
+            log.warning("prediction log: %d records dropped so far (over %d queued: the disk is too slow)",
+                        self.dropped, MAX_PENDING)
+            self._dropped_said = self.dropped
 
     def _retain(self, conn: sqlite3.Connection) -> None:
         cutoff = time.time() - self.options.retention_s
@@ -259,14 +262,14 @@ def _image_rows(records: list[tuple]) -> list[tuple]:
     records, not per record: a numpy call holds the GIL for microseconds either way, and the event loop
     shares the GIL with this thread."""
     groups: dict[tuple, list] = {}
-    for r in records:  # by (image shape, classes, logits or probabilities): one group per model in practice
-        groups.setdefault((r[4].shape[1:], r[5].shape[1:], r[6]), []).append(r)
+    for r in records:  # by (image shape, classes): one group per model in practice
+        groups.setdefault((r[4].shape[1:], r[5].shape[1:]), []).append(r)
     names, rows = ",".join(drift.IMAGE_STATS), []
-    for (_, _, logits), group in groups.items():
-        images, scores = np.concatenate([r[4] for r in group]), np.concatenate([r[5] for r in group])
-        probs = (inference.softmax(scores.astype(np.float64)) if logits else scores).astype(np.float32)
+    for group in groups.values():
+        images, logits = np.concatenate([r[4] for r in group]), np.concatenate([r[5] for r in group])
+        probs = inference.softmax(logits.astype(np.float64)).astype(np.float32)
         stats, i = drift.image_stats(images), 0
-        for model, version, t, ids, _, _, _, uploads, raw in group:
+        for model, version, t, ids, _, _, uploads, raw in group:
             for k, id in enumerate(ids):
                 width, height = _size(uploads[k]) if uploads else (None, None)
                 rows.append((id, model, version, t, probs[i].tobytes(), stats[i].tobytes(), names, width, height,
