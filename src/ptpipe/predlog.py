@@ -148,7 +148,7 @@ class PredictionLog:
         self._queue: collections.deque = collections.deque()  # (seq, kind, record), in seq order
         self._seq, self._queued = itertools.count(1), 0
         self._put_lock = threading.Lock()  # numbers and appends in one order: streamed text records from threads
-        self._committed, self._cond = 0, threading.Condition()
+        self._committed = 0  # the seq of the last record committed
         self._raw_hour: dict[str, list[int]] = {}  # model -> [clock hour, raw inputs kept in it]
         self.dropped, self._dropped_said = 0, 0
         self._stop = threading.Event()
@@ -196,11 +196,12 @@ class PredictionLog:
     def feedback(self, model: str, id: str, label: str) -> None:
         self._put("feedback", (model, id, label, time.time()))
 
-    def wait_written(self, timeout: float) -> None:
-        """Wait until everything queued before this call is committed (at most `timeout` s)."""
-        target = self._queued
-        with self._cond:
-            self._cond.wait_for(lambda: self._committed >= target, timeout)
+    def mark(self) -> int:
+        """A mark for everything queued so far: `written(mark)` says when it is all committed."""
+        return self._queued
+
+    def written(self, mark: int) -> bool:
+        return self._committed >= mark
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
@@ -239,9 +240,8 @@ class PredictionLog:
                 self._retain(conn)
         except sqlite3.Error:
             log.exception("prediction log: %d rows could not be written to %s", len(predictions), self.options.path)
-        with self._cond:
-            self._committed = batch[-1][0] if batch else self._committed
-            self._cond.notify_all()
+        if batch:
+            self._committed = batch[-1][0]
         if self.dropped > self._dropped_said:
             log.warning("prediction log: %d records dropped so far (over %d queued: the disk is too slow)",
                         self.dropped, MAX_PENDING)

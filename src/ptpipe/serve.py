@@ -684,19 +684,22 @@ async def feedback(request: Request) -> Response:
     elif not isinstance(label, str) or not 1 <= len(label) <= state.options.limits.max_prompt:
         raise ApiError(400, f"label must be the true next text, a string of 1 to {state.options.limits.max_prompt} "
                             f"characters", "label")
-    if not await run_in_threadpool(_logged, state.predlog, model.name, rid):
+    if not await _logged(state.predlog, model.name, rid):
         raise ApiError(404, f"no logged prediction of {model.name} has id {rid[:80]!r} (not sampled, or past "
                             f"the log's retention)", "id")
     state.predlog.feedback(model.name, rid, label)
     return _respond({"model": model.name, "id": rid, "label": label}, model=model)
 
 
-def _logged(log_: predlog.PredictionLog, model: str, rid: str) -> bool:
-    """Whether the log holds `rid`; a response of the last commit_s may still be queued: then after its commit."""
-    if predlog.has_prediction(log_.options.path, model, rid):
+async def _logged(log_: predlog.PredictionLog, model: str, rid: str) -> bool:
+    """Whether the log holds `rid`. A response of the last commit_s may still be queued: then it is looked up
+    again once what was queued is committed, waiting on the event loop (a flood of unknown ids holds no thread)."""
+    mark, deadline = log_.mark(), time.monotonic() + 2 * log_.options.commit_s + 1
+    if await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid):
         return True
-    log_.wait_written(2 * log_.options.commit_s + 1)
-    return predlog.has_prediction(log_.options.path, model, rid)
+    while not log_.written(mark) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid)
 
 
 # -- classify: multipart and images -----------------------------------------------------------
