@@ -327,3 +327,19 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
         done = ptpipe_no_torch(tmp_path, "serve", "--port", "1", *args, cwd=workspace, timeout=120)
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
     assert not list(workspace.glob("x.sqlite*"))
+
+
+def test_a_prompt_the_model_cannot_score_keeps_its_row_with_nan_bits(workspace, tmp_path, caplog):
+    from ptpipe.limits import LogOptions
+
+    lstm = inference.TextGenerator(workspace / "models/lstm/model.onnx")
+    # told it is a window model, it is fed without its state: onnxruntime refuses (a real failure, no mock)
+    lstm.meta = {**lstm.meta, "generation": {"mode": "window", "block_size": 8}}
+    log = predlog.PredictionLog(LogOptions(str(tmp_path / "log.sqlite")))
+    for i in range(3):
+        log.text(LSTM, "v1", f"p{i}", "Alice", lstm)
+    log.close()  # writes what is queued
+    window = predlog.read_window(tmp_path / "log.sqlite", LSTM, 10)
+    assert window.ids == ["p0", "p1", "p2"] and window.stats[:, 0].tolist() == [5, 5, 5]
+    assert np.isnan(window.stats[:, 1]).all()  # feedback can still label them; drift.check skips NaN bits
+    assert [r.levelname for r in caplog.records if r.name == "ptpipe.predlog"] == ["WARNING"]  # once, not per row
