@@ -16,8 +16,8 @@ turns the queue into rows (statistics, softmax, PNG), inserts them in one transa
 `commit_s` (0.5 s), so a killed server loses at most the last ~0.5 s. Readers (read_window, the monitor flow,
 `sqlite3` itself) read committed rows while the server writes. Retention (age and row count) runs with each
 commit. synchronous=NORMAL: a commit survives the process being killed; an OS crash or power cut may also lose
-the commits since the last checkpoint. Several replicas: the same two tables on PostgreSQL (docs/monitoring.md).
-"""
+the commits since the last checkpoint. Several replicas: a file each, or the same two tables on PostgreSQL (not
+built here; docs/monitoring.md says what it takes)."""
 from __future__ import annotations
 
 import collections
