@@ -78,8 +78,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = torch.cat([past_k, k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
         v = torch.cat([past_v, v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C)), k, v
+        # written out rather than F.scaled_dot_product_attention(attn_mask=...): its ONNX export adds a
+        # Shape/Sqrt/Div/Cast/IsNaN/Where chain per layer, and per-op overhead is what a one-id step costs
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))  # [B, heads, T, P+T]
+        att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), k, v
 
 
 class MLP(nn.Module):
