@@ -122,3 +122,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row_and_the_others_finis
     generated = _metric(server.url, "ptpipe_generated_characters_total", name) - before
     assert 5000 < generated < 2 * 5000  # the leaver's row stopped long before its 5000
     assert _metric(server.url, "ptpipe_generations", name) == 0
+
+
+def test_without_batching_each_generation_runs_alone_with_the_same_text(workspace):
+    srv = Server(workspace / "tmp", "--no-batching", "--model", "models/gpt", cwd=workspace)
+    try:
+        runtime = inference.TextGenerator(workspace / "models/gpt/model.onnx")
+        body = {"prompt": prompts(runtime.vocab)[9], "length": 40, "temperature": 1.0, "seed": 3}  # crosses the block
+        want = runtime.generate(body["prompt"], 40, 1.0, 3)
+        url = srv.url + "/v1/models/alice-gpt/generate"
+        assert httpx.post(url, json=body, timeout=60).json()["text"] == want
+
+        async def streamed():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await _stream(client, url, body)
+
+        done, chars = asyncio.run(streamed())
+        assert done == want and len(chars) == 40
+        assert _metric(srv.url, "ptpipe_generated_characters_total", "alice-gpt") == 0  # no batch was used
+    finally:
+        srv.stop()
