@@ -69,11 +69,12 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.drop(self.proj(y))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past_k/v [B, heads, P, head size]
-        -> (y [B, T, C], keys and values [B, heads, P+T, head size]). Inference only (no dropout)."""
-        B, T, C = x.size()
+        -> (y [B, T, C], keys and values [B, heads, P+T, head size]). Inference only (no dropout).
+        B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes)."""
+        C = self.n_embd
         q, k, v = self.qkv(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = torch.cat([past_k, k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
@@ -110,9 +111,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, k, v = self.attn.cached(self.ln1(x), mask, past_k, past_v)
+        y, k, v = self.attn.cached(self.ln1(x), mask, past_k, past_v, B, T)
         x = x + y
         return x + self.mlp(self.ln2(x)), k, v
 
@@ -152,7 +153,7 @@ class CachedGPT(nn.Module):
     def forward(self, ids: torch.Tensor, pad: torch.Tensor, past: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] int64, pad [B] int64, past [L, 2, B, heads, P, head size] with P + T <= block_size
         -> logits [B, T, V], present [L, 2, B, heads, P+T, head size]."""
-        P, T = past.size(4), ids.size(1)
+        B, P, T = ids.size(0), past.size(4), ids.size(1)
         if P + T > self.gpt.block_size:  # eager/TorchScript; the ONNX graph's Gather fails instead
             raise ValueError("past + ids have more positions than block_size: feed the last block_size ids")
         slot = torch.arange(P + T, device=ids.device)  # cache slot of every key; the new ids sit at P..P+T-1
@@ -166,7 +167,7 @@ class CachedGPT(nn.Module):
         x = self.gpt.tok(ids) + self.gpt.pos(pos)
         present = []
         for i, block in enumerate(self.gpt.blocks):
-            x, k, v = block.cached(x, mask[:, None], past[i, 0], past[i, 1])
+            x, k, v = block.cached(x, mask[:, None], past[i, 0], past[i, 1], B, T)
             present.append(torch.stack([k, v]))
         return self.gpt.head(self.gpt.ln_f(x)), torch.stack(present)
 
