@@ -266,14 +266,14 @@ def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> i
 
 class Sequence:
     """One generation in progress: its ids so far (prompt and drawn), what the model carries for it
-    (`state`: {input name: array with a batch axis of 1}, None before its first call), how many of
-    its ids that state has seen, and its own seeded RNG: what it draws never depends on other rows."""
+    (`state`: {input name: array with a batch axis of 1} holding every id but the last drawn; None before
+    its first call and past a cached model's block), and its own seeded RNG: what it draws never
+    depends on other rows."""
 
     def __init__(self, prompt_ids: list[int], temperature: float, seed: int):
         self.ids, self.temperature = list(prompt_ids), temperature
         self.rng = np.random.default_rng(seed)
         self.state: dict[str, np.ndarray] | None = None
-        self.fed = 0
 
 
 def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
@@ -282,9 +282,9 @@ def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
       "recurrent" (LSTM): the prompt in one call from a zero state, then one id a call with the state
           carried (`state`: which output feeds which input);
       "cached" (gpt): the prompt in one call with an empty past, then one id a call with the keys and
-          values carried (`past`: which output feeds which input; rows of other lengths share the call,
-          left-padded, `pad` saying by how much); a text longer than `block_size` re-feeds its last
-          block_size ids with an empty past every step, exactly as "window" does;
+          values carried (`past`: which output feeds which input); rows of other lengths share a call,
+          left-padded (prompts, and pasts), `pad` saying by how much; a text longer than `block_size`
+          re-feeds its last block_size ids with an empty past every step, exactly as "window" does;
       "window": the last `block_size` ids every step, nothing carried.
     The same ids come out for a row alone or among others (up to float rounding in the batched matmuls)."""
     gen = meta["generation"]
@@ -306,10 +306,12 @@ def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
 
 
 def _call(gen: dict, seq: Sequence) -> tuple:
-    """What one row needs fed next: ("window", width), ("prompt", length) or ("step",)."""
+    """What one row needs fed next: ("window", width), ("prompt", length; 0: any) or ("step",)."""
     if gen["mode"] == "window" or (gen["mode"] == "cached" and len(seq.ids) > gen["block_size"]):
         return ("window", min(len(seq.ids), int(gen["block_size"])))
-    return ("prompt", len(seq.ids)) if seq.state is None else ("step",)
+    if seq.state is None:  # a model with `pad` takes prompts of any lengths together, left-padded
+        return ("prompt", 0 if gen.get("pad") else len(seq.ids))
+    return ("step",)
 
 
 def _empty(spec: dict, batch: int) -> np.ndarray:
@@ -328,9 +330,10 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
         for c in carried:
             axis = inputs[c["input"]]["shape"].index("batch")
             feeds[c["input"]], pads = _stack([s.state[c["input"]] for s in seqs], axis, c.get("length_axis"))
-    else:
-        feeds = {ids_name: np.asarray([s.ids[-call[1]:] for s in seqs], np.int64)}
-        pads = [0] * n
+    else:  # a window (ids past the block: the last block_size) or a prompt (shorter ones left-padded)
+        width = max(len(s.ids) for s in seqs) if call[0] == "prompt" else call[1]
+        pads = [width - min(len(s.ids), width) for s in seqs]
+        feeds = {ids_name: np.asarray([[0] * pad + s.ids[-width:] for s, pad in zip(seqs, pads)], np.int64)}
         feeds.update({c["input"]: _empty(inputs[c["input"]], n) for c in carried})
     if gen.get("pad"):
         feeds[gen["pad"]] = np.asarray(pads, np.int64)
@@ -341,7 +344,6 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
             continue
         seq.state = {c["input"]: _row(out[c["output"]], inputs[c["input"]]["shape"].index("batch"), r,
                                       c.get("length_axis"), pads[r]) for c in carried}
-        seq.fed = len(seq.ids)
     return [out[logits_name][r, -1] for r in range(n)]
 
 
