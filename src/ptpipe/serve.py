@@ -99,7 +99,7 @@ class Metrics:
         self.info = Gauge("ptpipe_model_info", "1 for the version served now", ("model", "version", "kind", "task",
                                                                                    "source"), registry=self.registry)
         self.reloads = Counter("ptpipe_model_reloads", "reload attempts", ("model", "result"), registry=self.registry)
-        self.generating = Gauge("ptpipe_generations", "text generations in the batch now", ("model",),
+        self.generating = Gauge("ptpipe_generations", "text generations running or waiting now", ("model",),
                                 registry=self.registry)
         self.generated = Counter("ptpipe_generated_characters", "characters generated", ("model",),
                                  registry=self.registry)
@@ -360,6 +360,7 @@ class State:
             batcher = self.batchers.pop(f"{name}\0{old.version}", None)
             if batcher:
                 batcher.close()
+            self.generations.pop(f"{name}\0{old.version}", None)  # its running texts finish, then its worker ends
             self.metrics.reloads.labels(name, "swapped").inc()
             log.info("%s: %s -> %s", name, old.version, new.version)
             return {"name": name, "version": new.version, "previous": old.version, "changed": True}
@@ -384,14 +385,14 @@ def _ort_message(exc: Exception) -> str:
 
 def _axis_caps(model, limits: Limits) -> dict[str, list[int | None]]:
     """Per input, the largest size of each axis: fixed axes None (checked for equality), the batch axis
-    max_batch, other dynamic axes max_seq, or a window model's block_size (its position table's length:
-    onnxruntime would fail past it)."""
+    max_batch, other dynamic axes max_seq, or a window model's block_size for its ids, a cached model's for
+    its ids and its past (its position table's length: onnxruntime would fail past it)."""
     generation = model.runtime.meta.get("generation") or {}
-    window = generation.get("block_size") if generation.get("mode") in ("window", "cached") else None
+    mode = generation.get("mode")
+    window = generation.get("block_size") if mode in ("window", "cached") else None
     caps = {}
     for i, spec in enumerate(model.inputs):
-        # a window model's ids, and a cached model's ids and past: at most its positions
-        seq = min(limits.max_seq, window) if window and (i == 0 or generation.get("mode") == "cached") else limits.max_seq
+        seq = min(limits.max_seq, window) if window and (i == 0 or mode == "cached") else limits.max_seq
         caps[spec.name] = [None if isinstance(d, int) else limits.max_batch if d == "batch" else seq
                            for d in spec.shape]
     return caps
