@@ -40,7 +40,8 @@ from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
 REFERENCE_FILE = "reference.json"  # beside model.onnx (until drift names it)
-HISTORY_ROWS = 10_000  # history.tsv keeps the newest rows: a run an hour is more than a year
+HISTORY_ROWS = 10_000
+WHEN = ("time", "first", "last")  # a result's times: the history's first column and the report's header, no figure  # history.tsv keeps the newest rows: a run an hour is more than a year
 
 
 class MonitorRequest(BaseModel):
@@ -105,6 +106,8 @@ def figures(result: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a check result, flattened to `a.b.c` keys (what history.tsv and the charts hold)."""
     out: dict[str, float] = {}
     for key, value in result.items():
+        if not prefix and key in WHEN:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(figures(value, f"{name}."))
