@@ -7,8 +7,9 @@ For every served model (request.models, or every model the server at request.ser
 
 1. the last `window` requests of the prediction log (`ptpipe serve --log`, `ptpipe.predlog.read_window`), those
    answered by the newest version in it (after a swap the older version's rows are not its traffic);
-2. that version's reference (`ptpipe.drift.load_reference`): a released version (vX.Y.Z) carries it in the
-   registry, fetched like its model file; a workspace model has it beside its model.onnx;
+2. that version's reference (`ptpipe.drift.load_reference`: the export stage records it inside model.onnx):
+   a released version's (vX.Y.Z) file is fetched from the registry as the server fetched it, a workspace
+   model's is models/<model>/model.onnx;
 3. `ptpipe.drift.check` with params.yaml's `monitor` thresholds: input drift, prediction drift, confidence,
    live accuracy on labelled feedback; `drifted` and the reasons;
 4. written where a person looks (reports/monitor/<model>/): `history.tsv`, one row per run, every figure a
@@ -39,7 +40,6 @@ from ptpipe import drift, files, registry
 from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
-REFERENCE_FILE = "reference.json"  # beside model.onnx (until drift names it)
 HISTORY_ROWS = 10_000
 WHEN = ("time", "first", "last")  # a result's times: the history's first column and the report's header, no figure  # history.tsv keeps the newest rows: a run an hour is more than a year
 
@@ -51,7 +51,8 @@ class MonitorRequest(BaseModel):
     log: str = Field(description="The prediction log, as given to `ptpipe serve --log`")
     models: list[str] = Field(default_factory=list, description="Served model names; empty: every model of `server`")
     server: str | None = Field(None, description="The server's URL (http://host:port), to list its models")
-    window: int = Field(500, ge=1, le=1_000_000, description="Requests per window (the newest ones)")
+    window: int | None = Field(None, ge=1, le=1_000_000,
+                               description="Requests per window (the newest ones); default: params.yaml monitor.window")
     repo: str = Field(".", description="The project: params.yaml's monitor thresholds, the models' references")
     reports: str = Field("reports/monitor", description="Where history.tsv and report.html go, one folder a model")
 
@@ -88,7 +89,7 @@ def reference_of(repo: str, name: str, version: str) -> dict:
         raise StageError(f"request.models: {name!r} is no artifact of {repo}'s dvc.yaml or params.yaml models; "
                          f"known: {', '.join(sorted(known))}")
     if registry.SEMVER.match(version):
-        return drift.load_reference(registry.fetch_model(name, version, repo=repo, file=REFERENCE_FILE))
+        return drift.load_reference(registry.fetch_model(name, version, repo=repo))
     return drift.load_reference(Path(repo) / known[name]["path"])
 
 
@@ -122,7 +123,7 @@ def figures(result: dict, prefix: str = "") -> dict[str, float]:
 def check_model(request: MonitorRequest, name: str, limits: dict) -> dict:
     from ptpipe import predlog  # the prediction log's reader (issue 24 part 1)
 
-    window = predlog.read_window(request.log, name, request.window)
+    window = predlog.read_window(request.log, name, request.window or limits["window"])
     if not window.ids:
         return {"model": name, "version": None, "n": 0, "drifted": False, "reasons": [], "skipped": "no requests logged"}
     window = newest_version_only(window)

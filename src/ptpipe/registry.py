@@ -214,9 +214,8 @@ def versions(name: str, repo: str | Path = ".") -> list[dict]:
 
 
 def fetch_model(name: str, version: str | None = None, stage: str | None = None, repo: str | None = None,
-                cache_dir: Path = CACHE_DIR, file: str = ONNX_FILE) -> Path:
-    """Download (once) the ONNX file (or another `file` of the model's folder, e.g. its drift reference) of
-    `name` at `version` or registry `stage`; return its local path."""
+                cache_dir: Path = CACHE_DIR) -> Path:
+    """Download (once) the ONNX file of `name` at `version` or registry `stage`; return its local path."""
     import dvc.api
     from dvc.exceptions import DvcException
 
@@ -234,7 +233,7 @@ def fetch_model(name: str, version: str | None = None, stage: str | None = None,
                         "path": f"models/{name}"}
     except DvcException as exc:
         raise StageError(f"no {label} of {name} in {where} ({exc})") from None
-    path = Path(info["path"]) / file if not info["path"].endswith(".onnx") else Path(info["path"]).with_name(file)
+    path = Path(info["path"]) / ONNX_FILE if not info["path"].endswith(".onnx") else Path(info["path"])
     # Cached by commit: the same tag always names the same commit, hence the same bytes.
     local = Path(cache_dir) / name / info["rev"] / path.name
     if not local.exists():
