@@ -185,7 +185,10 @@ def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict
                 result = _reproduce(request, repo, repo, [], None)
                 if request.promote:  # still in the slot: the commit and the tags name what this run made
                     commit_results(repo, request.reason)
-                    result["promotion"] = _load_sibling("promote").promote(name=request.promote, repo=repo)
+                    result["promotion"] = gate = _load_sibling("promote").promote(name=request.promote, repo=repo)
+                    logger.info("%s %s: %s", request.promote, gate["candidate"]["version"],
+                                "promoted to prod" if gate["promoted"]
+                                else f"not promoted, prod stays at {gate['current']['version']}")
                 return result
             results = []
             for number, overrides in enumerate(experiments, 1):
