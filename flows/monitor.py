@@ -172,24 +172,32 @@ def sparkline(values: list[float | None], width: int = 320, height: int = 60) ->
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
-td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}.axis{font-size:10px;fill:#666}
+td,th{border-bottom:1px solid #ddd;padding:2px 10px;text-align:left}h2{font-size:1.1em;margin-top:1.5em}.axis{font-size:10px;fill:#666}
 .verdict{padding:.6em 1em;border-radius:4px}.ok{background:#e6f4ea}.drifted{background:#fde7e9}"""
 
 
+def _row(key: str, value: float, history: list[dict]) -> str:
+    # a reference's own numbers are constant for a version: the value, no line
+    line = "" if key.rsplit(".", 1)[-1].startswith("reference_") else sparkline([_number(r.get(key)) for r in history])
+    return f"<tr><th>{html.escape(key)}</th><td>{value:.4g}</td><td>{line}</td></tr>"
+
+
 def render_html(result: dict, history: list[dict]) -> str:
-    """The report page: verdict, this window's figures, each figure's history. No script, no external file."""
-    now = figures(result)
+    """The report page: verdict, this window's figures (one table per part of the check), each figure's history.
+    No script, no external file: it renders offline."""
     esc = html.escape
+    parts: dict[str, list[str]] = {}
+    for key, value in figures(result).items():
+        parts.setdefault(key.split(".", 1)[0] if "." in key else "window", []).append(_row(key, value, history))
+    tables = "".join(f"<h2>{esc(part)}</h2><table><tr><th>figure</th><th>this window</th><th>over the last "
+                     f"{len(history)} run(s)</th></tr>{''.join(rows)}</table>" for part, rows in parts.items())
     verdict = "drifted: " + "; ".join(result["reasons"]) if result["drifted"] else "no drift"
-    rows = "".join(
-        f"<tr><th>{esc(key)}</th><td>{now[key]:.4g}</td><td>{sparkline([_number(r.get(key)) for r in history])}</td></tr>"
-        for key in now)
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result["time"]))
+    first = history[0].get("time", "") if history else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>monitor {esc(result['model'])}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(result['model'])} {esc(str(result['version']))}</h1>"
-            f"<p>{when}: the last {result['n']} requests, {len(history)} run(s) in the history.</p>"
-            f"<p class='verdict {'drifted' if result['drifted'] else 'ok'}'>{esc(verdict)}</p>"
-            f"<table><tr><th>figure</th><th>this window</th><th>over time</th></tr>{rows}</table></body></html>")
+            f"<p>{when}: the last {result['n']} requests; history since {esc(first)}.</p>"
+            f"<p class='verdict {'drifted' if result['drifted'] else 'ok'}'>{esc(verdict)}</p>{tables}</body></html>")
 
 
 def render_markdown(result: dict, report: Path) -> str:

@@ -53,6 +53,7 @@ def test_report_renders_offline_with_every_figure_and_its_history(monitor):
     assert "<script" not in page and "http" not in page and "<link" not in page  # nothing to fetch
     assert "drifted: input drift: mean_r p=0.001 &lt; 0.01" in page
     assert page.count("<polyline") == len(monitor.figures(RESULT))
+    assert "<h2>input_drift</h2>" in page and "<h2>window</h2>" in page  # one table per part of the check
     assert "<th>confidence</th><td>0.8</td>" in page
     markdown = monitor.render_markdown(RESULT, ROOT / "reports/monitor/tiny-cnn/report.html")
     assert markdown.startswith("# tiny-cnn v1.0.0: **drifted**") and "| input_drift.mean_r.p_value | 0.001 |" in markdown
