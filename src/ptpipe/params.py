@@ -217,6 +217,30 @@ class Tune(Section):
         return self
 
 
+# -- monitor: a window of served traffic against the model's reference (ptpipe.drift, docs/monitoring.md) ----
+
+class Monitor(Section):
+    """The monitor flow's window and thresholds; the defaults in params.yaml come from benchmarks/drift.py."""
+
+    window: int = Field(ge=20, le=1_000_000)  # requests compared with the reference at a time
+    p_value: Annotated[float, Field(gt=0, lt=1, strict=False)]  # each test family flags below this
+    accuracy_drop: Annotated[float, Field(ge=0, le=1, strict=False)]  # live accuracy this far below the reference's
+    min_labelled: int = Field(ge=1)  # labelled rows before live accuracy is judged
+    cooldown_s: Annotated[float, Field(ge=0, strict=False)]  # after a retrain is triggered, none again this long
+
+
+def thresholds(raw: object, source: str = PARAMS_FILE) -> dict:
+    """The `monitor:` section as a checked dict (what ptpipe.drift.check takes); a bad one is a StageError
+    naming the key, e.g. `params.yaml: monitor.p_value: Input should be less than 1 (got 2)`."""
+    if isinstance(raw, Monitor):
+        return raw.model_dump()
+    try:
+        return Monitor.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        raise StageError("invalid params\n  " + "\n  ".join(
+            f"{source}: {_describe(e, 'monitor.')}" for e in exc.errors())) from None
+
+
 class Params(Section):
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # the CNN recipes' lr where their own is null
     datasets: dict[str, Dataset]
@@ -229,6 +253,7 @@ class Params(Section):
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")
     tune: Optional[Tune] = None  # `ptpipe tune`'s search; absent: no study to run
+    monitor: Optional[Monitor] = None  # the monitor flow's thresholds; absent: no model is monitored
 
     @field_validator("datasets", "models")
     @classmethod
