@@ -1,12 +1,13 @@
 """Prefect flow `monitor`: compare the last window of served traffic with each model's reference; a drifted
 model emits the Prefect event `ptpipe.model.drifted`, which the `retrain/on-drift` automation answers.
 
-    python flows/monitor.py --log predictions --model cifar10-cnn     # or deploy: prefect.yaml `monitor/hourly`
+    python flows/monitor.py --log predictions.sqlite --model cifar10-cnn     # or deploy: prefect.yaml `monitor/hourly`
 
 For every served model (request.models, or every model the server at request.server lists):
 
-1. the last `window` requests of the prediction log (`ptpipe serve --log`, `ptpipe.predlog.read_window`), those
-   answered by the newest version in it (after a swap the older version's rows are not its traffic);
+1. the last `monitor.window` requests (params.yaml) of the prediction log (`ptpipe serve --log`,
+   `ptpipe.predlog.read_window`), those answered by the newest version in it (after a swap the older
+   version's rows are not its traffic);
 2. that version's reference (`ptpipe.drift.load_reference`: the export stage records it inside model.onnx):
    a released version's (vX.Y.Z) file is fetched from the registry as the server fetched it, a workspace
    model's is models/<model>/model.onnx;
@@ -36,7 +37,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from ptpipe import drift, files, registry
+from ptpipe import drift, files, params, predlog, registry
 from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
@@ -51,9 +52,8 @@ class MonitorRequest(BaseModel):
     log: str = Field(description="The prediction log, as given to `ptpipe serve --log`")
     models: list[str] = Field(default_factory=list, description="Served model names; empty: every model of `server`")
     server: str | None = Field(None, description="The server's URL (http://host:port), to list its models")
-    window: int | None = Field(None, ge=1, le=1_000_000,
-                               description="Requests per window (the newest ones); default: params.yaml monitor.window")
-    repo: str = Field(".", description="The project: params.yaml's monitor thresholds, the models' references")
+    repo: str = Field(".", description="The project: params.yaml's monitor section (the window, the thresholds), "
+                                       "the models' artifacts")
     reports: str = Field("reports/monitor", description="Where history.tsv and report.html go, one folder a model")
 
 
@@ -74,11 +74,15 @@ def served_models(request: MonitorRequest) -> list[str]:
 
 
 def thresholds(repo: str) -> dict:
-    """params.yaml's `monitor` section (its schema: DRIFT's, in ptpipe.params)."""
+    """params.yaml's `monitor` section, checked (ptpipe.params.Monitor): the window and the tests' thresholds."""
     import yaml
 
-    path = Path(repo) / "params.yaml"
-    return ((yaml.safe_load(path.read_text()) or {}).get("monitor") or {}) if path.is_file() else {}
+    path = Path(repo) / params.PARAMS_FILE
+    section = (yaml.safe_load(path.read_text()) or {}).get("monitor") if path.is_file() else None
+    if section is None:
+        raise StageError(f"{path} has no monitor section: add one (params.yaml of ptpipe has the defaults), "
+                         f"or pass request.repo, the project whose params.yaml has it")
+    return params.thresholds(section, str(path))
 
 
 def reference_of(repo: str, name: str, version: str) -> dict:
@@ -93,7 +97,7 @@ def reference_of(repo: str, name: str, version: str) -> dict:
     return drift.load_reference(Path(repo) / known[name]["path"])
 
 
-def newest_version_only(window: "predlog.Window") -> "predlog.Window":
+def newest_version_only(window: predlog.Window) -> predlog.Window:
     """The rows answered by the newest version in the window (the last row's)."""
     keep = [i for i, v in enumerate(window.versions) if v == window.versions[-1]]
     if len(keep) == len(window.ids):
@@ -121,9 +125,7 @@ def figures(result: dict, prefix: str = "") -> dict[str, float]:
 
 @task(name="check-model")
 def check_model(request: MonitorRequest, name: str, limits: dict) -> dict:
-    from ptpipe import predlog  # the prediction log's reader (issue 24 part 1)
-
-    window = predlog.read_window(request.log, name, request.window or limits["window"])
+    window = predlog.read_window(request.log, name, limits["window"])
     if not window.ids:
         return {"model": name, "version": None, "n": 0, "drifted": False, "reasons": [], "skipped": "no requests logged"}
     window = newest_version_only(window)
@@ -262,6 +264,5 @@ if __name__ == "__main__":
     ap.add_argument("--log", required=True)
     ap.add_argument("--model", action="append", default=[], dest="models")
     ap.add_argument("--server", default=None)
-    ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--repo", default=".")
     print(json.dumps(monitor(MonitorRequest(**vars(ap.parse_args()))), indent=2))

@@ -28,6 +28,22 @@ def test_figures_are_the_numbers_of_a_check_result_flattened(monitor):
                                        "confidence": 0.8}
 
 
+def test_a_window_spanning_a_swap_is_judged_on_the_newest_versions_rows(monitor):
+    import numpy as np
+    from ptpipe import drift, predlog
+
+    n = 5
+    window = predlog.Window("m", [f"r{i}" for i in range(n)], np.arange(n, dtype=np.float64),
+                            ["v1.0.0", "v1.0.0", "v1.1.0", "v1.0.0", "v1.1.0"], np.eye(n, dtype=np.float32),
+                            np.arange(n * 6, dtype=np.float32).reshape(n, 6), drift.IMAGE_STATS, [None, "cat", None, None, "dog"])
+    newest = monitor.newest_version_only(window)
+    assert newest.ids == ["r2", "r4"] and newest.versions == ["v1.1.0"] * 2 and newest.labels == [None, "dog"]
+    assert newest.times.tolist() == [2.0, 4.0] and newest.stats[:, 0].tolist() == [12.0, 24.0]
+    assert newest.outputs.shape == (2, n) and newest.stat_names == drift.IMAGE_STATS
+    same = window._replace(versions=["v1.0.0"] * n)
+    assert monitor.newest_version_only(same) is same
+
+
 def test_history_gains_one_row_per_run_with_new_columns_and_a_failed_write_leaves_it_whole(monitor, tmp_path,
                                                                                           monkeypatch):
     path = tmp_path / "history.tsv"
@@ -60,10 +76,10 @@ def test_report_renders_offline_with_every_figure_and_its_history(monitor):
 
 
 def test_bad_requests_are_refused_naming_the_key(monitor, tmp_path):
-    with pytest.raises(ValidationError, match=r"window\n.*greater than or equal to 1"):
-        monitor.MonitorRequest(log="x", window=0)
-    with pytest.raises(ValidationError, match=r"windw\n.*Extra inputs are not permitted"):
-        monitor.MonitorRequest(log="x", windw=10)
+    with pytest.raises(ValidationError, match=r"window\n.*Extra inputs are not permitted"):
+        monitor.MonitorRequest(log="x", window=10)  # params.yaml monitor.window is the one place
+    with pytest.raises(ValidationError, match=r"models\n.*valid list"):
+        monitor.MonitorRequest(log="x", models="cifar10-cnn")
     with pytest.raises(ValidationError, match=r"log\n.*Field required"):
         monitor.MonitorRequest(models=["a"])
     with pytest.raises(StageError, match="request.models is empty and request.server is not set"):
@@ -86,8 +102,14 @@ def registry_repo(tmp_path):
     return repo
 
 
-def test_an_unknown_model_is_refused_naming_request_models(monitor, tmp_path):
+def test_an_unknown_model_and_bad_thresholds_are_refused_naming_the_key(monitor, tmp_path):
     repo = registry_repo(tmp_path)
+    with pytest.raises(StageError, match=r"params.yaml has no monitor section"):
+        monitor.thresholds(str(repo))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["monitor"]
+    (repo / "params.yaml").write_text(yaml.safe_dump({"monitor": {**params, "p_value": 2}}))
+    with pytest.raises(StageError, match=r"params.yaml: monitor.p_value: Input should be less than 1"):
+        monitor.thresholds(str(repo))
     with pytest.raises(StageError, match=r"request.models: 'nope' is no artifact .* known: tiny-cnn$"):
         monitor.reference_of(str(repo), "nope", "v1.0.0")
 

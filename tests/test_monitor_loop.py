@@ -138,7 +138,7 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
     worker_log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ptpipe-local"], cwd=repo, env=env,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
-    log = tmp_path / "logs" / "predictions"
+    log = tmp_path / "logs" / "predictions.sqlite"
     server = Server(tmp_path / "serve", "--model", f"{NAME}#prod", "--repo", str(repo), "--poll-s", "1",
                     "--log", str(log), cwd=repo)
     flows = load_flow_module("monitor")
