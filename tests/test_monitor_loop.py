@@ -139,10 +139,9 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ptpipe-local"], cwd=repo, env=env,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
     log = tmp_path / "logs" / "predictions.sqlite"
-    server = Server(tmp_path / "serve", "--model", f"{NAME}#prod", "--repo", str(repo), "--poll-s", "1",
-                    "--log", str(log), cwd=repo)
+    log.parent.mkdir()
+    server = None
     flows = load_flow_module("monitor")
-    request = flows.MonitorRequest(log=str(log), server=server.url, repo=str(repo))
 
     def monitor_once() -> dict:
         from ptpipe import predlog
@@ -152,6 +151,9 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         return result
 
     try:
+        server = Server(tmp_path / "serve", "--model", f"{NAME}#prod", "--repo", str(repo), "--poll-s", "1",
+                        "--log", str(log), cwd=repo)
+        request = flows.MonitorRequest(log=str(log), server=server.url, repo=str(repo))
         # 1. like the validation data: nothing flagged, nothing emitted
         traffic(server.url, seed=10)
         quiet = monitor_once()
@@ -164,7 +166,7 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         traffic(server.url, seed=11, brighten=90)
         flagged = monitor_once()
         assert flagged["drifted"] and any(r.startswith("input_drift") for r in flagged["reasons"])
-        (run,) = wait_for(on_drift_runs, "the automation to create a retrain run", timeout=60)
+        (run,) = wait_for(lambda: on_drift_runs(client), "the automation to create a retrain run", timeout=60)
         assert run.parameters["request"]["promote"] == NAME
         assert run.parameters["request"]["reason"].startswith(f"retrain {NAME}: v1.0.0 drifted (input_drift")
         assert final_state(client, run.id, timeout=300).is_completed(), "\n".join(run_logs(client, run.id))
@@ -191,6 +193,7 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         wait_for(lambda: classify(server.url, one).headers["x-model-version"] == "v1.1.0",
                  "the server following #prod to answer with v1.1.0", timeout=60)
     finally:
-        server.stop()
+        if server:
+            server.stop()
         stop(worker)
         worker_log.close()
