@@ -158,65 +158,83 @@ def _number(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def sparkline(values: list[float | None], width: int = 320, height: int = 60) -> str:
-    """An inline SVG line of `values` (gaps where a run had no value), its range on the left."""
-    known = [v for v in values if v is not None]
+def sparkline(values: list[float | None], threshold: float | None = None, log: bool = False,
+              width: int = 320, height: int = 60) -> str:
+    """An inline SVG line of `values` (gaps where a run had no value), its range on the left; `log`: a log10
+    axis (p-values span hundreds of decades); `threshold`: a dashed red line at that value."""
+    scale = (lambda v: math.log10(max(v, 1e-300))) if log else (lambda v: v)  # noqa: E731
+    known = [scale(v) for v in values if v is not None] + ([scale(threshold)] if threshold is not None else [])
     if not known:
-        return "<svg width='0' height='0'></svg>"
+        return ""
     low, high = min(known), max(known)
-    span = (high - low) or 1.0
+    y = lambda v: height - 6 - (scale(v) - low) / ((high - low) or 1.0) * (height - 12)  # noqa: E731
     step = (width - 60) / max(len(values) - 1, 1)
-    points = " ".join(f"{60 + i * step:.1f},{height - 6 - (v - low) / span * (height - 12):.1f}"
-                      for i, v in enumerate(values) if v is not None)
+    points = " ".join(f"{60 + i * step:.1f},{y(v):.1f}" for i, v in enumerate(values) if v is not None)
+    label = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.4g}")  # noqa: E731
+    rule = (f"<line x1='60' x2='{width}' y1='{y(threshold):.1f}' y2='{y(threshold):.1f}' stroke='#d1242f' "
+            f"stroke-dasharray='4 3'/>" if threshold is not None else "")
     return (f"<svg width='{width}' height='{height}' role='img'>"
-            f"<text x='0' y='12' class='axis'>{high:.4g}</text><text x='0' y='{height - 2}' class='axis'>{low:.4g}</text>"
-            f"<polyline fill='none' stroke='#1f6feb' stroke-width='1.5' points='{points}'/></svg>")
+            f"<text x='0' y='12' class='axis'>{label(high)}</text><text x='0' y='{height - 2}' class='axis'>"
+            f"{label(low)}</text>{rule}<polyline fill='none' stroke='#1f6feb' stroke-width='1.5' points='{points}'/></svg>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
-td,th{border-bottom:1px solid #ddd;padding:2px 10px;text-align:left}h2{font-size:1.1em;margin-top:1.5em}.axis{font-size:10px;fill:#666}
+td,th{border-bottom:1px solid #ddd;padding:2px 10px;text-align:left}h2{font-size:1.1em;margin-top:1.5em}
+.axis{font-size:10px;fill:#666}summary{margin:.5em 0;cursor:pointer;color:#555}
 .verdict{padding:.6em 1em;border-radius:4px}.ok{background:#e6f4ea}.drifted{background:#fde7e9}"""
 
 
-def _row(key: str, value: float, history: list[dict]) -> str:
-    # a reference's own numbers are constant for a version: the value, no line
-    line = "" if key.rsplit(".", 1)[-1].startswith("reference_") else sparkline([_number(r.get(key)) for r in history])
+def _row(key: str, value: float, history: list[dict], p_value: float | None) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    line = "" if leaf.startswith("reference_") else sparkline(  # a reference's numbers are constant for a version
+        [_number(r.get(key)) for r in history], threshold=p_value if leaf == "p_value" else None,
+        log=leaf == "p_value")
     return f"<tr><th>{html.escape(key)}</th><td>{value:.4g}</td><td>{line}</td></tr>"
 
 
-def render_html(result: dict, history: list[dict]) -> str:
-    """The report page: verdict, this window's figures (one table per part of the check), each figure's history.
-    No script, no external file: it renders offline."""
+def _table(rows: list[str], runs: int) -> str:
+    return (f"<table><tr><th>figure</th><th>this window</th><th>over the last {runs} run(s)</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+def render_html(result: dict, history: list[dict], p_value: float | None = None) -> str:
+    """The report page: the verdict, then one table per part of the check (its headline figures; per feature /
+    per class figures folded below), each figure with its history; p-values on a log axis with the threshold
+    `p_value` drawn. No script, no external file: it renders offline."""
     esc = html.escape
-    parts: dict[str, list[str]] = {}
+    parts: dict[str, tuple[list[str], list[str]]] = {}
     for key, value in figures(result).items():
-        parts.setdefault(key.split(".", 1)[0] if "." in key else "window", []).append(_row(key, value, history))
-    tables = "".join(f"<h2>{esc(part)}</h2><table><tr><th>figure</th><th>this window</th><th>over the last "
-                     f"{len(history)} run(s)</th></tr>{''.join(rows)}</table>" for part, rows in parts.items())
+        part = parts.setdefault(key.split(".", 1)[0] if "." in key else "window", ([], []))
+        part[key.count(".") > 1].append(_row(key, value, history, p_value))
+    sections = "".join(
+        f"<h2>{esc(name)}</h2>{_table(head, len(history)) if head else ''}"
+        + (f"<details><summary>{len(detail)} more: per feature / per class</summary>{_table(detail, len(history))}"
+           f"</details>" if detail else "") for name, (head, detail) in parts.items())
     verdict = "drifted: " + "; ".join(result["reasons"]) if result["drifted"] else "no drift"
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result["time"]))
     first = history[0].get("time", "") if history else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>monitor {esc(result['model'])}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(result['model'])} {esc(str(result['version']))}</h1>"
             f"<p>{when}: the last {result['n']} requests; history since {esc(first)}.</p>"
-            f"<p class='verdict {'drifted' if result['drifted'] else 'ok'}'>{esc(verdict)}</p>{tables}</body></html>")
+            f"<p class='verdict {'drifted' if result['drifted'] else 'ok'}'>{esc(verdict)}</p>{sections}</body></html>")
 
 
 def render_markdown(result: dict, report: Path) -> str:
+    """The artifact: the verdict, the reasons and the headline figures (the report has the rest)."""
     lines = [f"# {result['model']} {result['version']}: {'**drifted**' if result['drifted'] else 'no drift'}", ""]
     lines += [f"- {reason}" for reason in result["reasons"]] + ["", "| figure | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" for key, value in figures(result).items()]
+    lines += [f"| {key} | {value:.4g} |" for key, value in figures(result).items() if key.count(".") <= 1]
     return "\n".join(lines + ["", f"Report: `{report}`; history: `{report.with_name('history.tsv')}`"])
 
 
 @task(name="record")
-def record(request: MonitorRequest, result: dict) -> str:
+def record(request: MonitorRequest, result: dict, p_value: float) -> str:
     """history.tsv, report.html and the markdown artifact of one model's window; returns the report's path."""
     folder = Path(request.repo) / request.reports / result["model"]
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     history = append_history(folder / "history.tsv", {"time": when, "version": result["version"], **figures(result)})
     report = folder / "report.html"
-    files.write_text(report, render_html(result, history))
+    files.write_text(report, render_html(result, history, p_value))
     create_markdown_artifact(markdown=render_markdown(result, report), key=f"monitor-{artifact_key(result['model'])}",
                              description=f"drift and accuracy of {result['model']}'s last window")
     return str(report)
@@ -248,7 +266,7 @@ def monitor(request: MonitorRequest) -> list[dict]:
         if result.get("skipped"):
             log.info("%s: %s", name, result["skipped"])
         else:
-            result["report"] = record(request, result)
+            result["report"] = record(request, result, limits["p_value"])
             log.info("%s %s: %s", name, result["version"], "drifted: " + "; ".join(result["reasons"])
                      if result["drifted"] else "no drift")
             if result["drifted"]:

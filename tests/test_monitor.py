@@ -65,14 +65,17 @@ def test_history_gains_one_row_per_run_with_new_columns_and_a_failed_write_leave
 def test_report_renders_offline_with_every_figure_and_its_history(monitor):
     history = [{"time": "t1", "confidence": "0.9", "input_drift.share": "0.1"},
                {"time": "t2", **{k: str(v) for k, v in monitor.figures(RESULT).items()}}]
-    page = monitor.render_html(RESULT, history)
+    page = monitor.render_html(RESULT, history, p_value=0.01)
     assert "<script" not in page and "http" not in page and "<link" not in page  # nothing to fetch
     assert "drifted: input drift: mean_r p=0.001 &lt; 0.01" in page
     assert page.count("<polyline") == len(monitor.figures(RESULT))
     assert "<h2>input_drift</h2>" in page and "<h2>window</h2>" in page  # one table per part of the check
+    assert "<summary>1 more: per feature / per class</summary>" in page  # input_drift.mean_r.p_value, folded
+    assert page.count("stroke-dasharray") == 1  # the p_value threshold, on the one p-value's chart
     assert "<th>confidence</th><td>0.8</td>" in page
     markdown = monitor.render_markdown(RESULT, ROOT / "reports/monitor/tiny-cnn/report.html")
-    assert markdown.startswith("# tiny-cnn v1.0.0: **drifted**") and "| input_drift.mean_r.p_value | 0.001 |" in markdown
+    assert markdown.startswith("# tiny-cnn v1.0.0: **drifted**") and "| input_drift.share | 0.5 |" in markdown
+    assert "mean_r.p_value" not in markdown.split("- input drift")[1].split("Report:")[0].replace("mean_r p=", "")  # detail: in the report only
 
 
 def test_bad_requests_are_refused_naming_the_key(monitor, tmp_path):
