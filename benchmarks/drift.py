@@ -25,28 +25,17 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from ptpipe import drift, export, files, inference, params
+from ptpipe.predlog import Window
 
 REAL = Path("/work/real")
 SIZES = (100, 500, 2000)
 TARGET_SIZE, TARGET_FALSE_ALARMS, TARGET_POWER, COSTLY = 500, 0.05, 0.95, 0.05
 PRIOR_CLASSES = (0, 1, 8)  # airplane, automobile, ship: the prior shift's 3 classes
-
-
-class Window(NamedTuple):  # predlog.Window's fields (the plan's interface): what check reads
-    model: str
-    ids: list
-    times: np.ndarray
-    versions: list
-    outputs: np.ndarray
-    stats: np.ndarray
-    stat_names: tuple
-    labels: list
 
 
 # -- image shifts: uint8 N x 3 x S x S -> the same, shifted -------------------------------------------
@@ -94,9 +83,11 @@ def _windows(pool: int, size: int, count: int, rng: np.random.Generator, special
 
 
 def _flag_rates(ref: dict, probs, stats, names, windows, thresholds) -> dict:
+    """Fractions of windows flagged: in all, and by each test family."""
     flagged, families = 0, {"input_drift": 0, "prediction_drift": 0, "confidence": 0}
     n = 0
     for idx in windows:
+        thresholds = {**thresholds, "window": len(idx)}  # every size judged, as a deployment set to it would
         w = Window("bench", [str(i) for i in idx], np.zeros(len(idx)), ["v"] * len(idx), probs[idx], stats[idx],
                    names, [None] * len(idx))
         result = drift.check(ref, w, thresholds)
@@ -142,8 +133,9 @@ def images_bench(args, thresholds: dict) -> list[dict]:
 
 
 def _text_pool(model: inference.TextGenerator, text_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """prompt_stats (chars, bits/char) N x 2 of n export.prompts windows of a text."""
-    return np.asarray([drift.prompt_stats(model.run, model.meta, p) for p in export.prompts(text_ids, n, seed)])
+    """(chars, bits/char) N x 2 of n export.prompts windows of a text, as the server logs a prompt."""
+    return np.asarray([(len(p), inference.prompt_bits(model.run, model.meta, p.tolist()))
+                       for p in export.prompts(text_ids, n, seed)])
 
 
 def _encodable(text: str, vocab: list[str]) -> np.ndarray:

@@ -1,32 +1,21 @@
 """ptpipe.drift: the reference the export stage records inside the model, and `check` of a window against it.
 
-Own small data: tiny seeded models and prepared data (fixtures), synthetic windows from seeded generators.
-Windows are `Window` below, the plan's predlog.Window fields, until predlog lands in this branch."""
+Own small data: tiny seeded models and prepared data (fixtures), synthetic windows (predlog.Window) from seeded
+generators."""
 import json
 import sys
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 import yaml
 
 from fixtures import ROOT, write_models, write_prepared
-from ptpipe import drift, export, params
+from ptpipe import drift, export, inference, params
 from ptpipe.inference import ImageClassifier, TextGenerator
+from ptpipe.predlog import Window
 from ptpipe.stage import StageError
 
 THRESHOLDS = {"window": 200, "p_value": 0.01, "accuracy_drop": 0.05, "min_labelled": 50}
-
-
-class Window(NamedTuple):  # predlog.Window (issue 24's plan): what check reads
-    model: str
-    ids: list
-    times: np.ndarray
-    versions: list
-    outputs: np.ndarray
-    stats: np.ndarray
-    stat_names: tuple
-    labels: list
 
 
 def window(outputs, stats, names=drift.IMAGE_STATS, labels=None) -> Window:
@@ -82,13 +71,7 @@ def test_text_reference_is_the_models_bits_per_char_on_validation_prompts(export
     generator = TextGenerator(exported / "models" / model / "model.onnx")
     for i in (0, 1, 2):  # recomputed through onnxruntime, as the server would
         assert ref["stats"]["bits_per_char"][i] == pytest.approx(
-            drift.prompt_stats(generator.run, generator.meta, prompts[i])[1], abs=1e-3)
-
-
-def test_prompt_bits_per_char_is_the_mean_surprise_of_each_next_character():
-    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [1, 1, 1]]))
-    assert drift.prompt_bits_per_char(logits, [0, 1, 2]) == pytest.approx((2 + 1) / 2)  # p(1)=.25, p(2)=.5
-    assert np.isnan(drift.prompt_bits_per_char(logits[:1], [0]))  # one character: nothing predicted
+            inference.prompt_bits(generator.run, generator.meta, prompts[i].tolist()), abs=1e-3)
 
 
 def test_a_model_exported_without_its_data_has_no_reference_and_says_how_to_get_one(exported, tmp_path):
