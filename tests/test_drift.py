@@ -15,8 +15,7 @@ from ptpipe.inference import ImageClassifier, TextGenerator
 from ptpipe.predlog import Window
 from ptpipe.stage import StageError
 
-THRESHOLDS = {"window": 200, "p_value": 0.01, "accuracy_drop": 0.05, "min_bits_shift": 0.2, "min_labelled": 50,
-              "cooldown_s": 60}
+THRESHOLDS = {"window": 200, "p_value": 0.01, "accuracy_drop": 0.05, "min_bits_shift": 0.2, "min_labelled": 50}
 
 
 def window(outputs, stats, names=drift.IMAGE_STATS, labels=None) -> Window:
@@ -217,7 +216,8 @@ def test_text_windows_are_compared_on_bits_per_char_at_the_prompts_length():
     ("window", 5, "monitor.window: Input should be greater than or equal to 20"),
     ("accuracy_drop", "much", "monitor.accuracy_drop: Input should be a valid number"),
     ("min_labelled", 0.5, "monitor.min_labelled: Input should be a valid integer"),
-    ("cooldown_s", -1, "monitor.cooldown_s: Input should be greater than or equal to 0"),
+    ("min_bits_shift", -0.1, "monitor.min_bits_shift: Input should be greater than or equal to 0"),
+    ("cooldown_s", 60, "monitor.cooldown_s: unknown key"),  # prefect.yaml's trigger holds the cooldown
     ("p_valu", 0.01, "monitor.p_valu: unknown key"),
 ])
 def test_bad_thresholds_are_refused_naming_the_key(ref, key, value, message):

@@ -105,11 +105,21 @@ def test_classify_infer_and_generate_are_logged_with_what_monitoring_needs(logge
                     "2 lstm rows")
     assert text.stat_names == drift.TEXT_STATS and text.outputs.shape == (len(text.ids), 0)
     assert text.stats[-2:, 0].tolist() == [9, 5]
-    assert text.stats[-2:, 1] == pytest.approx([lstm.prompt_bits("Alice was"), lstm.prompt_bits("Alice")], rel=1e-4)
+    expected = [drift.prompt_stats(lstm.run, lstm.meta, inference.encode(p, lstm.vocab)) for p in ("Alice was", "Alice")]
+    assert np.allclose(text.stats[-2:], expected, rtol=1e-4)  # what the reference holds: like for like
     assert 0 < text.stats[-1, 1] < 10  # bits/char of a 25-character vocabulary's model: a few bits
+    # a text model's /v2 infer: one row per sequence of ids, bits/char from the logits it computed
+    zeros = {"shape": [2, 1, 16], "datatype": "FP32", "data": [0.0] * 32}
+    step = httpx.post(f"{srv.url}/v2/models/{LSTM}/infer", json={"id": "seq", "inputs": [
+        {"name": "ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]},
+        {"name": "h0", **zeros}, {"name": "c0", **zeros}]}).json()
+    logits = np.reshape(step["outputs"][0]["data"], step["outputs"][0]["shape"])[0]
+    row = wait_for(lambda: (w := predlog.read_window(path, LSTM, 1)).ids == ["seq"] and w, "the infer row")
+    assert np.allclose(row.stats, [[4, drift.prompt_bits_per_char(logits, [1, 2, 3, 4])]], rtol=1e-4)
     # raw inputs: only the first 4 per model and hour (--log-raw 4), never beyond
     assert rows(path, "SELECT count(raw) FROM predictions WHERE model = ?", CNN) == [(4,)]
-    assert rows(path, "SELECT raw FROM predictions WHERE model = ? AND raw IS NOT NULL", LSTM)[0][0] == b"Alice was"
+    assert rows(path, "SELECT raw FROM predictions WHERE model = ? AND raw IS NOT NULL ORDER BY seq", LSTM
+                ) == [(b"Alice was",), (b"Alice",)]
 
 
 def test_feedback_is_joined_as_labels_and_hostile_feedback_gets_protocol_errors(logged, workspace):
@@ -302,6 +312,7 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
     finally:
         srv.stop()
     assert not list(workspace.glob("*.sqlite*")) and not list(tmp_path.glob("*.sqlite*"))
+    (tmp_path / "a-file").write_text("not a database\n")
 
     for args, named in [(["--log-sample", "0.5"], "--log-sample needs --log"),
                         (["--log", "x.sqlite", "--log-sample", "1.5"], "--log-sample"),
@@ -309,7 +320,8 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
                         (["--log", "x.sqlite", "--log-retention", "7 days"], "--log-retention"),
                         (["--log", "x.sqlite", "--log-max-rows", "0"], "--log-max-rows"),
                         (["--log", "x.sqlite", "--log-raw", "-1"], "--log-raw"),
-                        (["--log", str(tmp_path / "no/such/dir/x.sqlite")], "--log")]:
+                        (["--log", str(tmp_path / "a-file/x.sqlite")], "--log"),
+                        (["--log", str(tmp_path / "a-file")], "--log")]:  # not SQLite: named at the start
         done = ptpipe_no_torch(tmp_path, "serve", "--port", "1", *args, cwd=workspace, timeout=120)
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
     assert not list(workspace.glob("x.sqlite*"))

@@ -296,36 +296,6 @@ def sample_ids(run: Run, meta: dict, prompt_ids: list[int], length: int, tempera
         raise StageError(f"{meta.get('ptpipe.kind')}: generation mode {gen['mode']!r} is not recurrent or window")
 
 
-def _zero_state(meta: dict) -> dict[str, np.ndarray]:
-    """A recurrent model's state inputs at the start of a text (zeros, batch 1)."""
-    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
-    return {s["input"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], dtypes[s["input"]])
-            for s in meta["generation"]["state"]}
-
-
-def bits_per_char(logits: np.ndarray, ids: np.ndarray) -> float:
-    """The model's mean surprise, in bits, at each id after the first given the ones before: logits
-    T x V (position t predicts id t + 1), ids T. NaN for one id (nothing is predicted)."""
-    if len(ids) < 2:
-        return float("nan")
-    z = logits[:-1].astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    log_p = z[np.arange(len(ids) - 1), ids[1:]] - np.log(np.exp(z).sum(axis=1))
-    return float(-log_p.mean() / np.log(2))
-
-
-def prompt_bits(run: Run, meta: dict, prompt_ids: list[int]) -> float:
-    """bits_per_char of the prompt under the model, in one call (a window model: its last block_size ids)."""
-    gen, ids_name = meta["generation"], meta["inputs"][0]["name"]
-    if gen["mode"] == "recurrent":
-        feeds = _zero_state(meta)
-    else:
-        prompt_ids, feeds = prompt_ids[-int(gen["block_size"]):], {}
-    ids = np.asarray(prompt_ids, dtype=np.int64)
-    logits = run({ids_name: ids[None], **feeds})[meta["outputs"][0]["name"]][0]  # T x V
-    return bits_per_char(logits, ids)
-
-
 def stream_text(run: Run, meta: dict, prompt: str, length: int, temperature: float, seed: int) -> Iterator[str]:
     """The generated characters (not the prompt), one at a time. Bad arguments raise here, before the
     first character."""
@@ -354,10 +324,6 @@ class TextGenerator(ExportedModel):
 
     def generate(self, prompt: str, length: int, temperature: float = 0.8, seed: int = 1) -> str:
         return prompt + "".join(self.stream(prompt, length, temperature, seed))
-
-    def prompt_bits(self, prompt: str) -> float:
-        """The model's own bits/char on `prompt` (what the prediction log records of a generate request)."""
-        return prompt_bits(self.run, self.meta, encode(prompt, self.vocab))
 
 
 TASKS = {"image-classification": ImageClassifier, "text-generation": TextGenerator}

@@ -83,8 +83,8 @@ class BodyTimeout(Exception):
 
 # -- metrics --------------------------------------------------------------------------------
 
-ENDPOINTS = {"infer", "classify", "generate", "feedback", "ready", "live", "load", "unload", "index", "config", "stats",
-             "metrics"}  # with metadata, models, server and other: the only values of the endpoint label
+ENDPOINTS = {"infer", "classify", "generate", "feedback", "ready", "live", "load", "unload", "index", "config",
+             "stats", "metrics"}  # with metadata, models, server and other: the only values of the endpoint label
 
 
 class Metrics:
@@ -642,7 +642,7 @@ def _log_infer(state: State, model, req: protocol.InferRequest, results: dict) -
         return req.id
     rid = req.id if req.id is not None else uuid.uuid4().hex
     x, scores = req.feeds[model.inputs[0].name], results.get(model.outputs[0].name)
-    if state.predlog.sampled():
+    if len(rid) <= MAX_ID and state.predlog.sampled():  # a longer id (up to the JSON limit) would bloat each row
         if model.task == "image-classification" and scores is not None and x.ndim == 4:
             state.predlog.images(model.name, model.version, _row_ids(rid, len(x)), x, scores)
         elif model.task == "text-generation" and x.ndim == 2:
@@ -950,7 +950,8 @@ def _log_options(args) -> LogOptions | None:
                     "raw_per_hour": "--log-raw"}[next(iter(given))]
             raise StageError(f"{flag} needs --log PATH (the prediction log it configures)")
         return None
-    folder = Path(args.log).resolve().parent
-    if not folder.is_dir():
-        raise StageError(f"--log {args.log}: the folder {folder} does not exist")
+    try:
+        Path(args.log).resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageError(f"--log {args.log}: its folder cannot be made ({err.strerror})") from None
     return LogOptions(args.log, **given)
