@@ -136,8 +136,7 @@ def images_bench(args, thresholds: dict) -> list[dict]:
 
 def _text_pool(model: inference.TextGenerator, text_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     """(chars, bits/char) N x 2 of n export.prompts windows of a text, as the server logs a prompt."""
-    return np.asarray([(len(p), inference.prompt_bits(model.run, model.meta, p.tolist()))
-                       for p in export.prompts(text_ids, n, seed)])
+    return np.asarray([drift.prompt_stats(model.run, model.meta, p) for p in export.prompts(text_ids, n, seed)])
 
 
 def _encodable(text: str, vocab: list[str]) -> np.ndarray:
