@@ -574,7 +574,9 @@ def summary(study, tune: params.Tune) -> dict:
         rows.append({"number": t.number, "experiment": t.user_attrs.get("experiment", f"{tune.study}-{t.number}"),
                      "state": t.state.name.lower(), "value": t.value, "epochs": t.user_attrs.get("epochs"),
                      "params": t.params, "seconds": t.duration.total_seconds() if t.duration else None,
-                     "error": t.user_attrs.get("error")})
+                     "error": t.user_attrs.get("error"),
+                     "started": t.datetime_start.timestamp() if t.datetime_start else None,
+                     "curve": [t.intermediate_values[k] for k in sorted(t.intermediate_values)]})
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = None
     if complete:
