@@ -3,6 +3,7 @@ micro-batching, the FastAPI + eager PyTorch server a user would write first, and
 model server, on three workloads.
 
     python benchmarks/serve.py [--clients 1 8 32] [--requests 2000] [--repeat 8] [--out benchmarks/results/serve.json]
+    python benchmarks/serve.py --servers ae --clients 32 --out benchmarks/results/serve-log.json   # log on vs off
 
 Model: the default CNN (params.yaml's `cnn.recipes.default`: airbench, its widths), random seeded
 weights (speed does not depend on them), saved as train_cnn saves it and exported through
@@ -14,6 +15,8 @@ ptpipe.export like the stage. Servers, each in its own process on a free loopbac
       ptpipe.inference.load_image and running the eager nn.Module per request (torch's default threads)
   (d) KServe's Python model server (`kserve.Model` + `ModelServer`, what a KServe user runs): the same
       ONNX file on onnxruntime with 1 intra-op thread, REST only, per-request logging off, bound to 127.0.0.1
+  (e) (a) with the prediction log on (`--log`, every request logged, no raw inputs: ptpipe.predlog), beside (a):
+      the ratio e/a is what logging costs (issue 24's target: >= 0.95 at 32 clients)
 Workloads (each server runs those it speaks):
   classify      multipart upload of one 32 x 32 PNG to /v1/models/bench/classify, top-3 labels back (a, b, c)
   infer-json    Open Inference Protocol JSON /v2/models/bench/infer, one 3x32x32 UINT8 image (a, b, d)
@@ -208,6 +211,17 @@ def _batches(port: int) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
+def _logged(path: Path) -> int:
+    """Rows in a prediction log (server e's)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    finally:
+        conn.close()
+
+
 def _cpu_times() -> list[int]:
     """The machine's CPU time counters (user ... steal) from /proc/stat; [] where there is none."""
     try:
@@ -265,7 +279,7 @@ def workloads(n: int = 64) -> dict[str, list[str]]:
 def _cell(label: str, workload: str, clients: int, port: int, work: Path, args, round_: int) -> dict:
     """One (server, workload, clients) measurement: the client's latencies, the CPU shares, the batch sizes."""
     load, before = os.getloadavg()[0], _cpu_times()
-    batches = _batches(port) if label.startswith("a") else None
+    batches = _batches(port) if label[0] in "ae" else None
     out = subprocess.run([sys.executable, str(work / "client.py"), str(port), str(clients), str(args.requests),
                           str(args.warmup), str(work / f"{workload}.json")], capture_output=True, text=True)
     if out.returncode:
@@ -286,17 +300,19 @@ def _cell(label: str, workload: str, clients: int, port: int, work: Path, args, 
 
 
 SERVES = {"a": ("classify", "infer-json", "infer-binary"), "b": ("classify", "infer-json"), "c": ("classify",),
-          "d": ("infer-json", "infer-binary")}
+          "d": ("infer-json", "infer-binary"), "e": ("classify", "infer-json", "infer-binary")}
 # docs/serving.md's targets, {ratio: {clients: at least}}; and (a)'s p99 at 32 clients <= P99_TARGET_MS
 TARGETS = {"a/c classify": {32: 3.0}, "a/b classify": {32: 1.5}, "a/d infer-json": {1: 1.2, 8: 1.5, 32: 1.5},
-           "a binary/json": {1: 1.3, 8: 1.3, 32: 1.3}}
+           "a binary/json": {1: 1.3, 8: 1.3, 32: 1.3},
+           # issue 24: logging costs <= 5% of throughput at 32 clients
+           "e/a classify": {32: 0.95}, "e/a infer-json": {32: 0.95}, "e/a infer-binary": {32: 0.95}}
 P99_TARGET_MS = 50.0
 
 
 def _ratios(median: dict, label: dict, clients: list[int]) -> dict:
     """Throughput ratios of the medians: the comparisons the targets name, at every client count."""
     def rps(server: str, workload: str, n: int):
-        cell = median.get((label[server], workload, n))
+        cell = median.get((label.get(server), workload, n))  # None: that server was not run
         return cell["throughput_rps"] if cell else None
 
     ratios = {}
@@ -305,7 +321,8 @@ def _ratios(median: dict, label: dict, clients: list[int]) -> dict:
                              "a/b classify": (("a", "classify"), ("b", "classify")),
                              "a/d infer-json": (("a", "infer-json"), ("d", "infer-json")),
                              "a/d infer-binary": (("a", "infer-binary"), ("d", "infer-binary")),
-                             "a binary/json": (("a", "infer-binary"), ("a", "infer-json"))}.items():
+                             "a binary/json": (("a", "infer-binary"), ("a", "infer-json")),
+                             **{f"e/a {w}": (("e", w), ("a", w)) for w in SERVES["e"]}}.items():
             if rps(*x, n) and rps(*y, n):
                 ratios[f"{name} at {n}"] = rps(*x, n) / rps(*y, n)
     return ratios
@@ -340,7 +357,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=8,
                     help="rounds of the whole sweep, servers interleaved; cells report medians (default 8)")
-    ap.add_argument("--servers", default="abcd", help="which of a b c d to run (default all)")
+    ap.add_argument("--servers", default="abcde", help="which of a b c d e to run (default all)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
     args = ap.parse_args()
 
@@ -360,6 +377,8 @@ def main() -> None:
                                                  str(p)],
         "d: KServe ModelServer + ort": lambda p: [sys.executable, str(work / "kserve_server.py"),
                                                   str(model_dir / "model.onnx"), str(p)],
+        "e: ptpipe serve --log (batching)": lambda p: [*ptpipe, "--port", str(p), "--log",
+                                                       str(work / f"predictions-{p}.sqlite")],
     }
     servers = {k: v for k, v in servers.items() if k[0] in args.servers}
     rows, order = [], list(servers)
@@ -373,6 +392,12 @@ def main() -> None:
                         rows.append(_cell(label, workload, clients, port, work, args, round_))
             finally:
                 stop(proc)
+            if label[0] == "e":  # the log really took every answer: a logger that dropped rows would look cheap
+                answered = sum(r["requests"] for r in rows if r["server"] == label and r["round"] == round_)
+                logged = _logged(work / f"predictions-{port}.sqlite")
+                print(f"round {round_}  {label}: {logged} rows logged for {answered} timed requests (+ warm-up)")
+                if logged < answered:
+                    raise SystemExit(f"{label} logged {logged} rows for {answered} answers: the log drops rows")
 
     cells = {}
     for r in rows:

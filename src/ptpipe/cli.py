@@ -4,7 +4,8 @@
     ptpipe predict cat.jpg dog.png [--top-k 3] [--json] [--model cnn]
     ptpipe release cifar10-cnn v1.0.0 | ptpipe promote cifar10-cnn v1.0.0 prod [--force]
     ptpipe unassign cifar10-cnn v1.0.0 prod | ptpipe versions cifar10-cnn      (any folder of the repo, or --repo)
-    ptpipe serve [--model cifar10-cnn#prod] [--port 8000]      (docs/serving.md)
+    ptpipe serve [--model cifar10-cnn#prod] [--port 8000] [--log predictions.sqlite]   (docs/serving.md)
+    ptpipe feedback-export --log predictions.sqlite --model cifar10-cnn --out labelled/   (docs/monitoring.md)
     ptpipe tune [--workers 2] [--storage URL] [--push origin]   (params.yaml `tune`, docs/tune.md)
 
 `predict`, `serve` and `generate --backend onnx` run on onnxruntime and never import torch. `--model` is a
@@ -32,6 +33,31 @@ def _at_least(minimum: int, option: str, meaning: str = ""):
 
 
 _threads = _at_least(0, "--threads", " (one per core)")
+
+
+def _fraction(text: str) -> float:
+    """--log-sample: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--log-sample must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--log-sample must be a fraction in (0, 1], got {text}")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """--log-retention: a positive number of seconds, minutes, hours or days (90s, 30m, 12h, 7d)."""
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"--log-retention must be a positive duration such as 90s, 30m, 12h or 7d, "
+                                         f"got {text!r}")
+    return float(match[1]) * _UNITS[match[2]]
 
 
 def _model_file(model: str | None, default: str) -> tuple[str | None, str]:
@@ -100,6 +126,12 @@ def _serve(args: argparse.Namespace) -> None:
     serve.main(args.model, args.repo, args.models_dir, args.host, args.port, serve.options_from(args))
 
 
+def _feedback_export(args: argparse.Namespace) -> None:
+    from ptpipe import predlog
+
+    predlog.export_main(args.log, args.model, args.out)
+
+
 def _tune(args: argparse.Namespace) -> None:
     from ptpipe import tune
 
@@ -112,7 +144,7 @@ def _tune(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_inference, _add_registry, _add_serve, _add_tune):
+    for add in (_add_inference, _add_registry, _add_serve, _add_feedback, _add_tune):
         add(sub)
     return parser
 
@@ -203,7 +235,32 @@ def _add_serve(sub) -> None:
     srv.add_argument("--threads", type=_threads, default=1,
                      help="onnxruntime intra-op threads per call (default 1: the event loop needs the other cores; "
                           "0 = one per core)")
+    from ptpipe.limits import LogOptions
+
+    srv.add_argument("--log", default=None, metavar="PATH",
+                     help="prediction log: an SQLite file recording each answer for monitoring (docs/monitoring.md); "
+                          "default: nothing is logged")
+    srv.add_argument("--log-sample", type=_fraction, default=None, metavar="FRACTION",
+                     help=f"fraction of requests logged, drawn per request (default {LogOptions.sample:g})")
+    srv.add_argument("--log-retention", type=_duration, default=None, metavar="AGE",
+                     help=f"log rows older than this are deleted: 90s, 30m, 12h, 7d "
+                          f"(default {LogOptions.retention_s / 86400:g}d)")
+    srv.add_argument("--log-max-rows", type=_at_least(1, "--log-max-rows"), default=None, metavar="N",
+                     help=f"and at most N rows are kept, the newest (default {LogOptions.max_rows:,})")
+    srv.add_argument("--log-raw", type=_at_least(0, "--log-raw"), default=None, metavar="N",
+                     help="keep the raw input (the model's input image as PNG, or the prompt) of the first N "
+                          "inputs per model per clock hour, for labelling (default 0: never, inputs may be private)")
     srv.set_defaults(func=_serve)
+
+
+def _add_feedback(sub) -> None:
+    exp = sub.add_parser("feedback-export", help="labelled raw inputs of the prediction log as an image-folder "
+                                                 "data set (docs/monitoring.md)")
+    exp.add_argument("--log", required=True, metavar="PATH", help="the prediction log (`ptpipe serve --log PATH`)")
+    exp.add_argument("--model", required=True, help="the served model's name")
+    exp.add_argument("--out", required=True, metavar="DIR",
+                     help="folder to write <label>/<id>.png into (replaced whole, atomically)")
+    exp.set_defaults(func=_feedback_export)
 
 
 def _add_tune(sub) -> None:

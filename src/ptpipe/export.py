@@ -1,6 +1,6 @@
 """Stage `export`: a trained model -> a TorchScript file and a self-describing ONNX file, for any kind.
 
-    python -m ptpipe.export --model-dir models/cnn   # models/cnn/model.pt -> model.ts + model.onnx beside it
+    python -m ptpipe.export --model-dir models/cnn --data data/prepared/cifar10  # -> model.ts + model.onnx beside it
 
 What a model's graph takes and returns, which axes are dynamic and what its metadata says come
 from its kind (`ptpipe.kinds.<kind>.KIND`): this module has no model-specific code. E.g. the CNN's
@@ -25,7 +25,8 @@ Every ONNX file carries `metadata_props` (values are JSON): `ptpipe.kind`, `ptpi
 `classes`, `mean`/`std`; a text model's `vocab` and `generation`), `data` (the data set it trained on:
 name and md5 of the prepared data), `model_args`, `params` (the training recipe from model.pt), `git_revision` (HEAD, "+dirty" if the work tree differs) and
 `source_md5` (md5 of model.pt: the hash `dvc.lock` records for it; `ptpipe generate/predict` refuse
-an export whose model.pt has changed since). Weights are inside the .onnx file (no external-data
+an export whose model.pt has changed since), and `ptpipe.reference`: the drift reference of the validation
+split (ptpipe.drift; kept inside the file so whatever serves or releases the model has its reference). Weights are inside the .onnx file (no external-data
 sidecar). The TorchScript file carries the same as `config.json` in its extra files. Both files are
 byte-reproducible (same weights and metadata, same bytes) and written atomically (ptpipe.files).
 """
@@ -37,12 +38,16 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from ptpipe import files, kinds, params, stage
+from ptpipe import data, drift, files, kinds, params, stage
 from ptpipe.stage import StageError
+
+REFERENCE_PROMPTS = 1000     # text models: validation-text prompts the reference's bits/char come from
+PROMPT_CHARS = (4, 256)      # their lengths, log-uniform: a few words to a paragraph
 
 def git_revision(cwd: str | Path = ".") -> str:
     """HEAD's sha, with "+dirty" when tracked files differ from it; "unknown" outside git."""
@@ -59,6 +64,31 @@ def git_revision(cwd: str | Path = ".") -> str:
 def metadata(kind: kinds.ModelKind, config: dict, source: Path, revision: str) -> dict:
     """What inference needs to use the file, and where it came from."""
     return {**kind.describe(config), "git_revision": revision, "source_md5": files.digest(source, "md5")}
+
+
+def prompts(text_ids: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """n seeded windows of a text (its ids), log-uniform PROMPT_CHARS long (at most the text): reference prompts."""
+    rng = np.random.default_rng(seed)
+    high = min(PROMPT_CHARS[1], len(text_ids))
+    lengths = np.exp(rng.uniform(np.log(min(PROMPT_CHARS[0], high)), np.log(high), n)).astype(int)
+    starts = rng.integers(0, len(text_ids) - lengths + 1)
+    return [text_ids[s: s + k] for s, k in zip(starts, lengths)]
+
+
+def reference(run, meta: dict, data_dir: Path) -> dict:
+    """The drift reference (ptpipe.drift.reference): the validation split as the deployable model sees it,
+    through `run` (ptpipe.kinds.runner: {input: array} -> {output: array}, any backend).
+    Classifiers: class probabilities and image_stats of every validation image, its true labels;
+    text models: prompt_stats on REFERENCE_PROMPTS seeded windows of the validation text."""
+    if meta["ptpipe.task"] == "image-classification":
+        images, labels = (t.numpy() for t in data.load_images(data_dir, "val"))
+        logits = np.concatenate([run({meta["inputs"][0]["name"]: images[i: i + 500]})[meta["outputs"][0]["name"]]
+                                 for i in range(0, len(images), 500)])
+        probs = torch.from_numpy(logits).float().softmax(dim=1).numpy()
+        return drift.reference(probs, drift.image_stats(images), drift.IMAGE_STATS, labels, meta["classes"])
+    val = data.load_text(data_dir)[1].numpy()
+    rows = [drift.prompt_stats(run, meta, p) for p in prompts(val, REFERENCE_PROMPTS, seed=0)]
+    return drift.reference(np.zeros((len(rows), 0)), np.asarray(rows, dtype=np.float64), drift.TEXT_STATS)
 
 
 def dynamic_axes(meta: dict) -> dict[str, dict[int, str]]:
@@ -120,13 +150,19 @@ def torchscript_bytes(scripted: torch.jit.ScriptModule, meta: dict) -> bytes:
     return buf.getvalue()
 
 
-def export(model_dir: str | Path, params_file: str | Path = params.PARAMS_FILE, revision: str | None = None) -> dict:
-    """model_dir/model.pt (any kind: its file says which) -> model.ts and model.onnx beside it; {ts, onnx} paths."""
+def export(model_dir: str | Path, params_file: str | Path = params.PARAMS_FILE, revision: str | None = None,
+           data_dir: str | Path | None = None) -> dict:
+    """model_dir/model.pt (any kind: its file says which) -> model.ts and model.onnx beside it; {ts, onnx} paths.
+    With `data_dir` (the prepared data it trained on; the stage passes it) both files also carry the drift
+    reference of its validation split (metadata `ptpipe.reference`, read by ptpipe.drift.load_reference)."""
     opset = params.load(params_file).export.opset  # validated before anything is written
     model_dir = Path(model_dir)
     source = model_dir / "model.pt"
     kind, model, config = kinds.load(source)
     meta = metadata(kind, config, source, revision or git_revision())
+    if data_dir is not None:
+        data.check_same_data(config, data_dir, source)
+        meta[drift.METADATA_KEY] = reference(kinds.runner(model, meta), meta, Path(data_dir))
     proto = to_onnx(kind, model, config, opset, meta)
     scripted = to_torchscript(model)
     out = {"ts": model_dir / "model.ts", "onnx": model_dir / "model.onnx"}
@@ -137,8 +173,8 @@ def export(model_dir: str | Path, params_file: str | Path = params.PARAMS_FILE, 
 
 
 def main() -> None:
-    args = stage.parser(__doc__, "model-dir").parse_args()
-    stage.run(export, args.model_dir, args.params)
+    args = stage.parser(__doc__, "model-dir", "data").parse_args()
+    stage.run(export, args.model_dir, args.params, data_dir=args.data)
 
 
 if __name__ == "__main__":

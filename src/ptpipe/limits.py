@@ -30,3 +30,15 @@ class Limits:
     body_timeout_s: float = 30.0        # the whole body must arrive in this time (408): 16 MiB needs ~4.5 Mbit/s
     max_header_bytes: int = 64 * 2**10  # request line + header fields (431): browsers send < 8 KiB
     max_headers: int = 100              # header fields (431): Apache's LimitRequestFields default
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """`ptpipe serve --log PATH ...`: the prediction log (ptpipe.predlog), each default with its reason."""
+
+    path: str                           # the SQLite file (created with its tables if absent)
+    sample: float = 1.0                 # fraction of requests logged, drawn per request (all its images or none)
+    retention_s: float = 7 * 86400      # rows older than this are deleted: a week covers a weekly monitor's window
+    max_rows: int = 1_000_000           # and at most this many rows (~180 B each for 10 classes, no raw: ~180 MB)
+    raw_per_hour: int = 0               # raw inputs kept per model per clock hour, the first ones (0: none, private)
+    commit_s: float = 0.5               # the writer commits this often: a crash loses at most ~this much

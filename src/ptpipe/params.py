@@ -184,8 +184,9 @@ class TuneMetric(Section):
 
 class TunePrune(Section):
     curve: str = Field(min_length=1)  # DVCLive's per-epoch TSV (step, value) of the metric, below the repo root
-    pruner: Literal["median", "threshold", "none"]  # none: the curve is recorded, no trial is stopped
-    startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
+    pruner: Literal["percentile", "median", "threshold", "none"]  # none: the curve is recorded, no trial stopped
+    percentile: Optional[Annotated[float, Field(strict=False, gt=0, lt=100)]] = None  # percentile: kept share
+    startup_trials: int = Field(ge=0)  # percentile/median: trials that finish before any is pruned
     warmup_epochs: int = Field(ge=0)   # epochs every trial runs before it may be pruned
     threshold: Optional[Annotated[float, Field(strict=False)]] = None  # threshold: worse than this stops
 
@@ -193,6 +194,8 @@ class TunePrune(Section):
     def _threshold_given(self) -> "TunePrune":
         if (self.pruner == "threshold") != (self.threshold is not None):
             raise ValueError("threshold is needed with pruner: threshold, and only then")
+        if (self.pruner == "percentile") != (self.percentile is not None):
+            raise ValueError("percentile is needed with pruner: percentile, and only then")
         return self
 
 
@@ -217,6 +220,30 @@ class Tune(Section):
         return self
 
 
+# -- monitor: a window of served traffic against the model's reference (ptpipe.drift, docs/monitoring.md) ----
+
+class Monitor(Section):
+    """The monitor flow's window and thresholds; the defaults in params.yaml come from benchmarks/drift.py."""
+
+    window: int = Field(ge=20, le=1_000_000)  # requests compared with the reference at a time
+    p_value: Annotated[float, Field(gt=0, lt=1, strict=False)]  # each test family flags below this
+    accuracy_drop: Annotated[float, Field(ge=0, le=1, strict=False)]  # live accuracy this far below the reference's
+    min_labelled: int = Field(ge=1)  # labelled rows before live accuracy is judged
+    cooldown_s: Annotated[float, Field(ge=0, strict=False)]  # after a retrain is triggered, none again this long
+
+
+def thresholds(raw: object, source: str = PARAMS_FILE) -> dict:
+    """The `monitor:` section as a checked dict (what ptpipe.drift.check takes); a bad one is a StageError
+    naming the key, e.g. `params.yaml: monitor.p_value: Input should be less than 1 (got 2)`."""
+    if isinstance(raw, Monitor):
+        return raw.model_dump()
+    try:
+        return Monitor.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        raise StageError("invalid params\n  " + "\n  ".join(
+            f"{source}: {_describe(e, 'monitor.')}" for e in exc.errors())) from None
+
+
 class Params(Section):
     lr: Annotated[float, Field(gt=0, le=10, strict=False)]  # the CNN recipes' lr where their own is null
     datasets: dict[str, Dataset]
@@ -229,6 +256,7 @@ class Params(Section):
     # `validate` would shadow pydantic's BaseModel.validate: the attribute is `validation`.
     validation: Validate = Field(alias="validate")
     tune: Optional[Tune] = None  # `ptpipe tune`'s search; absent: no study to run
+    monitor: Optional[Monitor] = None  # the monitor flow's thresholds; absent: no model is monitored
 
     @field_validator("datasets", "models")
     @classmethod

@@ -28,10 +28,12 @@ import re
 import struct
 import sys
 import time
+import uuid
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,9 +47,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import ptpipe
-from ptpipe import inference, protocol, served as served_mod
+from ptpipe import inference, predlog, protocol, served as served_mod
 from ptpipe.batching import Generations, MicroBatcher
-from ptpipe.limits import Limits
+from ptpipe.limits import Limits, LogOptions
 from ptpipe.protocol import ApiError
 from ptpipe.stage import StageError
 
@@ -68,6 +70,7 @@ class Options:
     threads: int = 1
     poll_s: float = 0.0                # re-resolve every model this often (0: only on POST .../load)
     limits: Limits = Limits()
+    log: LogOptions | None = None      # the prediction log (ptpipe.predlog); None: nothing is logged
 
 
 class BodyTooLarge(Exception):
@@ -80,8 +83,8 @@ class BodyTimeout(Exception):
 
 # -- metrics --------------------------------------------------------------------------------
 
-ENDPOINTS = {"infer", "classify", "generate", "ready", "live", "load", "unload", "index", "config", "stats",
-             "metrics"}  # with metadata, models, server and other: the only values of the endpoint label
+ENDPOINTS = {"infer", "classify", "generate", "feedback", "ready", "live", "load", "unload", "index", "config",
+             "stats", "metrics"}  # with metadata, models, server and other: the only values of the endpoint label
 
 
 class Metrics:
@@ -271,6 +274,7 @@ class State:
         self.arriving: dict[str, int] = {}  # requests per model being read, not yet handed to the batcher
         self.in_flight: dict[str, int] = {}  # requests per model between arrival and answer
         self.decoders = ThreadPoolExecutor(options.limits.max_decodes, thread_name_prefix="decode")
+        self.predlog = predlog.PredictionLog(options.log) if options.log else None
         for model in loaded:
             self.models[model.name] = model
             self.metrics.serving(model)
@@ -547,7 +551,8 @@ async def infer(request: Request) -> Response:
                                                              f"outputs[{i}].parameters.classification")))
         else:
             tensors.append((want, datatypes[want.name], results[want.name]))
-    head = {"model_name": name, "model_version": model.version, **({"id": req.id} if req.id is not None else {})}
+    rid = _log_infer(state, model, req, results)  # the request's id, else a new one while logging
+    head = {"model_name": name, "model_version": model.version, **({"id": rid} if rid is not None else {})}
     payload, header_length = await _off_loop(request, sum(a.size for _, _, a in tensors), protocol.encode_response,
                                              head, tensors, limits.max_json_values)
     headers = {"X-Model-Name": model.name, "X-Model-Version": model.version}
@@ -564,14 +569,16 @@ async def classify(request: Request) -> Response:
     _needs(model, "image-classification", "classify")
     with state.counted(state.in_flight, name):  # the batcher's limit: half of these
         with state.counted(state.arriving, name):
-            files, top_k, batch = await _classify_request(model, request, state)
+            uploads, top_k, batch = await _classify_request(model, request, state)
         logits = (await state.run(model, {model.inputs[0].name: batch}, [model.outputs[0].name]))[0]
+    ids = _log_images(state, model, batch, logits, [blob for _, blob in uploads])  # None: no log
     classes = model.runtime.classes
     probs = inference.softmax(logits.astype(np.float64))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     return _respond({"model": name, "version": model.version, "predictions": [
-        {"filename": f, "labels": [{"label": classes[j], "probability": round(float(p[j]), 6)} for j in row]}
-        for f, p, row in zip(files, probs, order)]}, model=model)
+        {**({"id": ids[i]} if ids else {}), "filename": f,
+         "labels": [{"label": classes[j], "probability": round(float(p[j]), 6)} for j in row]}
+        for i, ((f, _), p, row) in enumerate(zip(uploads, probs, order))]}, model=model)
 
 
 def _needs(model, task: str, endpoint: str) -> None:
@@ -584,13 +591,16 @@ async def generate(request: Request) -> Response:
     model = state.get(request.path_params["name"])
     _needs(model, "text-generation", "generate")
     args = _generate_args(model, await _json_body(request), state.options.limits)
-    headers = {"X-Model-Name": model.name, "X-Model-Version": model.version}
+    rid = _log_text(state, model, args["prompt"])  # None: no log
+    headers = {"X-Model-Name": model.name, "X-Model-Version": model.version,
+               **({"X-Prediction-Id": rid} if rid else {})}
     chars = _generated(state, model, args["prompt"], args["length"], args["temperature"], args["seed"])
     if args.pop("stream"):
         return StreamingResponse(_events(model, args["prompt"], chars), media_type="text/event-stream",
                                  headers=headers)
     text = args["prompt"] + "".join([ch async for ch in chars])
-    return _respond({"model": model.name, "version": model.version, "text": text}, model=model)
+    return _respond({"model": model.name, "version": model.version, "text": text, **({"id": rid} if rid else {})},
+                    headers=headers)
 
 
 async def _generated(state: State, model, prompt: str, length: int, temperature: float, seed: int):
@@ -654,6 +664,91 @@ async def _events(model, prompt: str, chars):
     finally:
         await chars.aclose()
     yield sse({"model": model.name, "version": model.version, "text": "".join(text)}, "done")
+
+
+# -- the prediction log and feedback (ptpipe.predlog) -----------------------------------------------
+# With --log, every response carries an id (a request of one image or prompt: that id; of N: `<id>/<i>`);
+# a sampled request is queued for the log's writer thread (nothing else happens on the request path).
+
+def _row_ids(rid: str, n: int) -> list[str]:
+    return [rid] if n == 1 else [f"{rid}/{i}" for i in range(n)]
+
+
+def _log_images(state: State, model, images: np.ndarray, logits: np.ndarray, uploads: list | None = None
+                ) -> list[str] | None:
+    if state.predlog is None:
+        return None
+    ids = _row_ids(uuid.uuid4().hex, len(images))
+    if state.predlog.sampled():
+        state.predlog.images(model.name, model.version, ids, images, logits, uploads)
+    return ids
+
+
+def _log_infer(state: State, model, req: protocol.InferRequest, results: dict) -> str | None:
+    """The response id of an infer request (the protocol returns the request's own), logging its rows if sampled:
+    a classifier's images with their logits, a text model's id sequences (bits/char when it computed logits)."""
+    if state.predlog is None:
+        return req.id
+    rid = req.id if req.id is not None else uuid.uuid4().hex
+    x, scores = req.feeds[model.inputs[0].name], results.get(model.outputs[0].name)
+    if len(rid) <= MAX_ID and state.predlog.sampled():  # a longer id (up to the JSON limit) would bloat each row
+        if model.task == "image-classification" and scores is not None and x.ndim == 4:
+            state.predlog.images(model.name, model.version, _row_ids(rid, len(x)), x, scores)
+        elif model.task == "text-generation" and x.ndim == 2:
+            state.predlog.ids(model.name, model.version, _row_ids(rid, len(x)), x, scores)
+    return rid
+
+
+def _log_text(state: State, model, prompt: str) -> str | None:
+    if state.predlog is None:
+        return None
+    rid = uuid.uuid4().hex
+    if state.predlog.sampled():
+        state.predlog.text(model.name, model.version, rid, prompt, model.runtime)
+    return rid
+
+
+MAX_ID = 200  # characters of a response id in feedback (ours are 32-38; a client's own OIP id may be longer)
+
+
+async def feedback(request: Request) -> Response:
+    """POST {"id": <a response's id>, "label": <the true class, or the true next text>}: stored in the log,
+    joined to the prediction by predlog.read_window. 404 for an id the log does not hold (never logged: not
+    sampled, another model's, past retention)."""
+    state = _state(request)
+    model = state.get(request.path_params["name"])
+    if state.predlog is None:
+        raise ApiError(404, "feedback needs the prediction log: start ptpipe serve with --log PATH", "path")
+    body = await _json_body(request)
+    unknown = sorted(set(body) - {"id", "label"}, key=str)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0][:40]!r}: send id and label", unknown[0][:40] or "body")
+    rid, label = body.get("id"), body.get("label")
+    if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID:
+        raise ApiError(400, f"id must be a response's id, a string of 1 to {MAX_ID} characters", "id")
+    if model.task == "image-classification":
+        if label not in model.runtime.classes:
+            raise ApiError(400, f"label must be one of {model.name}'s classes: {', '.join(model.runtime.classes)}"
+                                [:300], "label")
+    elif not isinstance(label, str) or not 1 <= len(label) <= state.options.limits.max_prompt:
+        raise ApiError(400, f"label must be the true next text, a string of 1 to {state.options.limits.max_prompt} "
+                            f"characters", "label")
+    if not await _logged(state.predlog, model.name, rid):
+        raise ApiError(404, f"no logged prediction of {model.name} has id {rid[:80]!r} (not sampled, or past "
+                            f"the log's retention)", "id")
+    state.predlog.feedback(model.name, rid, label)
+    return _respond({"model": model.name, "id": rid, "label": label}, model=model)
+
+
+async def _logged(log_: predlog.PredictionLog, model: str, rid: str) -> bool:
+    """Whether the log holds `rid`. A response of the last commit_s may still be queued: then it is looked up
+    again once what was queued is committed, waiting on the event loop (a flood of unknown ids holds no thread)."""
+    mark, deadline = log_.mark(), time.monotonic() + 2 * log_.options.commit_s + 1
+    if await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid):
+        return True
+    while not log_.written(mark) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid)
 
 
 # -- classify: multipart and images -----------------------------------------------------------
@@ -720,8 +815,8 @@ def _form(parts: list, max_files: int, max_fields: int) -> tuple[list, dict]:
     return uploads, fields
 
 
-async def _classify_request(model, request: Request, state: State) -> tuple[list[str], int, np.ndarray]:
-    """(file names, top_k, uint8 N x 3 x 32 x 32) of a multipart classify request."""
+async def _classify_request(model, request: Request, state: State) -> tuple[list, int, np.ndarray]:
+    """([(file name, bytes)], top_k, uint8 N x 3 x 32 x 32) of a multipart classify request."""
     limits = state.options.limits
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -744,7 +839,7 @@ async def _classify_request(model, request: Request, state: State) -> tuple[list
     for i, image in enumerate(images):
         if isinstance(image, str):
             raise ApiError(400, f"images[{i}] ({uploads[i][0][:100]}): {image}", f"images[{i}]")
-    return [name for name, _ in uploads], int(top_k), np.stack(images)
+    return uploads, int(top_k), np.stack(images)
 
 
 def _small_png(blob: bytes) -> bool:
@@ -799,6 +894,7 @@ ROUTES = [
     Route("/v1/models", list_models),
     Route("/v1/models/{name}/classify", classify, methods=["POST"]),
     Route("/v1/models/{name}/generate", generate, methods=["POST"]),
+    Route("/v1/models/{name}/feedback", feedback, methods=["POST"]),
     Route("/metrics", metrics),
 ]
 
@@ -847,6 +943,8 @@ def create_app(loaded: list, options: Options = Options(), routes: list = ROUTES
         if poller:
             poller.cancel()
         state.decoders.shutdown(wait=False)
+        if state.predlog:
+            state.predlog.close()  # what is queued is written
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, BodyTooLarge: _body_too_large, BodyTimeout: _body_timeout,
@@ -890,4 +988,22 @@ def options_from(args) -> Options:
     limits = replace(Limits(), max_body_bytes=int(args.max_body_mb * 2**20), max_batch=args.max_batch,
                      max_pixels=args.max_pixels, max_decodes=args.max_decodes, body_timeout_s=args.body_timeout_s)
     return Options(batching=not args.no_batching, window_s=args.batch_window_ms / 1000, threads=args.threads,
-                   poll_s=args.poll_s, limits=limits)
+                   poll_s=args.poll_s, limits=limits, log=_log_options(args))
+
+
+def _log_options(args) -> LogOptions | None:
+    """The --log* flags (each None when not given: LogOptions' default); without --log the others are refused."""
+    given = {key: value for key, value in (("sample", args.log_sample), ("retention_s", args.log_retention),
+                                           ("max_rows", args.log_max_rows), ("raw_per_hour", args.log_raw))
+             if value is not None}
+    if args.log is None:
+        if given:
+            flag = {"sample": "--log-sample", "retention_s": "--log-retention", "max_rows": "--log-max-rows",
+                    "raw_per_hour": "--log-raw"}[next(iter(given))]
+            raise StageError(f"{flag} needs --log PATH (the prediction log it configures)")
+        return None
+    try:
+        Path(args.log).resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageError(f"--log {args.log}: its folder cannot be made ({err.strerror})") from None
+    return LogOptions(args.log, **given)
