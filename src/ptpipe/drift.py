@@ -64,17 +64,15 @@ def prompt_bits_per_char(logits: np.ndarray, ids) -> float:
 
 
 def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, float]:
-    """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds it
-    (ptpipe.inference.sample_ids): a recurrent model the whole prompt from a zero state, a window model its
-    last block_size characters (what it sees; bits/char is over those)."""
+    """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation's first call feeds
+    it (ptpipe.inference.step): a recurrent model the whole prompt from a zero state, a window or cached
+    model its last block_size characters with an empty past (what it sees; bits/char is over those)."""
+    from ptpipe.inference import empty_input  # numpy and onnxruntime only, like the server this runs in
+
     gen, ids = meta["generation"], [int(i) for i in ids]
-    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
-    feeds = {}
-    if gen["mode"] == "recurrent":
-        feeds = {s["input"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], dtypes[s["input"]])
-                 for s in gen["state"]}
-    fed = ids[-int(gen["block_size"]):] if gen["mode"] == "window" else ids
-    out = run({meta["inputs"][0]["name"]: np.asarray([fed], dtype=np.int64), **feeds})
+    first, *others = meta["inputs"]
+    fed = ids[-int(gen["block_size"]):] if "block_size" in gen else ids
+    out = run({first["name"]: np.asarray([fed], dtype=np.int64), **{i["name"]: empty_input(i, 1) for i in others}})
     return len(ids), prompt_bits_per_char(out[meta["outputs"][0]["name"]][0], fed)
 
 
