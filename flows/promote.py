@@ -1,6 +1,6 @@
 """Prefect flow `promote`: release a retrained model and move a registry stage to it, only if it is better.
 
-    python flows/promote.py cifar10-cnn v1.2.0 [--stage prod] [--repo .]
+    python flows/promote.py cifar10-cnn [v1.2.0] [--stage prod] [--repo .]    # no version: the next minor
 
 The candidate is `version` if it is already released, else the committed HEAD (released as
 `version` when it wins, through `ptpipe.registry.release`: the same checks as `ptpipe release`).
@@ -51,6 +51,14 @@ def criterion(repo: str, name: str, metric_file: str | None, metric_key: str | N
             higher if higher_is_better is None else higher_is_better)
 
 
+def next_version(repo: str, name: str) -> str:
+    """The next minor version after the highest released one (v0.1.0 for the first): what a retrain releases."""
+    released = [tuple(int(p) for p in r["version"][1:].split(".")) for r in registry.versions(name, repo)
+                if registry.SEMVER.match(r["version"])]
+    major, minor, _ = max(released, default=(0, 0, 0))
+    return f"v{major}.{minor + 1}.0"
+
+
 def is_better(candidate: float, current: float | None, higher: bool) -> bool:
     return current is None or (candidate > current if higher else candidate < current)
 
@@ -82,10 +90,12 @@ def find_versions(repo: str, name: str, version: str, stage: str) -> tuple[dict,
 
 
 @flow(name="promote")
-def promote(name: str, version: str, stage: str = "prod", repo: str = ".", metric_file: str | None = None,
+def promote(name: str, version: str | None = None, stage: str = "prod", repo: str = ".", metric_file: str | None = None,
             metric_key: str | None = None, higher_is_better: bool | None = None) -> dict:
-    """Release (if needed) and assign `stage` to `version` of `name` only if its metric beats the stage's."""
+    """Release (if needed) and assign `stage` to `version` of `name` only if its metric beats the stage's.
+    Without `version`, the committed HEAD as the next minor version (`next_version`)."""
     log = get_run_logger()
+    version = version or next_version(repo, name)
     file, key, higher = criterion(repo, name, metric_file, metric_key, higher_is_better)
     candidate, current = find_versions(repo, name, version, stage)
     candidate["metric"] = read_metric(repo, candidate["commit"], file, key)
@@ -111,7 +121,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
-    ap.add_argument("version")
+    ap.add_argument("version", nargs="?", default=None, help="default: the next minor version")
     ap.add_argument("--stage", default="prod")
     ap.add_argument("--repo", default=".")
     ap.add_argument("--metric-file", default=None, help="default: metrics/<model>/evaluate.json")

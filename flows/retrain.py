@@ -26,6 +26,10 @@ A thin layer over `ptpipe.pipeline` (the same `dvc repro` the command line runs)
 
 A failed run ends in a Failed state whose message is the reason (the stage and its last output
 lines); `ptpipe.incidents.on_failure` writes `incidents/<time>-retrain-<run>.json`.
+With `request.promote` (what the `retrain/on-drift` automation sets when the monitor reports drift,
+docs/monitoring.md), a run in place then commits its results (dvc.lock, the metrics git keeps) and
+passes them through flows/promote.py's gate: released as the next minor version and moved to prod
+only when its metric beats prod's; `result["promotion"]` says what the gate decided.
 Run by hand: `python flows/retrain.py` (repo = current directory), or deploy (prefect.yaml).
 """
 from __future__ import annotations
@@ -53,6 +57,11 @@ class RetrainRequest(BaseModel):
     )
     experiment: str | None = Field(None, description="Name for the experiment (a sweep's get -1, -2, ...)")
     validate_after: bool = Field(True, description="Run validate-onnx when the pipeline has a validate stage")
+    promote: str | None = Field(
+        None, description="An artifact (e.g. cifar10-cnn): after a run without overrides, commit the results and "
+                          "pass them through flows/promote.py's gate (released as the next minor version and "
+                          "moved to prod only if its metric beats prod's). What the on-drift automation sets")
+    reason: str = Field("retrain", description="Why this run: the commit message of its results (with promote)")
 
 
 def check_params(repo: str, overrides: list[str]) -> list[list[str]]:
@@ -62,6 +71,26 @@ def check_params(repo: str, overrides: list[str]) -> list[list[str]]:
     for each in experiments:
         pipeline.check_overrides(repo, each)
     return experiments
+
+
+def check_promote(repo: str, request: RetrainRequest) -> None:
+    """request.promote names a releasable artifact, and is only asked of a run in place (an experiment's
+    results live in a temporary copy, never committed to the branch the registry tags)."""
+    if request.promote is None:
+        return
+    if request.set_params:
+        raise StageError("request.promote releases the workspace's committed results: run without "
+                         "request.set_params (commit the change first), or promote an experiment by hand")
+    from ptpipe import registry
+
+    known = registry.artifacts(repo)
+    if request.promote not in known:
+        raise StageError(f"request.promote: no artifact {request.promote!r}; known: {', '.join(sorted(known))}")
+
+
+@task(name="commit-results")
+def commit_results(repo: str, reason: str) -> bool:
+    return pipeline.commit_results(repo, f"{reason} (flow run retrain)")
 
 
 def check_workspace(repo: str) -> None:
@@ -149,10 +178,18 @@ def retrain(request: RetrainRequest = RetrainRequest(), repo: str = ".") -> dict
     repo = str(pipeline.repo_root(repo))
     try:
         experiments = check_params(repo, list(request.set_params))
+        check_promote(repo, request)
         with repo_slot.hold(logger):
             if experiments == [[]]:  # no overrides: the committed state, in place
                 check_workspace(repo)
-                return _reproduce(request, repo, repo, [], None)
+                result = _reproduce(request, repo, repo, [], None)
+                if request.promote:  # still in the slot: the commit and the tags name what this run made
+                    commit_results(repo, request.reason)
+                    result["promotion"] = gate = _load_sibling("promote").promote(name=request.promote, repo=repo)
+                    logger.info("%s %s: %s", request.promote, gate["candidate"]["version"],
+                                "promoted to prod" if gate["promoted"]
+                                else f"not promoted, prod stays at {gate['current']['version']}")
+                return result
             results = []
             for number, overrides in enumerate(experiments, 1):
                 name = request.experiment

@@ -1,9 +1,9 @@
-"""Serve both flows with their schedules from this one process, without a work pool or worker.
+"""Serve every flow of prefect.yaml with their schedules from this one process, without a work pool or worker.
 
     python flows/serve.py        # from the repository root; Ctrl-C stops it
 
-Same deployment names, schedules and parameters as prefect.yaml (read from it, so there is one
-place to change a schedule). Runs execute as subprocesses of this process, in the repository root.
+Same deployment names, schedules, parameters and triggers (the on-drift automation) as prefect.yaml
+(read from it, so there is one place to change a schedule). Runs execute as subprocesses of this process, in the repository root.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def deployments(prefect_yaml: Path = ROOT / "prefect.yaml") -> list:
-    """`RunnerDeployment`s for every deployment in prefect.yaml (entrypoint, parameters, cron schedules)."""
+    """`RunnerDeployment`s for every deployment in prefect.yaml (entrypoint, parameters, cron schedules, triggers)."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
     result = []
     for spec in yaml.safe_load(prefect_yaml.read_text(encoding="utf-8"))["deployments"]:
         path, function = spec["entrypoint"].split(":")
@@ -32,6 +34,7 @@ def deployments(prefect_yaml: Path = ROOT / "prefect.yaml") -> list:
                 parameters=spec.get("parameters") or {},
                 tags=spec.get("tags") or [],
                 schedules=schedules,
+                triggers=[DeploymentEventTrigger(**t) for t in spec.get("triggers") or []],
             )
         )
     return result

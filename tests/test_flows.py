@@ -509,7 +509,7 @@ def test_deployments_register_with_the_prefect_yaml_schedules(deployed, client):
 
     spec = {f"{s['entrypoint'].split(':')[1].replace('_', '-')}/{s['name']}": s
             for s in yaml.safe_load((deployed / "prefect.yaml").read_text())["deployments"]}
-    assert set(spec) == {"retrain/nightly", "validate-onnx/daily", "tune/study"}
+    assert set(spec) == {"retrain/nightly", "validate-onnx/daily", "tune/study", "monitor/hourly", "retrain/on-drift"}
     for name, s in spec.items():
         deployment = client.read_deployment_by_name(name)
         assert deployment.work_pool_name == "ptpipe-local"

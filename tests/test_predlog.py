@@ -333,9 +333,8 @@ def test_a_prompt_the_model_cannot_score_keeps_its_row_with_nan_bits(workspace, 
     from ptpipe.limits import LogOptions
 
     lstm = inference.TextGenerator(workspace / "models/lstm/model.onnx")
-    # told its ids input has another name, it is fed one the graph does not have: onnxruntime refuses (a real
-    # failure, no mock)
-    lstm.meta = {**lstm.meta, "inputs": [{**lstm.meta["inputs"][0], "name": "tokens"}, *lstm.meta["inputs"][1:]]}
+    # told it is a window model, it is fed without its state: onnxruntime refuses (a real failure, no mock)
+    lstm.meta = {**lstm.meta, "generation": {"mode": "window", "block_size": 8}}
     log = predlog.PredictionLog(LogOptions(str(tmp_path / "log.sqlite")))
     for i in range(3):
         log.text(LSTM, "v1", f"p{i}", "Alice", lstm)

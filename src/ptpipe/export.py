@@ -79,7 +79,8 @@ def reference(run, meta: dict, data_dir: Path) -> dict:
     """The drift reference (ptpipe.drift.reference): the validation split as the deployable model sees it,
     through `run` (ptpipe.kinds.runner: {input: array} -> {output: array}, any backend).
     Classifiers: class probabilities and image_stats of every validation image, its true labels;
-    text models: prompt_stats on REFERENCE_PROMPTS seeded windows of the validation text."""
+    text models: drift.prompt_stats (what the server logs of a prompt) of REFERENCE_PROMPTS seeded windows of
+    the validation text."""
     if meta["ptpipe.task"] == "image-classification":
         images, labels = (t.numpy() for t in data.load_images(data_dir, "val"))
         logits = np.concatenate([run({meta["inputs"][0]["name"]: images[i: i + 500]})[meta["outputs"][0]["name"]]

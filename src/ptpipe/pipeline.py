@@ -172,6 +172,17 @@ def _git_kept_outputs(root: Path) -> list[str]:
     return ["dvc.lock"] + sorted(out.relative_to(root).as_posix() for out in outs)
 
 
+def commit_results(repo: str | os.PathLike, message: str) -> bool:
+    """Commit what a run in place rewrote (dvc.lock, the outputs git keeps); False when nothing changed.
+    A release is a commit whose dvc.lock names the model's files: the promotion gate needs this one."""
+    root = repo_root(repo)
+    _git(root, "add", "--", *[p for p in _git_kept_outputs(root) if (root / p).exists()])
+    if not _git(root, "diff", "--cached", "--name-only").strip():
+        return False
+    _git(root, "commit", "-q", "-m", message)
+    return True
+
+
 def uncommitted_inputs(repo: str | os.PathLike) -> list[str]:
     """Tracked files that differ from the last commit, except what the pipeline itself rewrites
     (dvc.lock, `cache: false` outputs): non-empty means the workspace is not the committed state."""
