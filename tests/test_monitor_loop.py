@@ -117,6 +117,15 @@ def drifted_events(client) -> list[dict]:
     return r.json()["events"]
 
 
+def markdown_artifact(client) -> str:
+    """The latest `monitor-tiny-cnn` markdown artifact's text."""
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    (latest,) = client.read_latest_artifacts(
+        artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[f"monitor-{NAME}"])))
+    return latest.data
+
+
 def on_drift_runs(client) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -160,12 +169,19 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         assert quiet["version"] == "v1.0.0" and quiet["n"] == WINDOW and not quiet["drifted"], quiet["reasons"]
         report = repo / "reports" / "monitor" / NAME
         assert (report / "report.html").is_file() and len((report / "history.tsv").read_text().splitlines()) == 2
+        assert "no drift" in markdown_artifact(client) and not drifted_events(client)
 
         # 2. brightened: flagged; the automation starts one retrain, on a worse candidate: not promoted
         commit_candidate(repo, models[1], 0.4, "new data: a worse model")
         traffic(server.url, seed=11, brighten=90)
         flagged = monitor_once()
         assert flagged["drifted"] and any(r.startswith("input_drift") for r in flagged["reasons"])
+        assert "**drifted**" in markdown_artifact(client)
+        (event,) = wait_for(lambda: drifted_events(client), "the drifted event")
+        assert event["resource"] == {"prefect.resource.id": f"ptpipe.model.{NAME}", "prefect.resource.name": NAME,
+                                     "ptpipe.version": "v1.0.0"}
+        assert event["payload"]["reasons"] == flagged["reasons"] and event["payload"]["n"] == WINDOW
+        assert event["payload"]["figures"]["input_drift.p_value"] < 0.01
         (run,) = wait_for(lambda: on_drift_runs(client), "the automation to create a retrain run", timeout=60)
         assert run.parameters["request"]["promote"] == NAME
         assert run.parameters["request"]["reason"].startswith(f"retrain {NAME}: v1.0.0 drifted (input_drift")
