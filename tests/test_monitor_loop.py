@@ -82,7 +82,7 @@ def tiny_project(tmp: Path, first_model: Path) -> Path:
     (on_drift,) = [d for d in spec["deployments"] if d["name"] == "on-drift"]
     on_drift["triggers"][0]["within"] = COOLDOWN_S
     (repo / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (repo / ".gitignore").write_text("reports/\nlogs/\n")
+    (repo / ".gitignore").write_text("reports/\nlogs/\nincidents/\n")
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "tiny project", cwd=repo)
     commit_candidate(repo, first_model, 0.5, "first model")
@@ -156,13 +156,17 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         from ptpipe import predlog
 
         wait_for(lambda: len(predlog.read_window(log, NAME, WINDOW).ids) == WINDOW, "the log's window")
-        (result,) = flows.monitor(request)
+        (result,) = flows.monitor(request, str(repo))
         return result
 
     try:
         server = Server(tmp_path / "serve", "--model", f"{NAME}#prod", "--repo", str(repo), "--poll-s", "1",
                         "--log", str(log), cwd=repo)
-        request = flows.MonitorRequest(log=str(log), server=server.url, repo=str(repo))
+        request = flows.MonitorRequest(log=str(log), server=server.url)
+        # a model the project does not have: Failed, naming the key, an incident, nothing else written
+        failed = flows.monitor(flows.MonitorRequest(log=str(log), models=["nope"]), str(repo), return_state=True)
+        assert failed.is_failed() and failed.message.startswith("monitor failed: request.models: 'nope' is no artifact")
+        assert not (repo / "reports").exists() and len(list((repo / "incidents").glob("*-monitor-*.json"))) == 1
         # 1. like the validation data: nothing flagged, nothing emitted
         traffic(server.url, seed=10)
         quiet = monitor_once()
