@@ -18,8 +18,8 @@ For every served model (request.models, or every model the server at request.ser
    any spreadsheet: one plain file beside the project's DVC plots, nothing to run); `report.html`, the latest
    window with every figure's history drawn as inline SVG (no script, no CDN: it renders offline); and the
    Prefect markdown artifact `monitor-<model>` (the figures, the verdict), in the run's Artifacts tab;
-5. drifted: the event `ptpipe.model.drifted` (resource `ptpipe.model.<name>`, the version and the artifact
-   as its labels, the figures and reasons as payload). The event is emitted for every drifted window, so the
+5. drifted: the event `ptpipe.model.drifted` (resource `ptpipe.model.<name>` with the version as a label,
+   the figures and reasons as payload). The event is emitted for every drifted window, so the
    event feed shows the whole episode; the cooldown is the automation's (`within` in prefect.yaml: one
    retrain per model per period however many windows drift), not this flow's memory.
 """
@@ -42,7 +42,7 @@ from ptpipe import drift, files, incidents, params, predlog, registry
 from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
-HISTORY_ROWS = 10_000
+HISTORY_ROWS = 10_000  # history.tsv keeps the newest rows: a run an hour is more than a year
 WHEN = ("time", "first", "last")  # a result's times: the history's first column and the report's header, no figure
 
 
@@ -123,7 +123,7 @@ def figures(result: dict, prefix: str = "") -> dict[str, float]:
             out.update(figures(value, f"{name}."))
         elif isinstance(value, bool):
             out[name] = float(value)
-        elif isinstance(value, (int, float)) and value is not None:
+        elif isinstance(value, (int, float)):
             out[name] = float(value)
     return out
 

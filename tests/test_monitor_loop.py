@@ -32,10 +32,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fixtures import ROOT, cifar_images, sh, tool_env, write_models, write_prepared_cifar
+from fixtures import CLASSES, ROOT, cifar_images, sh, tool_env, write_models, write_prepared_cifar
 from test_flows import PREFECT, client, final_state, load_flow_module, prefect_server, run_logs, stop, wait_for  # noqa: F401
 from test_serve import Server, png
-from ptpipe import export, registry
+from ptpipe import export, predlog, registry
 
 COOLDOWN_S = 60
 WINDOW = 100  # requests per window (params.yaml monitor.window in the tiny project)
@@ -101,12 +101,15 @@ def classify(url: str, batch: np.ndarray) -> httpx.Response:
     return r
 
 
-def traffic(url: str, seed: int, brighten: int = 0, n: int = WINDOW) -> None:
-    """n images like the validation split's (another seed), brightened by `brighten` levels, 10 a request."""
-    x = cifar_images(n, seed)[0].reshape(n, 3, 32, 32).astype(np.int16) + brighten
-    x = np.clip(x, 0, 255).astype(np.uint8)
-    for i in range(0, n, 10):
-        classify(url, x[i: i + 10])
+def traffic(url: str, seed: int, brighten: int = 0, n: int = WINDOW, labelled: int = 0) -> None:
+    """n images like the validation split's (another seed), brightened by `brighten` levels, 10 a request; the
+    true class of the first `labelled` sent as feedback on their response ids."""
+    x, classes = cifar_images(n, seed)
+    x = np.clip(x.reshape(n, 3, 32, 32).astype(np.int16) + brighten, 0, 255).astype(np.uint8)
+    ids = [p["id"] for i in range(0, n, 10) for p in classify(url, x[i: i + 10]).json()["predictions"]]
+    for rid, label in zip(ids[:labelled], classes):
+        r = httpx.post(f"{url}/v1/models/{NAME}/feedback", json={"id": rid, "label": CLASSES[label]}, timeout=30)
+        assert r.status_code == 200, r.text
 
 
 def drifted_events(client) -> list[dict]:
@@ -153,8 +156,6 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
     flows = load_flow_module("monitor")
 
     def monitor_once() -> dict:
-        from ptpipe import predlog
-
         wait_for(lambda: len(predlog.read_window(log, NAME, WINDOW).ids) == WINDOW, "the log's window")
         (result,) = flows.monitor(request, str(repo))
         return result
@@ -168,9 +169,12 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         assert failed.is_failed() and failed.message.startswith("monitor failed: request.models: 'nope' is no artifact")
         assert not (repo / "reports").exists() and len(list((repo / "incidents").glob("*-monitor-*.json"))) == 1
         # 1. like the validation data: nothing flagged, nothing emitted
-        traffic(server.url, seed=10)
+        traffic(server.url, seed=10, labelled=30)
+        wait_for(lambda: sum(label is not None for label in predlog.read_window(log, NAME, WINDOW).labels) == 30,
+                 "the feedback in the log (committed by its writer thread)")
         quiet = monitor_once()
         assert quiet["version"] == "v1.0.0" and quiet["n"] == WINDOW and not quiet["drifted"], quiet["reasons"]
+        assert quiet["n_labelled"] == 30 and 0 <= quiet["accuracy"] <= 1  # live accuracy on the feedback
         report = repo / "reports" / "monitor" / NAME
         assert (report / "report.html").is_file() and len((report / "history.tsv").read_text().splitlines()) == 2
         assert "no drift" in markdown_artifact(client) and not drifted_events(client)
