@@ -219,7 +219,10 @@ def _pruner(prune: params.TunePrune | None, direction: str):
     if prune.pruner == "threshold":  # worse than the threshold: above it when minimizing, below when maximizing
         side = "upper" if direction == "minimize" else "lower"
         return optuna.pruners.ThresholdPruner(**{side: prune.threshold}, n_warmup_steps=prune.warmup_epochs)
-    return optuna.pruners.MedianPruner(n_startup_trials=prune.startup_trials, n_warmup_steps=prune.warmup_epochs)
+    # percentile p: a trial whose epoch is worse than the best p% of finished trials' same epoch stops
+    # (median = percentile 50); optuna orients it by the study's direction
+    return optuna.pruners.PercentilePruner(50.0 if prune.pruner == "median" else prune.percentile,
+                                           n_startup_trials=prune.startup_trials, n_warmup_steps=prune.warmup_epochs)
 
 
 # -- experiments, as DVC lists them ----------------------------------------------------------------
