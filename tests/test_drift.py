@@ -15,7 +15,7 @@ from ptpipe.inference import ImageClassifier, TextGenerator
 from ptpipe.predlog import Window
 from ptpipe.stage import StageError
 
-THRESHOLDS = {"window": 200, "p_value": 0.01, "accuracy_drop": 0.05, "min_labelled": 50}
+THRESHOLDS = {"window": 200, "p_value": 0.01, "accuracy_drop": 0.05, "min_bits_shift": 0.2, "min_labelled": 50}
 
 
 def window(outputs, stats, names=drift.IMAGE_STATS, labels=None) -> Window:
@@ -202,8 +202,11 @@ def test_text_windows_are_compared_on_bits_per_char_at_the_prompts_length():
     # shorter prompts cost more bits/char, and that alone is not drift
     short = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, short=True), drift.TEXT_STATS), THRESHOLDS)
     assert not short["drifted"], short["input_drift"]
-    other = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, harder=0.15), drift.TEXT_STATS), THRESHOLDS)
-    assert other["drifted"] and other["input_drift"]["features"]["bits_per_char_vs_length"]["statistic"] > 0.1
+    other = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, harder=0.3), drift.TEXT_STATS), THRESHOLDS)
+    assert other["drifted"] and other["input_drift"]["features"]["bits_per_char_vs_length"]["statistic"] > 0.2
+    # a clear but small shift (another passage of the same text) stays below min_bits_shift: not drift
+    passage = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, harder=0.15), drift.TEXT_STATS), THRESHOLDS)
+    assert passage["input_drift"]["p_value"] < 0.01 and not passage["drifted"]
 
 
 # -- the thresholds ------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ def test_text_windows_are_compared_on_bits_per_char_at_the_prompts_length():
     ("window", 5, "monitor.window: Input should be greater than or equal to 20"),
     ("accuracy_drop", "much", "monitor.accuracy_drop: Input should be a valid number"),
     ("min_labelled", 0.5, "monitor.min_labelled: Input should be a valid integer"),
+    ("min_bits_shift", -0.1, "monitor.min_bits_shift: Input should be greater than or equal to 0"),
     ("cooldown_s", 60, "monitor.cooldown_s: unknown key"),  # prefect.yaml's trigger holds the cooldown
     ("p_valu", 0.01, "monitor.p_valu: unknown key"),
 ])

@@ -13,7 +13,8 @@ What is compared, and why these tests (docs/monitoring.md, "What is compared, an
 benchmarks/drift.py measured them on the real CIFAR-10 CNN and Alice models):
 - input: a two-sample Kolmogorov-Smirnov test per image statistic (6, Bonferroni-corrected); for text, on the
   model's bits/char on the prompt, less the reference's median at that prompt length (a short prompt is
-  harder to predict whatever its text: without the correction a change of prompt lengths looks like drift);
+  harder to predict whatever its text: without the correction a change of prompt lengths looks like drift),
+  flagged only when the mean also moved by `min_bits_shift` (another passage of the same book differs a little);
 - predictions (classifiers): a chi-square test of the predicted-class counts, window vs reference;
 - confidence (classifiers): a KS test on the top class's probability;
 - accuracy, on the rows with feedback: a one-sided binomial test of the live accuracy against the reference's,
@@ -140,7 +141,7 @@ def _interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     return y
 
 
-def _input_drift(stats, ref: dict, window, p_value: float) -> dict:
+def _input_drift(stats, ref: dict, window, t: dict) -> dict:
     names = list(window.stat_names)
     if names != ref["stat_names"]:
         raise StageError(f"window {window.model}: its statistics are {names}, the reference's "
@@ -161,7 +162,11 @@ def _input_drift(stats, ref: dict, window, p_value: float) -> dict:
         features = {name: _ks(stats, reference[name], columns[name]) for name in names}
     # Bonferroni: the smallest p-value times the number of tests, so the family's false-alarm rate stays <= p_value
     p = min([1.0] + [f["p_value"] * len(features) for f in features.values()])
-    return {"test": "ks", "p_value": p, "drifted": p < p_value, "features": features}
+    drifted = p < t["p_value"]
+    if names == list(TEXT_STATS):  # a text's passages differ in difficulty: a small shift is not drift
+        f = features["bits_per_char_vs_length"]
+        drifted = drifted and abs(f["window_mean"] - f["reference_mean"]) >= t["min_bits_shift"]
+    return {"test": "ks", "p_value": p, "drifted": bool(drifted), "features": features}
 
 
 def _prediction_drift(stats, ref: dict, probs: np.ndarray, p_value: float) -> dict:
@@ -206,7 +211,7 @@ def check(reference: dict, window, thresholds: dict) -> dict:
     n = len(window.ids)
     probs = np.asarray(window.outputs, dtype=np.float64).reshape(n, -1)
     result = {"model": window.model, "n": n, "versions": sorted(set(window.versions)), "judged": n >= t["window"],
-              "input_drift": _input_drift(stats, reference, window, t["p_value"]) if n else None,
+              "input_drift": _input_drift(stats, reference, window, t) if n else None,
               "prediction_drift": None, "confidence": None}
     if probs.shape[1] and n:
         result["prediction_drift"] = _prediction_drift(stats, reference, probs, t["p_value"])

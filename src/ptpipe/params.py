@@ -228,6 +228,7 @@ class Monitor(Section):
     window: int = Field(ge=20, le=1_000_000)  # requests compared with the reference at a time
     p_value: Annotated[float, Field(gt=0, lt=1, strict=False)]  # each test family flags below this
     accuracy_drop: Annotated[float, Field(ge=0, le=1, strict=False)]  # live accuracy this far below the reference's
+    min_bits_shift: Annotated[float, Field(ge=0, strict=False)]  # text: |window - reference| length-corrected bits/char
     min_labelled: int = Field(ge=1)  # labelled rows before live accuracy is judged
     # No cooldown here: it is the on-drift trigger's `within` in prefect.yaml, where Prefect applies it
     # (docs/monitoring.md, "The trigger and the automation").
