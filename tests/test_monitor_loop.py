@@ -15,7 +15,8 @@ Order (one server, one project, the phases depend on each other):
 1. unshifted traffic: the monitor flags nothing, no event, no retrain;
 2. brightened traffic (a worse candidate committed): flagged, `ptpipe.model.drifted` fires, the automation
    creates one retrain run with the expected parameters, it runs, the gate keeps prod at v1.0.0;
-3. a second drifted window inside the cooldown: the event fires again, no second retrain;
+3. a second drifted window inside the cooldown, checked by the monitor/hourly deployment on the worker: the
+   event fires again, no second retrain;
 4. after the cooldown, a better candidate committed: the next drifted window's retrain promotes v1.1.0 and
    the server following #prod answers with it.
 """
@@ -129,11 +130,14 @@ def markdown_artifact(client) -> str:
     return latest.data
 
 
-def on_drift_runs(client) -> list:
+def runs_of(client, deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    deployment = client.read_deployment_by_name("retrain/on-drift")
-    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def on_drift_runs(client) -> list:
+    return runs_of(client, client.read_deployment_by_name("retrain/on-drift").id)
 
 
 @pytest.mark.slow
@@ -144,9 +148,15 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
     models = [exported_cnn(tmp_path / f"m{seed}", seed) for seed in range(3)]
     repo = tiny_project(tmp_path, models[0])
     for cmd in ([PREFECT, "work-pool", "create", "ptpipe-local", "--type", "process"],
-                [PREFECT, "--no-prompt", "deploy", "--name", "on-drift"]):
+                [PREFECT, "--no-prompt", "deploy", "--name", "on-drift", "--name", "hourly"]):
         out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout}\n{out.stderr}"
+    hourly = client.read_deployment_by_name("monitor/hourly")
+    assert [sch.schedule.cron for sch in hourly.schedules] == ["15 * * * *"]
+    for sch in hourly.schedules:  # this test starts its runs itself, with its log and server
+        client.update_deployment_schedule(hourly.id, sch.id, active=False)
+    for scheduled in runs_of(client, hourly.id):  # what the scheduler made before
+        client.delete_flow_run(scheduled.id)
     worker_log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "ptpipe-local"], cwd=repo, env=env,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -155,8 +165,11 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
     server = None
     flows = load_flow_module("monitor")
 
-    def monitor_once() -> dict:
+    def window_logged() -> None:
         wait_for(lambda: len(predlog.read_window(log, NAME, WINDOW).ids) == WINDOW, "the log's window")
+
+    def monitor_once() -> dict:
+        window_logged()
         (result,) = flows.monitor(request, str(repo))
         return result
 
@@ -199,9 +212,14 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         assert not sh("git", "tag", "--list", f"{NAME}@v1.1.0", cwd=repo).stdout
         first_event = time.time()
 
-        # 3. drifted again inside the cooldown: the event is there, the retrain is not
+        # 3. drifted again inside the cooldown, this time the monitor/hourly deployment run by the worker: the
+        # event is there, the retrain is not
         traffic(server.url, seed=12, brighten=90)
-        assert monitor_once()["drifted"]
+        window_logged()
+        scheduled = client.create_flow_run_from_deployment(hourly.id, parameters={
+            "request": {"log": str(log), "server": server.url}, "repo": str(repo)})
+        assert final_state(client, scheduled.id).is_completed(), "\n".join(run_logs(client, scheduled.id))
+        assert f"{NAME} v1.0.0: drifted: input_drift" in "\n".join(run_logs(client, scheduled.id))
         wait_for(lambda: len(drifted_events(client)) == 2, "the second drifted event")
         time.sleep(5)  # the automation reacted to the first within seconds; give it as long again
         assert len(on_drift_runs(client)) == 1
