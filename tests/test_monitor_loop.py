@@ -207,7 +207,8 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         assert run.parameters["request"]["promote"] == NAME
         assert run.parameters["request"]["reason"].startswith(f"retrain {NAME}: v1.0.0 drifted (input_drift")
         assert final_state(client, run.id, timeout=300).is_completed(), "\n".join(run_logs(client, run.id))
-        assert f"{NAME} v1.1.0: not promoted, prod stays at v1.0.0" in run_logs(client, run.id)
+        wait_for(lambda: f"{NAME} v1.1.0: not promoted, prod stays at v1.0.0" in run_logs(client, run.id),
+                 "the gate's decision in the run's log (sent after its state)", timeout=30)
         assert registry.version_of(NAME, stage="prod", repo=str(repo)) == "v1.0.0"
         assert not sh("git", "tag", "--list", f"{NAME}@v1.1.0", cwd=repo).stdout
         first_event = time.time()
@@ -219,7 +220,8 @@ def test_drift_triggers_one_retrain_per_cooldown_and_only_a_better_model_reaches
         scheduled = client.create_flow_run_from_deployment(hourly.id, parameters={
             "request": {"log": str(log), "server": server.url}, "repo": str(repo)})
         assert final_state(client, scheduled.id).is_completed(), "\n".join(run_logs(client, scheduled.id))
-        assert f"{NAME} v1.0.0: drifted: input_drift" in "\n".join(run_logs(client, scheduled.id))
+        wait_for(lambda: f"{NAME} v1.0.0: drifted: input_drift" in "\n".join(run_logs(client, scheduled.id)),
+                 "the verdict in the monitor run's log", timeout=30)
         wait_for(lambda: len(drifted_events(client)) == 2, "the second drifted event")
         time.sleep(5)  # the automation reacted to the first within seconds; give it as long again
         assert len(on_drift_runs(client)) == 1
