@@ -100,7 +100,7 @@ def _flag_rates(ref: dict, probs, stats, names, windows, thresholds) -> dict:
     return {"flagged": flagged / n, **{f"by_{f}": v / n for f, v in families.items()}}
 
 
-def images_bench(args, thresholds: dict) -> list[dict]:
+def images_bench(args, thresholds: dict, emit) -> None:
     model = inference.ImageClassifier(args.cnn, threads=1, check_source=False)
     prepared = args.cifar
     val_x, val_y = np.load(prepared / "val_images.npy"), np.load(prepared / "val_labels.npy")
@@ -120,24 +120,20 @@ def images_bench(args, thresholds: dict) -> list[dict]:
         # a window's expected accuracy: its mix of the 3 classes' accuracy and the whole split's
         acc = f * float((probs[special].argmax(1) == test_y[special]).mean()) + (1 - f) * base_acc
         cells.append(("prior", f, "fraction from 3 classes", probs, stats, special, f, acc))
-    rows = []
     for shift, severity, unit, p, st, special_idx, fraction, acc in cells:
         for size in SIZES:
             t0 = time.perf_counter()
             wrng = np.random.default_rng([args.seed, size])  # the same windows for every shift
             rates = _flag_rates(ref, p, st, drift.IMAGE_STATS,
                                 _windows(len(test_x), size, args.windows, wrng, special_idx, fraction), thresholds)
-            rows.append({"model": "cnn", "shift": shift, "severity": severity, "unit": unit, "window": size,
-                         "windows": args.windows, **rates, "accuracy": acc, "accuracy_drop": base_acc - acc,
-                         "seconds": time.perf_counter() - t0})
-            print(_line(rows[-1]), flush=True)
-    return rows
+            emit({"model": "cnn", "shift": shift, "severity": severity, "unit": unit, "window": size,
+                  "windows": args.windows, **rates, "accuracy": acc, "accuracy_drop": base_acc - acc,
+                  "seconds": time.perf_counter() - t0})
 
 
 def _text_pool(model: inference.TextGenerator, text_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     """(chars, bits/char) N x 2 of n export.prompts windows of a text, as the server logs a prompt."""
-    return np.asarray([(len(p), inference.prompt_bits(model.run, model.meta, p.tolist()))
-                       for p in export.prompts(text_ids, n, seed)])
+    return np.asarray([drift.prompt_stats(model.run, model.meta, p) for p in export.prompts(text_ids, n, seed)])
 
 
 def _encodable(text: str, vocab: list[str]) -> np.ndarray:
@@ -146,7 +142,7 @@ def _encodable(text: str, vocab: list[str]) -> np.ndarray:
     return np.asarray([index[c] for c in text if c in index], dtype=np.int64)
 
 
-def text_bench(args, thresholds: dict, name: str, path: Path) -> list[dict]:
+def text_bench(args, thresholds: dict, name: str, path: Path, emit) -> None:
     model = inference.TextGenerator(path, threads=1, check_source=False)
     val = np.load(args.alice / "val_ids.npy").astype(np.int64)
     half = len(val) // 2
@@ -163,7 +159,6 @@ def text_bench(args, thresholds: dict, name: str, path: Path) -> list[dict]:
     print(f"{name}: bits/char reference {np.nanmean(ref['stats']['bits_per_char']):.3f}, unshifted "
           f"{np.nanmean(alice[:, 1]):.3f}; 1st half {np.nanmean(first[:, 1]):.3f}, 2nd {np.nanmean(second[:, 1]):.3f}; "
           + ", ".join(f"{c[0]} {np.nanmean(c[3][len(alice):, 1]):.3f}" for c in cells[2::4]))
-    rows = []
     for shift, fraction, reference, pool in cells:
         special = np.arange(len(alice), len(pool)) if len(pool) > len(alice) else None
         for size in SIZES:
@@ -172,11 +167,9 @@ def text_bench(args, thresholds: dict, name: str, path: Path) -> list[dict]:
             windows = _windows(len(alice), size, args.windows, wrng, special, fraction)
             rates = _flag_rates(reference, np.zeros((len(pool), 0)), pool, drift.TEXT_STATS, windows, thresholds)
             bits = np.nanmean(pool[special, 1] if special is not None else pool[:, 1])
-            rows.append({"model": name, "shift": shift, "severity": fraction, "unit": "fraction of prompts",
-                         "window": size, "windows": args.windows, **rates, "other_bits_per_char": float(bits),
-                         "seconds": time.perf_counter() - t0})
-            print(_line(rows[-1]), flush=True)
-    return rows
+            emit({"model": name, "shift": shift, "severity": fraction, "unit": "fraction of prompts",
+                  "window": size, "windows": args.windows, **rates, "other_bits_per_char": float(bits),
+                  "seconds": time.perf_counter() - t0})
 
 
 def _line(r: dict) -> str:
@@ -186,24 +179,33 @@ def _line(r: dict) -> str:
             f"confidence {r['by_confidence']:.2f}) {extra}")
 
 
+NULLS = ("none", "other half")  # unshifted traffic: what is flagged there is a false alarm
+
+
 def summary(rows: list[dict]) -> list[str]:
-    """The targets at TARGET_SIZE: false alarms, and power at each shift's first severity costing >= 5 points."""
+    """The targets at TARGET_SIZE: false alarms; power at each image shift's first severity costing >= 5 points
+    of accuracy (text: the smallest fraction of foreign prompts flagged in >= 95% of windows)."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         at = [r for r in rows if r["model"] == model and r["window"] == TARGET_SIZE]
-        fa = next(r["flagged"] for r in at if r["shift"] == "none")
-        lines.append(f"{model}: false alarms at {TARGET_SIZE}: {fa:.3f} (target <= {TARGET_FALSE_ALARMS}) "
-                     f"{'MET' if fa <= TARGET_FALSE_ALARMS else 'NOT MET'}")
-        for shift in dict.fromkeys(r["shift"] for r in at if r["shift"] != "none"):
+        for r in (r for r in at if r["shift"] in NULLS):
+            lines.append(f"{model}: false alarms at {TARGET_SIZE} ({r['shift']}): {r['flagged']:.3f} "
+                         f"(target <= {TARGET_FALSE_ALARMS}) {'MET' if r['flagged'] <= TARGET_FALSE_ALARMS else 'NOT MET'}")
+        for shift in dict.fromkeys(r["shift"] for r in at if r["shift"] not in NULLS):
             cells = [r for r in at if r["shift"] == shift]
-            costly = [r for r in cells if r.get("accuracy_drop", 1.0) >= COSTLY]
+            if "accuracy_drop" not in cells[0]:
+                found = [r["severity"] for r in cells if r["flagged"] >= TARGET_POWER]
+                lines.append(f"  {shift}: flagged in >= {TARGET_POWER:.0%} of windows from a fraction of "
+                             f"{found[0] if found else 'none'} of the prompts")
+                continue
+            costly = [r for r in cells if r["accuracy_drop"] >= COSTLY]
             if not costly:
-                lines.append(f"  {shift}: no severity costs >= {COSTLY:.0%} accuracy (max power {max(r['flagged'] for r in cells):.3f})")
+                lines.append(f"  {shift}: no severity costs >= {COSTLY:.0%} accuracy (power "
+                             + ", ".join(f"{r['severity']}: {r['flagged']:.3f}" for r in cells) + ")")
                 continue
             r = costly[0]
             lines.append(f"  {shift} {r['severity']}: power {r['flagged']:.3f} (target >= {TARGET_POWER}) "
-                         f"{'MET' if r['flagged'] >= TARGET_POWER else 'NOT MET'}"
-                         + (f", accuracy drop {r['accuracy_drop']:.3f}" if "accuracy_drop" in r else ""))
+                         f"{'MET' if r['flagged'] >= TARGET_POWER else 'NOT MET'}, accuracy drop {r['accuracy_drop']:.3f}")
     return lines
 
 
@@ -235,17 +237,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/drift.json"))
     args = ap.parse_args()
     thresholds = params.thresholds(params.load(args.params).monitor)
-    t0, load = time.time(), os.getloadavg()
-    rows = [] if args.no_images else images_bench(args, thresholds)
+    t0, load, rows = time.time(), os.getloadavg(), []
+
+    def emit(row: dict) -> None:  # printed, and the JSON rewritten: a run stopped early keeps its rows
+        rows.append(row)
+        print(_line(row), flush=True)
+        files.write_json(args.out, {"thresholds": thresholds, "seed": args.seed, "windows": args.windows,
+                                    "sizes": SIZES, "prompts": args.prompts, "summary": summary(rows), "rows": rows,
+                                    "seconds": time.time() - t0, "load_average": [load, os.getloadavg()],
+                                    "machine": platform.processor() or platform.machine()})
+
+    if not args.no_images:
+        images_bench(args, thresholds, emit)
     for name in args.text_models:
-        rows += text_bench(args, thresholds, name, REAL / "models" / name / "model.onnx")
-    lines = summary(rows)
+        text_bench(args, thresholds, name, REAL / "models" / name / "model.onnx", emit)
     print(table(rows))
-    print("\n".join(lines))
-    files.write_json(args.out, {"thresholds": thresholds, "seed": args.seed, "windows": args.windows,
-                                "sizes": SIZES, "prompts": args.prompts, "summary": lines, "rows": rows,
-                                "seconds": time.time() - t0, "load_average": [load, os.getloadavg()],
-                                "machine": platform.processor() or platform.machine()})
+    print("\n".join(summary(rows)))
     print(f"wrote {args.out}")
 
 

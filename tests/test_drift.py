@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fixtures import ROOT, write_models, write_prepared
-from ptpipe import drift, export, inference, params
+from ptpipe import drift, export, params
 from ptpipe.inference import ImageClassifier, TextGenerator
 from ptpipe.predlog import Window
 from ptpipe.stage import StageError
@@ -71,7 +71,13 @@ def test_text_reference_is_the_models_bits_per_char_on_validation_prompts(export
     generator = TextGenerator(exported / "models" / model / "model.onnx")
     for i in (0, 1, 2):  # recomputed through onnxruntime, as the server would
         assert ref["stats"]["bits_per_char"][i] == pytest.approx(
-            inference.prompt_bits(generator.run, generator.meta, prompts[i].tolist()), abs=1e-3)
+            drift.prompt_stats(generator.run, generator.meta, prompts[i])[1], abs=1e-3)
+
+
+def test_prompt_bits_per_char_is_the_mean_surprise_of_each_next_character():
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [1, 1, 1]]))
+    assert drift.prompt_bits_per_char(logits, [0, 1, 2]) == pytest.approx((2 + 1) / 2)  # p(1)=.25, p(2)=.5
+    assert np.isnan(drift.prompt_bits_per_char(logits[:1], [0]))  # one character: nothing predicted
 
 
 def test_a_model_exported_without_its_data_has_no_reference_and_says_how_to_get_one(exported, tmp_path):

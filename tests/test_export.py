@@ -210,7 +210,7 @@ def test_validate_stage_writes_the_metric_and_export_stage_refuses_missing_model
 
     (work / "models/lstm/model.pt").unlink()
     (work / "models/lstm/model.onnx").unlink()
-    result = run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", cwd=work)
+    result = run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", "--data", "data/prepared/alice", cwd=work)
     assert result.returncode == 2
     assert "models/lstm/model.pt is missing: run `dvc repro train@lstm` first" in result.stderr
     assert not (work / "models/lstm/model.onnx").exists()
@@ -224,16 +224,18 @@ def test_export_stage_runs_from_params(workdir, tmp_path):
         f.unlink()
     text = (work / "params.yaml").read_text().replace("opset: 17", "opset: 18")
     (work / "params.yaml").write_text(text)
-    for model in ("cnn", "lstm"):
-        result = run_module("-m", "ptpipe.export", "--model-dir", f"models/{model}", cwd=work)
+    for model, data_set in (("cnn", "cifar10"), ("lstm", "alice")):
+        result = run_module("-m", "ptpipe.export", "--model-dir", f"models/{model}", "--data",
+                            f"data/prepared/{data_set}", cwd=work)
         assert result.returncode == 0, result.stderr
     for kind in ("cnn", "lstm"):
         model = onnx.load(work / "models" / kind / "model.onnx")
         assert {o.domain: o.version for o in model.opset_import}[""] == 18
+        assert "ptpipe.reference" in {p.key for p in model.metadata_props}  # the stage records the drift reference
         assert (work / "models" / kind / "model.ts").stat().st_size > 0
     before = (work / "models/cnn/model.onnx").read_bytes()
     (work / "params.yaml").write_text(text.replace("opset: 18", "opset: 12"))
-    result = run_module("-m", "ptpipe.export", "--model-dir", "models/cnn", cwd=work)
+    result = run_module("-m", "ptpipe.export", "--model-dir", "models/cnn", "--data", "data/prepared/cifar10", cwd=work)
     assert result.returncode == 2 and "export.opset" in result.stderr
     assert (work / "models/cnn/model.onnx").read_bytes() == before  # params checked before anything is written
 

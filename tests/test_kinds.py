@@ -190,9 +190,9 @@ def test_an_unknown_kind_is_a_one_line_error_from_export_validate_generate_and_p
     saved["config"]["kind"] = "mystery"
     torch.save(saved, copy / "models/lstm/model.pt")
     known = f"known kinds are {', '.join(PROJECT_KINDS)}"  # what a fresh process knows
-    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", cwd=copy),
+    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/lstm", "--data", "data/prepared/alice", cwd=copy),
                    "unknown model kind 'mystery'", "models/lstm/model.pt", known)
-    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/nope", cwd=copy),
+    one_line_error(run_module("-m", "ptpipe.export", "--model-dir", "models/nope", "--data", "data/prepared/alice", cwd=copy),
                    "models/nope/model.pt is missing: run `dvc repro train@nope` first")
     one_line_error(validate_stage("lstm", "alice", cwd=copy), "unknown model kind 'mystery'", known)
     one_line_error(run_module("-m", "ptpipe.cli", "generate", "--prompt", "A", "--backend", "torch",

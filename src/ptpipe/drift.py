@@ -3,7 +3,7 @@ the model sees it), and how a window of served traffic is compared with it.
 
 The server logs `image_stats` of every image it classifies (ptpipe.predlog) and the reference holds the same
 statistics of the validation split, so the two are compared like for like. For text models both sides hold
-a prompt's length and the model's own bits/char on it (ptpipe.inference.prompt_bits).
+`prompt_stats`: a prompt's length and the model's own bits/char on it.
 
     ref = load_reference("models/cnn")                # recorded by the export stage inside model.onnx
     result = check(ref, predlog.read_window(log, "cnn", 500), params.monitor.model_dump())
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from ptpipe.stage import StageError
@@ -48,6 +50,35 @@ def image_stats(images: np.ndarray) -> np.ndarray:
     Cheap (one pass over the pixels), and what brightness, contrast, noise and blur shifts move first."""
     x = images.reshape(images.shape[0], 3, -1).astype(np.float32)
     return np.concatenate([x.mean(axis=2), x.std(axis=2)], axis=1)
+
+
+def prompt_bits_per_char(logits: np.ndarray, ids) -> float:
+    """logits T x V the model returned on the T prompt ids it was fed -> the mean bits it spent on each next
+    character of the prompt (ids[1:] from logits[:-1]); nan for a one-character prompt (nothing predicted)."""
+    ids = np.asarray(ids)
+    if len(ids) < 2:
+        return float("nan")
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z[np.arange(len(ids) - 1), ids[1:]] - np.log(np.exp(z).sum(axis=1))
+    return float(-log_p.mean() / np.log(2))
+
+
+def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, float]:
+    """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds a prompt
+    (ptpipe.inference.step): a recurrent model the whole prompt from a zero state, a cached or window model
+    its last block_size characters with an empty past (what it sees; bits/char is over those)."""
+    gen, ids = meta["generation"], [int(i) for i in ids]
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    carried = [gen["past"]] if gen["mode"] == "cached" else gen.get("state", [])
+    feeds = {c["input"]: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d  # a past: empty
+                                   for d in inputs[c["input"]]["shape"]], inputs[c["input"]]["dtype"])
+             for c in carried}
+    if gen.get("pad"):
+        feeds[gen["pad"]] = np.zeros(1, np.int64)
+    fed = ids[-int(gen["block_size"]):] if gen["mode"] in ("window", "cached") else ids
+    out = run({meta["inputs"][0]["name"]: np.asarray([fed], dtype=np.int64), **feeds})
+    return len(ids), prompt_bits_per_char(out[meta["outputs"][0]["name"]][0], fed)
 
 
 # -- the reference ----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import onnx
 import torch
 from torch import nn
 
-from ptpipe import data, drift, files, inference, kinds, params, stage
+from ptpipe import data, drift, files, kinds, params, stage
 from ptpipe.stage import StageError
 
 REFERENCE_PROMPTS = 1000     # text models: validation-text prompts the reference's bits/char come from
@@ -79,8 +79,8 @@ def reference(run, meta: dict, data_dir: Path) -> dict:
     """The drift reference (ptpipe.drift.reference): the validation split as the deployable model sees it,
     through `run` (ptpipe.kinds.runner: {input: array} -> {output: array}, any backend).
     Classifiers: class probabilities and image_stats of every validation image, its true labels;
-    text models: the length and inference.prompt_bits (as the server logs them) of REFERENCE_PROMPTS seeded
-    windows of the validation text."""
+    text models: drift.prompt_stats (what the server logs of a prompt) of REFERENCE_PROMPTS seeded windows of
+    the validation text."""
     if meta["ptpipe.task"] == "image-classification":
         images, labels = (t.numpy() for t in data.load_images(data_dir, "val"))
         logits = np.concatenate([run({meta["inputs"][0]["name"]: images[i: i + 500]})[meta["outputs"][0]["name"]]
@@ -88,7 +88,7 @@ def reference(run, meta: dict, data_dir: Path) -> dict:
         probs = torch.from_numpy(logits).float().softmax(dim=1).numpy()
         return drift.reference(probs, drift.image_stats(images), drift.IMAGE_STATS, labels, meta["classes"])
     val = data.load_text(data_dir)[1].numpy()
-    rows = [(len(p), inference.prompt_bits(run, meta, p)) for p in prompts(val, REFERENCE_PROMPTS, seed=0)]
+    rows = [drift.prompt_stats(run, meta, p) for p in prompts(val, REFERENCE_PROMPTS, seed=0)]
     return drift.reference(np.zeros((len(rows), 0)), np.asarray(rows, dtype=np.float64), drift.TEXT_STATS)
 
 
