@@ -69,21 +69,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.drop(self.proj(y))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past_k/v [B, heads, P, head size]
-        -> (y [B, T, C], keys and values [B, heads, P+T, head size]). Inference only (no dropout).
-        B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes)."""
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past: torch.Tensor, B: int, T: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past [2, B, heads, P, head size] (keys, values)
+        -> (y [B, T, C], present [2, B, heads, P+T, head size]). Inference only (no dropout).
+        B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes).
+        Keys and values stay one tensor, in the past's layout, from the qkv matmul to the present: one
+        Reshape/Transpose for q, k and v, one Concat onto the past, no stack afterwards (a one-id step's
+        cost is mostly onnxruntime's per-node overhead, not arithmetic)."""
         C = self.n_embd
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = torch.cat([past_k, k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
-        v = torch.cat([past_v, v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, heads, T, hs]
+        present = torch.cat([past, qkv[1:]], dim=3)  # [2, B, heads, P+T, head size]
+        q, k, v = qkv[0], present[0], present[1]
         # written out rather than F.scaled_dot_product_attention(attn_mask=...): its ONNX export adds a
         # Shape/Sqrt/Div/Cast/IsNaN/Where chain per layer, and per-op overhead is what a one-id step costs
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))  # [B, heads, T, P+T]
         att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), k, v
+        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), present
 
 
 class MLP(nn.Module):
@@ -111,11 +113,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y, k, v = self.attn.cached(self.ln1(x), mask, past_k, past_v, B, T)
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past: torch.Tensor, B: int, T: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        y, present = self.attn.cached(self.ln1(x), mask, past, B, T)
         x = x + y
-        return x + self.mlp(self.ln2(x)), k, v
+        return x + self.mlp(self.ln2(x)), present
 
 
 class CharGPT(nn.Module):
@@ -167,8 +169,8 @@ class CachedGPT(nn.Module):
         x = self.gpt.tok(ids) + self.gpt.pos(pos)
         present = []
         for i, block in enumerate(self.gpt.blocks):
-            x, k, v = block.cached(x, mask[:, None], past[i, 0], past[i, 1], B, T)
-            present.append(torch.stack([k, v]))
+            x, kv = block.cached(x, mask[:, None], past[i], B, T)
+            present.append(kv)
         return self.gpt.head(self.gpt.ln_f(x)), torch.stack(present)
 
 
