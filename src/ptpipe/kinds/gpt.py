@@ -75,8 +75,9 @@ class CausalSelfAttention(nn.Module):
         -> (y [B, T, C], present [2, B, heads, P+T, head size]). Inference only (no dropout).
         B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes).
         Keys and values stay one tensor, in the past's layout, from the qkv matmul to the present: one
-        Reshape/Transpose for q, k and v, one Concat onto the past, no stack afterwards (a one-id step's
-        cost is mostly onnxruntime's per-node overhead, not arithmetic)."""
+        Reshape/Transpose for q, k and v, one Concat onto the past, no k/v split and stack per layer (a one-id
+        step's cost is mostly onnxruntime's per-node overhead, not arithmetic: 174 -> 150 nodes after its
+        optimisation, the same logits to the bit)."""
         C = self.n_embd
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, heads, T, hs]
         present = torch.cat([past, qkv[1:]], dim=3)  # [2, B, heads, P+T, head size]
