@@ -250,6 +250,9 @@ def check(reference: dict, window, thresholds: dict) -> dict:
     result.update(_accuracy(stats, reference, probs, list(window.labels), t))
     reasons = [f"{name}: p = {result[name]['p_value']:.2g} < {t['p_value']}"
                for name in ("input_drift", "prediction_drift", "confidence") if result[name] and result[name]["drifted"]]
+    text = (result["input_drift"] or {}).get("features", {}).get("bits_per_char_vs_length")
+    if reasons and text and result["input_drift"]["drifted"]:  # the shift that made it drift, too
+        reasons[0] += f", bits/char {text['window_mean'] - text['reference_mean']:+.2f} at equal prompt length"
     if result["accuracy_drifted"]:
         reasons.append(f"accuracy {result['accuracy']:.3f} on {result['n_labelled']} labelled vs reference "
                        f"{result['reference_accuracy']:.3f} (drop > {t['accuracy_drop']}, "
