@@ -99,7 +99,50 @@ def study(repo: Path, name: str, prune: bool, workers: int) -> dict:
     best = info["best"] or {}
     return {"wall_s": time.perf_counter() - start, "trial_epochs": info["trial_epochs"], **info["counts"],
             "best": best.get("value"), "best_experiment": best.get("experiment"), "best_params": best.get("params"),
-            "commit": sh("git", "rev-parse", "HEAD", cwd=repo).strip()}
+            "commit": sh("git", "rev-parse", "HEAD", cwd=repo).strip(),
+            "trials": [{k: t[k] for k in ("number", "state", "value", "params", "started", "curve")}
+                       for t in info["trials"]]}
+
+
+# The pruners replayed on the unpruned study's full curves: how the shipped one was chosen (docs/tune.md).
+REPLAYED = {"median, 5 start-up, 2 warm-up (the first default)": ("percentile", 50, 5, 2),
+            "median, 3, 1": ("percentile", 50, 3, 1),
+            "percentile 25, 5, 1": ("percentile", 25, 5, 1),
+            "percentile 25, 3, 1 (shipped)": ("percentile", 25, 3, 1),
+            "successive halving, min 1 epoch, factor 3": ("sha", 1, 3, None),
+            "hyperband, 1-8 epochs, factor 3": ("hyperband", 1, 3, None)}
+
+
+def replay(trials: list[dict]) -> dict:
+    """Each REPLAYED pruner fed the completed trials' curves in the order they started (Optuna's own
+    pruner objects, ask/tell): trial-epochs it would have spent, trials it would have stopped, the best
+    kept. It leaves out what a live study adds (the sampler seeing pruned trials, two workers' timing)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = sorted((t for t in trials if t["state"] == "complete"), key=lambda t: t["started"])
+    pruners = {"percentile": lambda a, b, c: optuna.pruners.PercentilePruner(a, n_startup_trials=b, n_warmup_steps=c),
+               "sha": lambda a, b, _: optuna.pruners.SuccessiveHalvingPruner(min_resource=a, reduction_factor=b),
+               "hyperband": lambda a, b, _: optuna.pruners.HyperbandPruner(min_resource=a, reduction_factor=b,
+                                                                           max_resource=len(done[0]["curve"]))}
+    out = {}
+    for name, (kind, *args) in REPLAYED.items():
+        study = optuna.create_study(direction="minimize", pruner=pruners[kind](*args))
+        epochs, stopped, best = 0, 0, None
+        for t in done:
+            trial = study.ask()
+            for step, value in enumerate(t["curve"]):
+                trial.report(value, step)
+                epochs += 1
+                if trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    stopped += 1
+                    break
+            else:
+                study.tell(trial, t["value"])
+                best = t["value"] if best is None else min(best, t["value"])
+        out[name] = {"trial_epochs": epochs, "pruned": stopped, "best": best}
+    return out
 
 
 def main() -> None:
@@ -134,6 +177,7 @@ def main() -> None:
         "pruning_saves": 1 - pruned["trial_epochs"] / max(1, unpruned["trial_epochs"]),
         "best_difference": (pruned["best"] - unpruned["best"]) if pruned["best"] and unpruned["best"] else None,
         "machine_before": before, "machine_after": machine(start_cpu),
+        "replay": replay(unpruned["trials"]),
     }
     files.write_json(args.out, result)
     print(table(result))
@@ -148,6 +192,10 @@ def table(r: dict) -> str:
     lines += [f"{a:<18} {b:>8.0f} {c!s:>13} {d!s:>9} {e!s:>7} {f:>8.4f}" for a, b, c, d, e, f in rows]
     lines.append(f"pruning saves {r['pruning_saves']:.0%} of trial-epochs; best pruned - unpruned = "
                  f"{r['best_difference']:+.4f}; best vs default: {min(r['pruned']['best'], r['unpruned']['best']) - r['default']['value']:+.4f}")
+    full = r["unpruned"]["trial_epochs"]
+    lines.append("replayed on the unpruned study's curves (start order):")
+    lines += [f"  {name:<45} saves {1 - x['trial_epochs'] / full:4.0%}, {x['pruned']:>2} pruned, best {x['best']:.4f}"
+              for name, x in r["replay"].items()]
     m0, m1 = r["machine_before"], r["machine_after"]
     lines.append(f"{r['label'] or 'unlabelled'}: load average before {m0['load_average'][0]:.2f}, after "
                  f"{m1['load_average'][0]:.2f}; CPU steal {m1['steal_share']:.1%} over the run")

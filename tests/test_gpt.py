@@ -15,7 +15,7 @@ import torch
 
 from fixtures import (evaluate_model, recipe_keys, tool_env, train_command, train_model, write_params, write_prepared_text,
                       write_tiny_params)
-from ptpipe import cli, export, generate, kinds, params, train, validate
+from ptpipe import cli, export, generate, inference, kinds, params, train, validate
 from ptpipe.kinds import gpt
 from ptpipe.kinds.gpt import CharGPT, init_weights, window_loss
 from ptpipe.stage import StageError
@@ -30,7 +30,7 @@ LEARN = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, init_st
 
 def gpt_params(root: Path, **recipe) -> Path:
     """root/params.yaml: the tiny params, models.gpt's recipe = LEARN + `recipe`, validate shapes within block 32."""
-    path = write_tiny_params(root, **{"validate.shapes.gpt": {"batch": [1, 3], "seq": [1, 7, 32]}})
+    path = write_tiny_params(root, **{"validate.shapes.gpt": {"batch": [1, 3], "seq": [1, 7, 32], "steps": [3]}})
     write_params(root, **recipe_keys("gpt", **{**LEARN, **recipe}))
     return path
 
@@ -77,20 +77,79 @@ def test_model_file_is_self_describing_and_ties_the_decoder(trained):
     kind, model, config = kinds.load(root / "models/gpt/model.pt")
     assert kind.name == "gpt" and config["kind"] == "gpt" and config["data"]["vocab"] == sorted(set(PHRASE))
     assert config["params"]["lr"] == 0.01 and config["model_args"]["block_size"] == 32
-    assert model.head.weight is model.tok.weight
+    assert model.gpt.head.weight is model.gpt.tok.weight  # the deployable CachedGPT holds the trained CharGPT
     assert not model.training
 
 
 def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
     root, _ = trained
     meta = export.load_torchscript(root / "models/gpt/model.ts")[1]
-    assert meta["generation"] == {"mode": "window", "block_size": 32}
-    assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    assert meta["generation"] == {"mode": "cached", "block_size": 32, "pad": "pad",
+                                  "past": {"input": "past", "output": "present", "length_axis": 4}}
+    assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                              {"name": "pad", "dtype": "int64", "shape": ["batch"]},
+                              {"name": "past", "dtype": "float32", "shape": [2, 2, "batch", 2, "past", 16]}]
     report = validate.validate_models({"gpt": (root / "models/gpt", root / "data/prepared/alice")},
                                       params_file=root / "params.yaml")
     assert report["passed"]
-    assert set(report["gpt"]["onnxruntime"]) == {f"batch={b} seq={t}" for b in (1, 3) for t in (1, 7, 32)}
+    # windows, and the cached path (prompt of seq - 3, then 3 single ids) against eager's uncached windows
+    assert set(report["gpt"]["onnxruntime"]) == ({f"batch={b} seq={t}" for b in (1, 3) for t in (1, 7, 32)}
+                                                 | {f"batch={b} prompt={p} steps={s}" for b in (1, 3)
+                                                    for p, s in ((4, 3), (29, 3))})
     assert 0 < max(report["max_abs_diff"]["gpt"].values()) <= 1e-4
+
+
+def test_validate_fails_a_cache_that_drifts_naming_the_cached_case(trained, monkeypatch):
+    """An onnxruntime path that reads its carried keys/values 1e-3 off: the windows (no past) still pass,
+    the cached steps do not, and the failure names the first cached case."""
+    root, _ = trained
+    real = validate._onnx_runner
+
+    def drifting(session):
+        run = real(session)
+        return lambda feeds: run({**feeds, "past": feeds["past"] + np.float32(1e-3)})
+
+    monkeypatch.setattr(validate, "_onnx_runner", drifting)
+    with pytest.raises(validate.ValidationFailed, match=r"gpt onnxruntime batch=1 prompt=4 steps=3: max \|"):
+        validate.validate_models({"gpt": (root / "models/gpt", root / "data/prepared/alice")},
+                                 params_file=root / "params.yaml")
+
+
+def test_cached_logits_equal_the_uncached_window_at_every_step_on_every_backend(trained):
+    """Prompts shorter than the block, then single ids with the past each backend returned, up to the block:
+    every step's logits within validate.atol of eager CharGPT.forward over the whole window (no cache)."""
+    root, _ = trained
+    kind, eager, config = kinds.load(root / "models/gpt/model.pt")
+    signature = kind.signature(config)
+    backends = {"eager": kinds.runner(eager, signature),
+                "torchscript": kinds.runner(export.load_torchscript(root / "models/gpt/model.ts")[0], signature),
+                "onnxruntime": inference.TextGenerator(root / "models/gpt/model.onnx").run}
+    text = np.asarray([config["data"]["vocab"].index(c) for c in (PHRASE * 2)[:32]], np.int64)[None]
+    for prompt in (1, 9, 31):
+        with torch.no_grad():
+            window = [eager.gpt(torch.from_numpy(text[:, :t]))[:, -1].numpy() for t in range(prompt, 33)]
+        for backend, run in backends.items():
+            out = run({"ids": text[:, :prompt], "pad": np.zeros(1, np.int64), "past": gpt.empty_past(config["model_args"], 1)})
+            steps = [out["logits"][:, -1]]
+            for t in range(prompt, 32):
+                out = run({"ids": text[:, t: t + 1], "pad": np.zeros(1, np.int64), "past": out["present"]})
+                steps.append(out["logits"][:, -1])
+            assert len(steps) == len(window) == 33 - prompt
+            worst = max(float(np.abs(a - b).max()) for a, b in zip(steps, window))
+            assert worst <= 1e-4, (backend, prompt, worst)
+
+
+def test_rows_of_other_lengths_share_a_call_left_padded(trained):
+    """The server's batched step: rows with 3 and 11 cached ids in one call (the shorter left-padded) give
+    each row's logits as it gets them alone."""
+    root, _ = trained
+    onnx = inference.TextGenerator(root / "models/gpt/model.onnx")
+    vocab = onnx.vocab
+    seqs = [inference.Sequence([vocab.index(c) for c in PHRASE[:n]], 1.0, 5) for n in (3, 11)]
+    alone = [inference.Sequence(list(s.ids), 1.0, 5) for s in seqs]
+    for _ in range(25):  # past the block (32) for the second row: it switches to the window on the way
+        assert inference.step(onnx.run, onnx.meta, seqs) == [inference.step(onnx.run, onnx.meta, [a])[0] for a in alone]
+    assert [s.ids for s in seqs] == [a.ids for a in alone]
 
 
 def test_validate_refuses_a_sequence_longer_than_the_block(trained):
@@ -100,14 +159,24 @@ def test_validate_refuses_a_sequence_longer_than_the_block(trained):
                                  shapes={"gpt": {"batch": [1], "seq": [8, 33]}}, params_file=root / "params.yaml")
 
 
+def uncached_text(root: Path, prompt: str, length: int, temperature: float, seed: int) -> str:
+    """What generation gave before the cache: eager CharGPT.forward re-fed the last block_size ids every step."""
+    _, model, config = kinds.load(root / "models/gpt/model.pt")
+    meta = {"vocab": config["data"]["vocab"], "generation": {"mode": "window", "block_size": 32},
+            "inputs": [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", "vocab_size"]}]}
+    return prompt + "".join(inference.stream_text(kinds.runner(model.gpt, meta), meta, prompt, length, temperature, seed))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generate_gives_the_same_text_on_all_three_backends(trained, temperature):
+@pytest.mark.parametrize("prompt", ["the quick brown fox jumps over the lazy",  # 39 characters: longer than the block
+                                    "the qu"])  # shorter: the cache fills, then generation goes past the block
+def test_generate_gives_the_uncached_text_on_all_three_backends(trained, temperature, prompt):
     root, _ = trained
     files = {"torch": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
-    prompt = "the quick brown fox jumps over the lazy"  # 39 characters: longer than block_size 32
     texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, model="gpt")
              for backend, name in files.items()}
-    assert len(set(texts.values())) == 1, texts
+    assert set(texts.values()) == {uncached_text(root, prompt, 80, temperature, 3)}, texts
     text = texts["onnx"]
     assert text.startswith(prompt) and len(text) == len(prompt) + 80
     if temperature == 0:  # the model learned the sentence: greedy decoding continues it

@@ -197,14 +197,14 @@ def test_sampling_is_per_request(workspace):
     srv = Server(workspace / "tmp", "--log", str(path), "--log-sample", "0.25", cwd=workspace)
     try:
         blobs = [png(x) for x in images(4, seed=1)]
-        answered = [classify(srv.url, blobs[:2])["predictions"] for _ in range(200)]
+        answered = [classify(srv.url, blobs[:2])["predictions"] for _ in range(120)]
     finally:
         srv.stop()  # a stop writes what is queued
     logged = {i for (i,) in rows(path, "SELECT id FROM predictions")}
     requests = {p[0]["id"].split("/")[0]: {p[0]["id"], p[1]["id"]} for p in answered}
     sampled = [rid for rid, both in requests.items() if both & logged]
     assert all(requests[rid] <= logged for rid in sampled)  # a request is logged whole or not at all
-    assert 25 <= len(sampled) <= 80  # 200 x 0.25 = 50 expected; binomial sd 6.1: outside is a broken draw
+    assert 12 <= len(sampled) <= 55  # 120 x 0.25 = 30 expected, binomial sd 4.7: outside (p < 1e-4) is broken
 
 
 def test_retention_keeps_the_newest_rows_and_drops_old_ones(workspace):
@@ -249,6 +249,8 @@ def test_a_killed_server_loses_at_most_about_the_last_second(workspace):
         t.join()
     logged = {i for (i,) in rows(path, "SELECT id FROM predictions")}  # opens and recovers the WAL
     lost = [t for t, i in answered if i not in logged]
+    print(f"killed: {len(lost)} of {len(answered)} answers lost, answered in the last "
+          f"{killed_at - min(lost) if lost else 0:.2f} s before the kill")
     assert len(logged) > 150
     # commits come every 0.5 s: what was lost was answered in the last ~second (1.5 s: a loaded CI machine)
     assert not lost or killed_at - min(lost) < 1.5, (len(lost), killed_at - min(lost))
@@ -325,3 +327,19 @@ def test_logging_off_by_default_changes_nothing_and_bad_flags_are_named(workspac
         done = ptpipe_no_torch(tmp_path, "serve", "--port", "1", *args, cwd=workspace, timeout=120)
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
     assert not list(workspace.glob("x.sqlite*"))
+
+
+def test_a_prompt_the_model_cannot_score_keeps_its_row_with_nan_bits(workspace, tmp_path, caplog):
+    from ptpipe.limits import LogOptions
+
+    lstm = inference.TextGenerator(workspace / "models/lstm/model.onnx")
+    # told it is a window model, it is fed without its state: onnxruntime refuses (a real failure, no mock)
+    lstm.meta = {**lstm.meta, "generation": {"mode": "window", "block_size": 8}}
+    log = predlog.PredictionLog(LogOptions(str(tmp_path / "log.sqlite")))
+    for i in range(3):
+        log.text(LSTM, "v1", f"p{i}", "Alice", lstm)
+    log.close()  # writes what is queued
+    window = predlog.read_window(tmp_path / "log.sqlite", LSTM, 10)
+    assert window.ids == ["p0", "p1", "p2"] and window.stats[:, 0].tolist() == [5, 5, 5]
+    assert np.isnan(window.stats[:, 1]).all()  # feedback can still label them; drift.check skips NaN bits
+    assert [r.levelname for r in caplog.records if r.name == "ptpipe.predlog"] == ["WARNING"]  # once, not per row

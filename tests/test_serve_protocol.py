@@ -202,14 +202,26 @@ def test_json_size_and_compression_limits(oip):
     assert brotli.status_code == 415 and brotli.json()["field"] == "Content-Encoding"
 
 
-def test_a_window_model_refuses_more_ids_than_its_block_size_cleanly(oip, runtime):
+def _gpt_inputs(ids: int, past: int) -> list[dict]:
+    """gpt's three inputs (the fixture: 2 layers, 2 heads of 8): `ids` ids after `past` cached positions."""
+    return [{"name": "ids", "shape": [1, ids], "datatype": "INT64", "data": [1] * ids},
+            {"name": "pad", "shape": [1], "datatype": "INT64", "data": [0]},
+            {"name": "past", "shape": [2, 2, 1, 2, past, 8], "datatype": "FP32", "data": [0.0] * (64 * past)}]
+
+
+def test_a_cached_model_refuses_more_positions_than_its_block_size_cleanly(oip, runtime):
     block = runtime["gpt"].meta["generation"]["block_size"]
-    ok = _infer(oip, "alice-gpt", [{"name": "ids", "shape": [1, block], "datatype": "INT64", "data": [1] * block}])
+    ok = _infer(oip, "alice-gpt", _gpt_inputs(block, 0))
     assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"][:2] == [1, block]
-    over = _infer(oip, "alice-gpt", [{"name": "ids", "shape": [1, block + 1], "datatype": "INT64",
-                                      "data": [1] * (block + 1)}])
-    assert over.status_code == 400 and over.json()["field"] == "inputs[0].shape"
-    assert f"over the limit of {block}" in over.json()["error"]
+    step = _infer(oip, "alice-gpt", _gpt_inputs(1, block - 1))  # one id after a full cache: the last position
+    assert step.status_code == 200 and step.json()["outputs"][1]["shape"][4] == block, step.text
+    for inputs, field in ((_gpt_inputs(block + 1, 0), "inputs[0].shape"), (_gpt_inputs(1, block + 1), "inputs[2].shape")):
+        over = _infer(oip, "alice-gpt", inputs)
+        assert over.status_code == 400 and over.json()["field"] == field
+        assert f"over the limit of {block}" in over.json()["error"]
+    both = _infer(oip, "alice-gpt", _gpt_inputs(2, block - 1))  # each within the block, together past it
+    assert both.status_code == 400 and both.json()["field"] == "inputs"
+    assert "onnxruntime_src" not in both.text and "0x" not in both.text
     lstm = _infer(oip, "alice-lstm", [{"name": "ids", "shape": [2, 1], "datatype": "INT64", "data": [1, 2]},
                                       {"name": "h0", "shape": [2, 1, 16], "datatype": "FP32", "data": [0] * 32},
                                       {"name": "c0", "shape": [2, 1, 16], "datatype": "FP32", "data": [0] * 32}])

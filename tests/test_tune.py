@@ -144,6 +144,8 @@ BAD_SPACES = [
     ({"tune.targets": ["train_lsmt"]}, "tune.targets: 'train_lsmt' is not a stage of dvc.yaml"),
     ({"tune.metric": {"file": "metrics/nope.json", "key": "x"}}, "tune.metric.file: 'metrics/nope.json' is not a metrics file"),
     ({"tune.prune.pruner": "threshold"}, "tune.prune: threshold is needed with pruner: threshold"),
+    ({"tune.prune.percentile": None}, "tune.prune: percentile is needed with pruner: percentile"),
+    ({"tune.prune.percentile": 100}, "tune.prune.percentile: Input should be less than 100"),
     ({"tune.study": "my study"}, "tune.study: String should match pattern"),
 ]
 
@@ -265,12 +267,13 @@ def test_two_workers_prune_cleanly_every_trial_is_an_experiment_and_the_best_app
 
 
 @pytest.mark.slow
-def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones(tmp_path):
-    """The shipped pruner (median), one worker: the seeded sampler's first draws are adam, sgd, sgd; the
+def test_the_percentile_pruner_stops_a_trial_worse_than_the_finished_ones(tmp_path):
+    """The shipped pruner (percentile), one worker: the seeded sampler's first draws are adam, sgd, sgd; the
     adam trial finishes, each sgd trial is worse than it at its second epoch and stops there."""
     from optuna.trial import TrialState
 
-    prune = {"curve": CURVE, "pruner": "median", "startup_trials": 1, "warmup_epochs": 1, "threshold": None}
+    prune = {"curve": CURVE, "pruner": "percentile", "percentile": 25, "startup_trials": 1, "warmup_epochs": 1,
+             "threshold": None}
     repo = tuned_project(tmp_path / "repo", trials=3, **{"tune.prune": prune})
     out = ptpipe_tune(repo).stdout
     study = study_of(repo)

@@ -1,4 +1,5 @@
-"""Micro-batching: requests that arrive close together run as one model call.
+"""Batching: image requests that arrive close together run as one model call (`MicroBatcher`), and
+concurrent text generations share every step's model calls (`Generations`, continuous batching, below).
 
 An asyncio queue per served model version. One worker task takes the first waiting request,
 then everything else that is already queued or arrives within `window_s` of it, up to
@@ -107,3 +108,80 @@ class MicroBatcher:
             if not future.done():  # a client that went away cancelled its future
                 future.set_result(out[start:start + len(part)])
             start += len(part)
+
+
+# -- text generation: continuous batching ------------------------------------------------------
+
+class Generation:
+    """One request's generation in a `Generations` batch: its row, how many ids it still needs, and
+    the queue its ids arrive on (None after the last; an exception if a step failed)."""
+
+    def __init__(self, seq, length: int):
+        self.seq, self.left = seq, length
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gone = False  # the client went away: the row leaves the batch before the next step
+
+    async def ids(self):
+        """The generated ids as they come. Whoever stops reading early sets `gone`."""
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class Generations:
+    """Continuous batching of the text generations of one served model version (the way text-generation
+    servers do it): every step, ONE `step(rows)` call in a worker thread draws the next id of every row
+    generating now (`ptpipe.inference.step`: rows needing the same kind of model call share it); a
+    request that arrives meanwhile joins at the next step (its prompt is fed then), one that has its
+    length, or whose client went away, leaves before it. At most `max_rows` rows at once, the others wait
+    their turn in arrival order. Each row draws from its own seeded RNG, so its text does not depend on
+    the batch; the worker stops when no row is left and starts again on the next submit."""
+
+    def __init__(self, step: Callable[[list], list[int]], max_rows: int,
+                 on_step: Callable[[int], None] = lambda rows: None, on_rows: Callable[[int], None] = lambda n: None):
+        self.step, self.max_rows, self.on_step, self.on_rows = step, max_rows, on_step, on_rows
+        self.waiting: list[Generation] = []
+        self.active: list[Generation] = []
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self.worker: asyncio.Task | None = None
+
+    def submit(self, seq, length: int) -> Generation:
+        """Queue a row (an `inference.Sequence`) for `length` ids (>= 1)."""
+        generation = Generation(seq, length)
+        self.waiting.append(generation)
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        return generation
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self.active = [g for g in self.active if g.left > 0 and not g.gone]
+                self.waiting = [g for g in self.waiting if not g.gone]
+                room = self.max_rows - len(self.active)
+                self.active += self.waiting[:room]
+                self.waiting = self.waiting[room:]
+                self.on_rows(len(self.active) + len(self.waiting))
+                if not self.active:
+                    return
+                batch = list(self.active)
+                try:
+                    ids = await loop.run_in_executor(self.executor, self.step, [g.seq for g in batch])
+                except Exception as exc:  # every row of the failed step gets the error; the worker lives on
+                    for g in batch:
+                        g.left = 0
+                        g.queue.put_nowait(exc)
+                    continue
+                self.on_step(len(batch))
+                for g, i in zip(batch, ids):
+                    g.left -= 1
+                    g.queue.put_nowait(i)
+                    if g.left == 0:
+                        g.queue.put_nowait(None)
+        finally:
+            self.worker = None

@@ -65,16 +65,18 @@ def prompt_bits_per_char(logits: np.ndarray, ids) -> float:
 
 
 def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, float]:
-    """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds it
-    (ptpipe.inference.sample_ids): a recurrent model the whole prompt from a zero state, a window model its
-    last block_size characters (what it sees; bits/char is over those)."""
+    """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds a prompt
+    (ptpipe.inference.step): a recurrent model the whole prompt from a zero state, a cached or window model
+    its last block_size characters with an empty past (what it sees; bits/char is over those)."""
     gen, ids = meta["generation"], [int(i) for i in ids]
-    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
-    feeds = {}
-    if gen["mode"] == "recurrent":
-        feeds = {s["input"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], dtypes[s["input"]])
-                 for s in gen["state"]}
-    fed = ids[-int(gen["block_size"]):] if gen["mode"] == "window" else ids
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    carried = [gen["past"]] if gen["mode"] == "cached" else gen.get("state", [])
+    feeds = {c["input"]: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d  # a past: empty
+                                   for d in inputs[c["input"]]["shape"]], inputs[c["input"]]["dtype"])
+             for c in carried}
+    if gen.get("pad"):
+        feeds[gen["pad"]] = np.zeros(1, np.int64)
+    fed = ids[-int(gen["block_size"]):] if gen["mode"] in ("window", "cached") else ids
     out = run({meta["inputs"][0]["name"]: np.asarray([fed], dtype=np.int64), **feeds})
     return len(ids), prompt_bits_per_char(out[meta["outputs"][0]["name"]][0], fed)
 

@@ -264,36 +264,124 @@ def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> i
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
+class Sequence:
+    """One generation in progress: its ids so far (prompt and drawn), what the model carries for it
+    (`state`: {input name: array with a batch axis of 1} holding every id but the last drawn; None before
+    its first call and past a cached model's block), and its own seeded RNG: what it draws never
+    depends on other rows."""
+
+    def __init__(self, prompt_ids: list[int], temperature: float, seed: int):
+        self.ids, self.temperature = list(prompt_ids), temperature
+        self.rng = np.random.default_rng(seed)
+        self.state: dict[str, np.ndarray] | None = None
+
+
+def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
+    """Draw the next id of every sequence, rows that need the same kind of call sharing one. How a model
+    is fed is its metadata's `generation`:
+      "recurrent" (LSTM): the prompt in one call from a zero state, then one id a call with the state
+          carried (`state`: which output feeds which input);
+      "cached" (gpt): the prompt in one call with an empty past, then one id a call with the keys and
+          values carried (`past`: which output feeds which input); rows of other lengths share a call,
+          left-padded (prompts, and pasts), `pad` saying by how much; a text longer than `block_size`
+          re-feeds its last block_size ids with an empty past every step, exactly as "window" does;
+      "window": the last `block_size` ids every step, nothing carried.
+    The same ids come out for a row alone or among others (up to float rounding in the batched matmuls)."""
+    gen = meta["generation"]
+    if gen["mode"] not in ("recurrent", "cached", "window"):
+        raise StageError(f"{meta.get('ptpipe.kind')}: generation mode {gen['mode']!r} is not recurrent, cached "
+                         f"or window")
+    groups: dict[tuple, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(_call(gen, seq), []).append(i)
+    logits: list[np.ndarray] = [None] * len(seqs)  # type: ignore[list-item]
+    for call, rows in groups.items():
+        for i, row_logits in zip(rows, _run_group(run, meta, call, [seqs[i] for i in rows])):
+            logits[i] = row_logits
+    drawn = []
+    for seq, row_logits in zip(seqs, logits):
+        drawn.append(_draw(row_logits, seq.temperature, seq.rng))
+        seq.ids.append(drawn[-1])
+    return drawn
+
+
+def _call(gen: dict, seq: Sequence) -> tuple:
+    """What one row needs fed next: ("window", width), ("prompt", length; 0: any) or ("step",)."""
+    if gen["mode"] == "window" or (gen["mode"] == "cached" and len(seq.ids) > gen["block_size"]):
+        return ("window", min(len(seq.ids), int(gen["block_size"])))
+    if seq.state is None:  # a model with `pad` takes prompts of any lengths together, left-padded
+        return ("prompt", 0 if gen.get("pad") else len(seq.ids))
+    return ("step",)
+
+
+def _empty(spec: dict, batch: int) -> np.ndarray:
+    """Zeros of an input's shape: `batch` rows, its other dynamic axes (a past's length) empty."""
+    return np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in spec["shape"]], spec["dtype"])
+
+
+def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[np.ndarray]:
+    """One model call for rows needing the same `call`; each row's state updated; each row's last logits."""
+    gen, inputs = meta["generation"], {i["name"]: i for i in meta["inputs"]}
+    ids_name, logits_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+    n, carried = len(seqs), ([gen["past"]] if gen["mode"] == "cached" else gen.get("state", []))
+    if call[0] == "step":
+        feeds = {ids_name: np.asarray([[s.ids[-1]] for s in seqs], np.int64)}
+        pads = [0] * n
+        for c in carried:
+            axis = inputs[c["input"]]["shape"].index("batch")
+            feeds[c["input"]], pads = _stack([s.state[c["input"]] for s in seqs], axis, c.get("length_axis"))
+    else:  # a window (ids past the block: the last block_size) or a prompt (shorter ones left-padded)
+        width = max(len(s.ids) for s in seqs) if call[0] == "prompt" else call[1]
+        pads = [width - min(len(s.ids), width) for s in seqs]
+        feeds = {ids_name: np.asarray([[0] * pad + s.ids[-width:] for s, pad in zip(seqs, pads)], np.int64)}
+        feeds.update({c["input"]: _empty(inputs[c["input"]], n) for c in carried})
+    if gen.get("pad"):
+        feeds[gen["pad"]] = np.asarray(pads, np.int64)
+    out = run(feeds)
+    for r, seq in enumerate(seqs):
+        if call[0] == "window":
+            seq.state = None  # nothing carried past the block: every step re-feeds the window
+            continue
+        seq.state = {c["input"]: _row(out[c["output"]], inputs[c["input"]]["shape"].index("batch"), r,
+                                      c.get("length_axis"), pads[r]) for c in carried}
+    return [out[logits_name][r, -1] for r in range(n)]
+
+
+def _stack(states: list[np.ndarray], batch_axis: int, length_axis: int | None) -> tuple[np.ndarray, list[int]]:
+    """Rows' states side by side on `batch_axis`; along `length_axis` (a past) the shorter ones left-padded
+    with zeros: (the batch, each row's padding)."""
+    if length_axis is None:
+        return (np.ascontiguousarray(states[0]) if len(states) == 1 else np.concatenate(states, batch_axis)), \
+            [0] * len(states)
+    longest = max(s.shape[length_axis] for s in states)
+    if len(states) == 1:
+        return np.ascontiguousarray(states[0]), [0]
+    shape = list(states[0].shape)
+    shape[batch_axis], shape[length_axis] = len(states), longest
+    batch = np.zeros(shape, states[0].dtype)
+    pads = [longest - s.shape[length_axis] for s in states]
+    for r, (s, pad) in enumerate(zip(states, pads)):
+        index = [slice(None)] * len(shape)
+        index[batch_axis], index[length_axis] = slice(r, r + 1), slice(pad, None)
+        batch[tuple(index)] = s
+    return batch, pads
+
+
+def _row(out: np.ndarray, batch_axis: int, r: int, length_axis: int | None, pad: int) -> np.ndarray:
+    """Row r of a carried output (a view), less its left padding along `length_axis`."""
+    index = [slice(None)] * out.ndim
+    index[batch_axis] = slice(r, r + 1)
+    if length_axis is not None:
+        index[length_axis] = slice(pad, None)
+    return out[tuple(index)]
+
+
 def sample_ids(run: Run, meta: dict, prompt_ids: list[int], length: int, temperature: float, seed: int
                ) -> Iterator[int]:
-    """`length` ids sampled after the prompt, one at a time; temperature 0 = greedy (argmax).
-
-    How the model is fed is in its metadata's `generation`: "recurrent" warms the state on the whole
-    prompt in one call, then feeds one id at a time with the returned state (`state`: which output
-    feeds which input, zero at the start); "window" re-feeds the last `block_size` ids every step."""
-    rng = np.random.default_rng(seed)
-    gen = meta["generation"]
-    ids_name, logits_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
-    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
-    if gen["mode"] == "recurrent":
-        feeds = {s["input"]: np.zeros([1 if d == "batch" else d for d in s["shape"]], dtypes[s["input"]])
-                 for s in gen["state"]}
-        out = run({ids_name: np.asarray([prompt_ids], dtype=np.int64), **feeds})
-        for i in range(length):
-            nxt = _draw(out[logits_name][0, -1], temperature, rng)
-            yield nxt
-            if i + 1 < length:
-                out = run({ids_name: np.asarray([[nxt]], dtype=np.int64),
-                           **{s["input"]: out[s["output"]] for s in gen["state"]}})
-    elif gen["mode"] == "window":
-        context, block = list(prompt_ids), int(gen["block_size"])
-        for _ in range(length):
-            out = run({ids_name: np.asarray([context[-block:]], dtype=np.int64)})
-            nxt = _draw(out[logits_name][0, -1], temperature, rng)
-            context.append(nxt)
-            yield nxt
-    else:
-        raise StageError(f"{meta.get('ptpipe.kind')}: generation mode {gen['mode']!r} is not recurrent or window")
+    """`length` ids sampled after the prompt, one at a time (`step` on one row); temperature 0 = greedy."""
+    seq = Sequence(prompt_ids, temperature, seed)
+    for _ in range(length):
+        yield step(run, meta, [seq])[0]
 
 
 def stream_text(run: Run, meta: dict, prompt: str, length: int, temperature: float, seed: int) -> Iterator[str]:

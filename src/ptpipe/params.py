@@ -184,8 +184,9 @@ class TuneMetric(Section):
 
 class TunePrune(Section):
     curve: str = Field(min_length=1)  # DVCLive's per-epoch TSV (step, value) of the metric, below the repo root
-    pruner: Literal["median", "threshold", "none"]  # none: the curve is recorded, no trial is stopped
-    startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
+    pruner: Literal["percentile", "median", "threshold", "none"]  # none: the curve is recorded, no trial stopped
+    percentile: Optional[Annotated[float, Field(strict=False, gt=0, lt=100)]] = None  # percentile: kept share
+    startup_trials: int = Field(ge=0)  # percentile/median: trials that finish before any is pruned
     warmup_epochs: int = Field(ge=0)   # epochs every trial runs before it may be pruned
     threshold: Optional[Annotated[float, Field(strict=False)]] = None  # threshold: worse than this stops
 
@@ -193,6 +194,8 @@ class TunePrune(Section):
     def _threshold_given(self) -> "TunePrune":
         if (self.pruner == "threshold") != (self.threshold is not None):
             raise ValueError("threshold is needed with pruner: threshold, and only then")
+        if (self.pruner == "percentile") != (self.percentile is not None):
+            raise ValueError("percentile is needed with pruner: percentile, and only then")
         return self
 
 

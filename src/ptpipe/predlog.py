@@ -16,8 +16,8 @@ turns the queue into rows (statistics, softmax, PNG), inserts them in one transa
 `commit_s` (0.5 s), so a killed server loses at most the last ~0.5 s. Readers (read_window, the monitor flow,
 `sqlite3` itself) read committed rows while the server writes. Retention (age and row count) runs with each
 commit. synchronous=NORMAL: a commit survives the process being killed; an OS crash or power cut may also lose
-the commits since the last checkpoint. Several replicas: the same two tables on PostgreSQL (docs/monitoring.md).
-"""
+the commits since the last checkpoint. Several replicas: a file each, or the same two tables on PostgreSQL (not
+built here; docs/monitoring.md says what it takes)."""
 from __future__ import annotations
 
 import collections
@@ -148,9 +148,9 @@ class PredictionLog:
         self._queue: collections.deque = collections.deque()  # (seq, kind, record), in seq order
         self._seq, self._queued = itertools.count(1), 0
         self._put_lock = threading.Lock()  # numbers and appends in one order: streamed text records from threads
-        self._committed, self._cond = 0, threading.Condition()
+        self._committed = 0  # the seq of the last record committed
         self._raw_hour: dict[str, list[int]] = {}  # model -> [clock hour, raw inputs kept in it]
-        self.dropped, self._dropped_said = 0, 0
+        self.dropped, self._dropped_said, self._warned = 0, 0, set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predlog", daemon=True)
         self._thread.start()
@@ -196,11 +196,12 @@ class PredictionLog:
     def feedback(self, model: str, id: str, label: str) -> None:
         self._put("feedback", (model, id, label, time.time()))
 
-    def wait_written(self, timeout: float) -> None:
-        """Wait until everything queued before this call is committed (at most `timeout` s)."""
-        target = self._queued
-        with self._cond:
-            self._cond.wait_for(lambda: self._committed >= target, timeout)
+    def mark(self) -> int:
+        """A mark for everything queued so far: `written(mark)` says when it is all committed."""
+        return self._queued
+
+    def written(self, mark: int) -> bool:
+        return self._committed >= mark
 
     def close(self) -> None:
         """Write what is queued, then stop the writer."""
@@ -226,9 +227,10 @@ class PredictionLog:
         for _, kind, record in batch:
             records[kind].append(record)
         predictions, feedback = [], records.pop("feedback")
+        rows_of = {"images": _image_rows, "text": lambda group: _text_rows(group, self._warned), "ids": _ids_rows}
         for kind, group in records.items():
             try:
-                predictions.extend(_ROWS[kind](group))
+                predictions.extend(rows_of[kind](group))
             except Exception:  # a bad record (a model that fails on a prompt) costs its commit's rows of that kind
                 log.exception("prediction log: %d %s records could not be made into rows", len(group), kind)
         try:
@@ -239,9 +241,8 @@ class PredictionLog:
                 self._retain(conn)
         except sqlite3.Error:
             log.exception("prediction log: %d rows could not be written to %s", len(predictions), self.options.path)
-        with self._cond:
-            self._committed = batch[-1][0] if batch else self._committed
-            self._cond.notify_all()
+        if batch:
+            self._committed = batch[-1][0]
         if self.dropped > self._dropped_said:
             log.warning("prediction log: %d records dropped so far (over %d queued: the disk is too slow)",
                         self.dropped, MAX_PENDING)
@@ -278,11 +279,18 @@ def _image_rows(records: list[tuple]) -> list[tuple]:
     return rows
 
 
-def _text_rows(records: list[tuple]) -> list[tuple]:
+def _text_rows(records: list[tuple], warned: set[str]) -> list[tuple]:
+    """`warned`: the models whose bits/char failed already (said once, not per request)."""
     rows = []
     for model, version, t, id, prompt, runtime, raw in records:  # drift.prompt_stats: what the reference holds
-        stats = np.array(drift.prompt_stats(runtime.run, runtime.meta, inference.encode(prompt, runtime.vocab)),
-                         dtype=np.float32)
+        try:
+            chars, bits = drift.prompt_stats(runtime.run, runtime.meta, inference.encode(prompt, runtime.vocab))
+        except Exception as exc:  # a model drift cannot feed: the row keeps its id and length, bits/char NaN
+            if model not in warned:
+                warned.add(model)
+                log.warning("prediction log: %s's bits/char on a prompt failed, logged as NaN (%s)", model, exc)
+            chars, bits = len(prompt), float("nan")
+        stats = np.array([chars, bits], dtype=np.float32)
         rows.append((id, model, version, t, b"", stats.tobytes(), ",".join(drift.TEXT_STATS), None, None,
                      prompt.encode("utf-8") if raw else None))
     return rows
@@ -297,8 +305,6 @@ def _ids_rows(records: list[tuple]) -> list[tuple]:
             rows.append((id, model, version, t, b"", stats.tobytes(), ",".join(drift.TEXT_STATS), None, None, None))
     return rows
 
-
-_ROWS = {"images": _image_rows, "text": _text_rows, "ids": _ids_rows}
 
 
 def _size(upload: bytes) -> tuple[int | None, int | None]:

@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -48,7 +48,7 @@ from starlette.routing import Route
 
 import ptpipe
 from ptpipe import inference, predlog, protocol, served as served_mod
-from ptpipe.batching import MicroBatcher
+from ptpipe.batching import Generations, MicroBatcher
 from ptpipe.limits import Limits, LogOptions
 from ptpipe.protocol import ApiError
 from ptpipe.stage import StageError
@@ -102,6 +102,10 @@ class Metrics:
         self.info = Gauge("ptpipe_model_info", "1 for the version served now", ("model", "version", "kind", "task",
                                                                                    "source"), registry=self.registry)
         self.reloads = Counter("ptpipe_model_reloads", "reload attempts", ("model", "result"), registry=self.registry)
+        self.generating = Gauge("ptpipe_generations", "text generations running or waiting now", ("model",),
+                                registry=self.registry)
+        self.generated = Counter("ptpipe_generated_characters", "characters generated", ("model",),
+                                 registry=self.registry)
 
     def serving(self, new, old=None) -> None:
         if old is not None:
@@ -265,6 +269,7 @@ class State:
         self.options, self.metrics = options, Metrics()
         self.models: dict[str, object] = {}
         self.batchers: dict[str, MicroBatcher] = {}
+        self.generations: dict[str, Generations] = {}  # per text model version: its continuous batch
         self.locks: dict[str, asyncio.Lock] = {}
         self.arriving: dict[str, int] = {}  # requests per model being read, not yet handed to the batcher
         self.in_flight: dict[str, int] = {}  # requests per model between arrival and answer
@@ -323,6 +328,22 @@ class State:
                 lambda: self.in_flight.get(model.name, 0))
         return self.batchers[key]  # no await between the version check and the submit
 
+    def generation_batch(self, model) -> Generations:
+        """The continuous batch of `model`'s generations (made on first use, one per version: a request
+        keeps the version it started on; an old version's batch ends with its last row)."""
+        key = f"{model.name}\0{model.version}"
+        if key not in self.generations:
+            runtime, name = model.runtime, model.name
+
+            def on_step(rows: int) -> None:
+                self.metrics.batch.labels(name).observe(rows)
+                self.metrics.generated.labels(name).inc(rows)
+
+            self.generations[key] = Generations(lambda seqs: inference.step(runtime.run, runtime.meta, seqs),
+                                                self.options.limits.max_batch, on_step,
+                                                self.metrics.generating.labels(name).set)
+        return self.generations[key]
+
     async def reload(self, name: str) -> dict:
         """Re-resolve `name`; a new version is loaded and warmed up aside, then swapped in at once.
         Requests already holding the old version finish on it; its batcher drains, then stops."""
@@ -343,6 +364,7 @@ class State:
             batcher = self.batchers.pop(f"{name}\0{old.version}", None)
             if batcher:
                 batcher.close()
+            self.generations.pop(f"{name}\0{old.version}", None)  # its running texts finish, then its worker ends
             self.metrics.reloads.labels(name, "swapped").inc()
             log.info("%s: %s -> %s", name, old.version, new.version)
             return {"name": name, "version": new.version, "previous": old.version, "changed": True}
@@ -367,13 +389,14 @@ def _ort_message(exc: Exception) -> str:
 
 def _axis_caps(model, limits: Limits) -> dict[str, list[int | None]]:
     """Per input, the largest size of each axis: fixed axes None (checked for equality), the batch axis
-    max_batch, other dynamic axes max_seq, or a window model's block_size (its position table's length:
-    onnxruntime would fail past it)."""
+    max_batch, other dynamic axes max_seq, or a window model's block_size for its ids, a cached model's for
+    its ids and its past (its position table's length: onnxruntime would fail past it)."""
     generation = model.runtime.meta.get("generation") or {}
-    window = generation.get("block_size") if generation.get("mode") == "window" else None
+    mode = generation.get("mode")
+    window = generation.get("block_size") if mode in ("window", "cached") else None
     caps = {}
     for i, spec in enumerate(model.inputs):
-        seq = min(limits.max_seq, window) if window and i == 0 else limits.max_seq
+        seq = min(limits.max_seq, window) if window and (i == 0 or mode == "cached") else limits.max_seq
         caps[spec.name] = [None if isinstance(d, int) else limits.max_batch if d == "batch" else seq
                            for d in spec.shape]
     return caps
@@ -571,11 +594,32 @@ async def generate(request: Request) -> Response:
     rid = _log_text(state, model, args["prompt"])  # None: no log
     headers = {"X-Model-Name": model.name, "X-Model-Version": model.version,
                **({"X-Prediction-Id": rid} if rid else {})}
+    chars = _generated(state, model, args["prompt"], args["length"], args["temperature"], args["seed"])
     if args.pop("stream"):
-        return StreamingResponse(_events(model, **args), media_type="text/event-stream", headers=headers)
-    text = await run_in_threadpool(model.runtime.generate, *args.values())
+        return StreamingResponse(_events(model, args["prompt"], chars), media_type="text/event-stream",
+                                 headers=headers)
+    text = args["prompt"] + "".join([ch async for ch in chars])
     return _respond({"model": model.name, "version": model.version, "text": text, **({"id": rid} if rid else {})},
                     headers=headers)
+
+
+async def _generated(state: State, model, prompt: str, length: int, temperature: float, seed: int):
+    """The generated characters as they come: from the model's continuous batch (`Generations`), or with
+    --no-batching from a generation of its own in a worker thread (the same text either way)."""
+    if not state.options.batching:
+        async for ch in iterate_in_threadpool(model.runtime.stream(prompt, length, temperature, seed)):
+            yield ch
+        return
+    if length == 0:
+        return
+    vocab = model.runtime.vocab
+    seq = inference.Sequence(inference.encode(prompt, vocab), temperature, seed)
+    generation = state.generation_batch(model).submit(seq, length)
+    try:
+        async for i in generation.ids():
+            yield vocab[i]
+    finally:  # done, or closed early (a client that went away): the row leaves the batch before the next step
+        generation.gone = True
 
 
 def _generate_args(model, body: dict, limits: Limits) -> dict:
@@ -604,16 +648,21 @@ def _generate_args(model, body: dict, limits: Limits) -> dict:
     return {"prompt": prompt, "length": length, "temperature": float(temperature), "seed": seed, "stream": stream}
 
 
-def _events(model, prompt: str, length: int, temperature: float, seed: int):
-    """Server-sent events: one `data: {"text": ch}` per generated character, then `event: done` with the whole text."""
+async def _events(model, prompt: str, chars):
+    """Server-sent events: one `data: {"text": ch}` per generated character (`chars`, an async iterator),
+    then `event: done` with the whole text. A client that disconnects closes this generator, and with it
+    `chars`: its row leaves the batch."""
     def sse(data: dict, event: str | None = None) -> str:
         return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data)}\n\n"
 
     text = [prompt]
     yield sse({"model": model.name, "version": model.version, "prompt": prompt}, "start")
-    for ch in model.runtime.stream(prompt, length, temperature, seed):
-        text.append(ch)
-        yield sse({"text": ch})
+    try:
+        async for ch in chars:
+            text.append(ch)
+            yield sse({"text": ch})
+    finally:
+        await chars.aclose()
     yield sse({"model": model.name, "version": model.version, "text": "".join(text)}, "done")
 
 
@@ -684,19 +733,22 @@ async def feedback(request: Request) -> Response:
     elif not isinstance(label, str) or not 1 <= len(label) <= state.options.limits.max_prompt:
         raise ApiError(400, f"label must be the true next text, a string of 1 to {state.options.limits.max_prompt} "
                             f"characters", "label")
-    if not await run_in_threadpool(_logged, state.predlog, model.name, rid):
+    if not await _logged(state.predlog, model.name, rid):
         raise ApiError(404, f"no logged prediction of {model.name} has id {rid[:80]!r} (not sampled, or past "
                             f"the log's retention)", "id")
     state.predlog.feedback(model.name, rid, label)
     return _respond({"model": model.name, "id": rid, "label": label}, model=model)
 
 
-def _logged(log_: predlog.PredictionLog, model: str, rid: str) -> bool:
-    """Whether the log holds `rid`; a response of the last commit_s may still be queued: then after its commit."""
-    if predlog.has_prediction(log_.options.path, model, rid):
+async def _logged(log_: predlog.PredictionLog, model: str, rid: str) -> bool:
+    """Whether the log holds `rid`. A response of the last commit_s may still be queued: then it is looked up
+    again once what was queued is committed, waiting on the event loop (a flood of unknown ids holds no thread)."""
+    mark, deadline = log_.mark(), time.monotonic() + 2 * log_.options.commit_s + 1
+    if await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid):
         return True
-    log_.wait_written(2 * log_.options.commit_s + 1)
-    return predlog.has_prediction(log_.options.path, model, rid)
+    while not log_.written(mark) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return await run_in_threadpool(predlog.has_prediction, log_.options.path, model, rid)
 
 
 # -- classify: multipart and images -----------------------------------------------------------

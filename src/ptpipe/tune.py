@@ -219,7 +219,10 @@ def _pruner(prune: params.TunePrune | None, direction: str):
     if prune.pruner == "threshold":  # worse than the threshold: above it when minimizing, below when maximizing
         side = "upper" if direction == "minimize" else "lower"
         return optuna.pruners.ThresholdPruner(**{side: prune.threshold}, n_warmup_steps=prune.warmup_epochs)
-    return optuna.pruners.MedianPruner(n_startup_trials=prune.startup_trials, n_warmup_steps=prune.warmup_epochs)
+    # percentile p: a trial whose epoch is worse than the best p% of finished trials' same epoch stops
+    # (median = percentile 50); optuna orients it by the study's direction
+    return optuna.pruners.PercentilePruner(50.0 if prune.pruner == "median" else prune.percentile,
+                                           n_startup_trials=prune.startup_trials, n_warmup_steps=prune.warmup_epochs)
 
 
 # -- experiments, as DVC lists them ----------------------------------------------------------------
@@ -571,7 +574,9 @@ def summary(study, tune: params.Tune) -> dict:
         rows.append({"number": t.number, "experiment": t.user_attrs.get("experiment", f"{tune.study}-{t.number}"),
                      "state": t.state.name.lower(), "value": t.value, "epochs": t.user_attrs.get("epochs"),
                      "params": t.params, "seconds": t.duration.total_seconds() if t.duration else None,
-                     "error": t.user_attrs.get("error")})
+                     "error": t.user_attrs.get("error"),
+                     "started": t.datetime_start.timestamp() if t.datetime_start else None,
+                     "curve": [t.intermediate_values[k] for k in sorted(t.intermediate_values)]})
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = None
     if complete:

@@ -11,7 +11,9 @@ The cases come from the model's kind
 (`ptpipe.kinds.<kind>.KIND.validation_cases`, sizes from `validate.shapes.<kind>` in params.yaml):
 e.g. the CNN's first 1, 7, 64 test images; the LSTM's batch 1 and 5 streams of validation text at
 lengths 1, 37, 256, each from a zero state and then the next window from the state that backend
-itself returned (the carry generation relies on).
+itself returned (the carry generation relies on); gpt's windows, and its cached path (a prompt, then
+single ids fed with the keys/values that backend returned) against eager's UNCACHED window over the
+same characters at every step (`Case.reference`).
 
 Before anything runs, each file must be a ptpipe export of that kind with the kind's inputs and
 exported from the model.pt beside it; anything else is a one-line error (exit 2).
@@ -74,10 +76,15 @@ def _run_case(run: inference.Run, case: kinds.Case) -> list[dict[str, np.ndarray
 
 
 def _compare(ref: list[dict], got: list[dict], logits: str) -> dict:
-    """{<output>: max |diff| over all steps, ..., top1: worst agreement of the logits' argmax}."""
-    out = {name: max(float(np.max(np.abs(r[name].astype(np.float64) - g[name]))) for r, g in zip(ref, got))
-           for name in ref[0]}
-    out["top1"] = min(float(np.mean(r[logits].argmax(-1) == g[logits].argmax(-1))) for r, g in zip(ref, got))
+    """{<output>: max |diff| over all steps, ..., top1: worst agreement of the logits' argmax}. A reference
+    output longer along axis 1 (an uncached window's logits) is compared on its last positions."""
+    def last(r: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return r[:, r.shape[1] - g.shape[1]:] if r.ndim > 1 and r.shape[1] > g.shape[1] else r
+
+    out = {name: max(float(np.max(np.abs(last(r[name], g[name]).astype(np.float64) - g[name])))
+                     for r, g in zip(ref, got)) for name in ref[0]}
+    out["top1"] = min(float(np.mean(last(r[logits], g[logits]).argmax(-1) == g[logits].argmax(-1)))
+                      for r, g in zip(ref, got))
     return out
 
 
@@ -93,7 +100,7 @@ def validate_model(model_dir: Path, data_dir: Path, shapes: dict) -> dict:
     logits = kind.outputs[0].name
     report = {b: {} for b in BACKENDS}
     for case in cases:
-        ref = _run_case(reference, case)
+        ref = _run_case(reference, case) if case.reference is None else [reference(f) for f in case.reference]
         for backend, run in backends.items():
             report[backend][case.label] = _compare(ref, _run_case(run, case), logits)
     return report

@@ -67,6 +67,10 @@ class Case:
     label: str  # e.g. "batch=5 seq=37 state=carried": names the case in reports and errors
     steps: list[dict[str, "np.ndarray"]]
     carry: dict[str, str] = field(default_factory=dict)
+    # what eager PyTorch runs instead, one feed per step, when the reference is another path to the same
+    # numbers (a cached step's uncached window); an output longer along axis 1 is compared on its last
+    # positions (the window's logits for every position vs the step's for its new ids)
+    reference: list[dict[str, "np.ndarray"]] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class ModelKind:
     trained_part: Callable[["nn.Module"], "nn.Module"] = lambda module: module
     # model_args an older model file may lack, with the value every such file had (the CNN's image_size: 32)
     arg_defaults: dict = field(default_factory=dict)
+    # sizes a signature names that follow from model_args (gpt's head_size = n_embd / n_head)
+    derived_args: Callable[[dict], dict] = lambda args: {}
 
     @property
     def metric(self) -> tuple[str, bool]:
@@ -100,6 +106,7 @@ class ModelKind:
     def signature(self, config: dict) -> dict:
         """{"inputs": [...], "outputs": [...]} resolved against the config's model_args."""
         args = {**self.arg_defaults, **config["model_args"]}
+        args.update(self.derived_args(args))
         return {"inputs": [s.resolve(args) for s in self.inputs], "outputs": [s.resolve(args) for s in self.outputs]}
 
     def describe(self, config: dict) -> dict:

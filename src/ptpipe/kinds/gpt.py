@@ -3,8 +3,20 @@
 Token + position embeddings, `n_layer` pre-LayerNorm blocks of causal self-attention
 (`F.scaled_dot_product_attention(is_causal=True)`) and a GELU MLP, a final LayerNorm and a
 decoder that shares the token embedding's matrix (weight tying). `forward(ids [B, T]) ->
-logits [B, T, V]` for any T <= block_size: the model has no state, so generation re-feeds the
-last `block_size` characters each step (metadata `generation.mode = "window"`).
+logits [B, T, V]` for any T <= block_size: what training and scoring run.
+
+What is exported (the deployable module, `CachedGPT`) is the same weights with a key/value cache:
+`(ids [B, T], pad [B], past [L, 2, B, H, P, D]) -> (logits [B, T, V], present [L, 2, B, H, P+T, D])`,
+the keys and values of every layer for the P earlier positions in, those of all P+T out (metadata
+`generation.mode = "cached"`). ONE graph with a dynamic past length, not a prefill graph and a step
+graph: P = 0 is the prefill (and the full window), T = 1 the step, so model.onnx / model.ts stay one
+file each with the weights once, and every consumer of the signature (validate, the registry, the
+server's metadata) sees one graph. `pad` lets rows of different lengths share a call (the server's
+continuous batching): row b's first pad[b] slots are left padding, never attended to, and its
+positions count from the first real slot. Past the block: a text longer than block_size re-feeds its
+last block_size ids with P = 0 every step (`ptpipe.inference.step`), exactly what the uncached model
+did, because the positions are learned absolute embeddings: sliding the window by one moves every
+id to another position, so no cached key stays valid (a sliding cache would give other text).
 
 Dropout is applied to the embeddings and to each residual branch, not to the attention
 probabilities: with `dropout_p=0` the CPU's fused attention kernel runs instead of the one
@@ -25,7 +37,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,6 +69,22 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.drop(self.proj(y))
 
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past_k/v [B, heads, P, head size]
+        -> (y [B, T, C], keys and values [B, heads, P+T, head size]). Inference only (no dropout).
+        B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes)."""
+        C = self.n_embd
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = torch.cat([past_k, k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
+        v = torch.cat([past_v, v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)], dim=2)
+        # written out rather than F.scaled_dot_product_attention(attn_mask=...): its ONNX export adds a
+        # Shape/Sqrt/Div/Cast/IsNaN/Where chain per layer, and per-op overhead is what a one-id step costs
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))  # [B, heads, T, P+T]
+        att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), k, v
+
 
 class MLP(nn.Module):
     def __init__(self, n_embd: int, dropout: float):
@@ -82,6 +110,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, B: int, T: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, k, v = self.attn.cached(self.ln1(x), mask, past_k, past_v, B, T)
+        x = x + y
+        return x + self.mlp(self.ln2(x)), k, v
 
 
 class CharGPT(nn.Module):
@@ -109,6 +143,35 @@ class CharGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class CachedGPT(nn.Module):
+    """The deployable module: a CharGPT run with its keys and values carried (module docstring)."""
+
+    def __init__(self, gpt: CharGPT):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor, past: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, T] int64, pad [B] int64, past [L, 2, B, heads, P, head size] with P + T <= block_size
+        -> logits [B, T, V], present [L, 2, B, heads, P+T, head size]."""
+        B, P, T = ids.size(0), past.size(4), ids.size(1)
+        if P + T > self.gpt.block_size:  # eager/TorchScript; the ONNX graph's Gather fails instead
+            raise ValueError("past + ids have more positions than block_size: feed the last block_size ids")
+        slot = torch.arange(P + T, device=ids.device)  # cache slot of every key; the new ids sit at P..P+T-1
+        new = slot[P:]
+        # a key is seen by a query at or after it, unless it is padding; a padding query sees itself only
+        # (a row with nothing to attend to would be NaN, and NaN would reach the cache)
+        causal = slot[None, None, :] <= new[None, :, None]  # [1, T, P+T]
+        real = slot[None, None, :] >= pad[:, None, None]  # [B, 1, P+T]
+        mask = (causal & real) | (slot[None, None, :] == new[None, :, None])  # [B, T, P+T]
+        pos = (new[None, :] - pad[:, None]).clamp(min=0)  # [B, T]: positions count from each row's text
+        x = self.gpt.tok(ids) + self.gpt.pos(pos)
+        present = []
+        for i, block in enumerate(self.gpt.blocks):
+            x, k, v = block.cached(x, mask[:, None], past[i, 0], past[i, 1], B, T)
+            present.append(torch.stack([k, v]))
+        return self.gpt.head(self.gpt.ln_f(x)), torch.stack(present)
+
+
 def init_weights(model: CharGPT, std: float) -> None:
     """GPT-2's initialisation with a chosen `std` (GPT-2: 0.02, at width 768): weights N(0, std),
     biases 0, and the projections into the residual stream N(0, std / sqrt(2 n_layer)), so the
@@ -123,36 +186,63 @@ def init_weights(model: CharGPT, std: float) -> None:
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * len(model.blocks)))
 
 
-def build(config: dict) -> CharGPT:
-    return CharGPT(**config["model_args"])
+def build(config: dict) -> CachedGPT:
+    return CachedGPT(CharGPT(**config["model_args"]))
 
 
-def example_inputs(model: CharGPT, config: dict) -> tuple[torch.Tensor, ...]:
-    # batch 2, length 5: sizes 0/1 would invite the exporter to specialise those axes
-    return (torch.zeros(2, 5, dtype=torch.int64),)
+def head_size(args: dict) -> dict:
+    return {"head_size": args["n_embd"] // args["n_head"]}
+
+
+def empty_past(args: dict, batch: int, length: int = 0) -> np.ndarray:
+    """A past of `length` zero positions: [n_layer, 2, batch, n_head, length, head size]."""
+    return np.zeros((args["n_layer"], 2, batch, args["n_head"], length, args["n_embd"] // args["n_head"]), np.float32)
+
+
+def example_inputs(model: CachedGPT, config: dict) -> tuple[torch.Tensor, ...]:
+    # batch 2, 5 new ids after 3 cached: sizes 0/1 would invite the exporter to specialise those axes
+    args = config["model_args"]
+    return (torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+            torch.from_numpy(empty_past(args, 2, 3)))
 
 
 def metadata(config: dict) -> dict:
     return {"vocab": config["data"]["vocab"],
-            "generation": {"mode": "window", "block_size": config["model_args"]["block_size"]}}
+            "generation": {"mode": "cached", "block_size": config["model_args"]["block_size"],
+                           "past": {"input": "past", "output": "present", "length_axis": 4},
+                           "pad": "pad"}}
 
 
 def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kinds.Case]:
-    """`batch` windows of validation text x `seq` characters (seq <= block_size; the model has no
-    state to carry). Short texts (test fixtures) are repeated to fill the windows."""
+    """`batch` windows of validation text x `seq` characters (seq <= block_size), fed whole with no
+    past; and for each seq > 1 the cached path: a prompt of seq - `steps` characters, then `steps`
+    single ids each fed with the past that backend itself returned, every step's logits and keys/values
+    compared with EAGER'S UNCACHED window over the same characters (the cache must not change a logit).
+    Short texts (test fixtures) are repeated to fill the windows."""
     batches, seq_lens = kinds.shape_params(shapes, "gpt", "batch"), kinds.shape_params(shapes, "gpt", "seq")
+    args = config["model_args"]
     block_size = config["model_args"]["block_size"]
     too_long = [t for t in seq_lens if t > block_size]
     if too_long:
         raise StageError(f"params.yaml: validate.shapes.gpt.seq: {too_long} longer than the model's "
                          f"block_size {block_size} (positions it has no embedding for)")
+    step_counts = kinds.shape_params(shapes, "gpt", "steps")
     _, val_ids, _ = load_text(prepared_dir)
     ids = val_ids.numpy().astype(np.int64)
     cases = []
     for b in batches:
         for t in seq_lens:
             rows = np.resize(ids, max(b * t, len(ids)))[: b * t].reshape(b, t)  # np.resize repeats a short text
-            cases.append(kinds.Case(f"batch={b} seq={t}", [{"ids": rows.copy()}]))
+            pad = np.zeros(b, np.int64)
+            cases.append(kinds.Case(f"batch={b} seq={t}", [{"ids": rows.copy(), "pad": pad, "past": empty_past(args, b)}]))
+            for p in sorted({max(1, t - k) for k in step_counts} - {t}):
+                fed = [rows[:, :p]] + [rows[:, i: i + 1] for i in range(p, t)]
+                cases.append(kinds.Case(
+                    f"batch={b} prompt={p} steps={t - p}",
+                    [{"ids": fed[0].copy(), "pad": pad, "past": empty_past(args, b)}]
+                    + [{"ids": x.copy(), "pad": pad} for x in fed[1:]], carry={"present": "past"},
+                    reference=[{"ids": rows[:, :i].copy(), "pad": pad, "past": empty_past(args, b)}
+                               for i in range(p, t + 1)]))
     return cases
 
 
@@ -289,15 +379,18 @@ def training(r: Recipe, data_dir: Path, device: torch.device, ddp, key: str, def
         unit="char", steps_per_epoch=r.steps_per_epoch)
 
 
-def text_loss(model: CharGPT, ids: torch.Tensor, recorded: dict) -> tuple[float, int]:
+def text_loss(model: CachedGPT, ids: torch.Tensor, recorded: dict) -> tuple[float, int]:
     """The evaluate stage's score: `window_loss` with the windows the model validated with."""
-    return window_loss(model, ids, model.block_size, recorded["eval_stride"])
+    return window_loss(model.gpt, ids, model.gpt.block_size, recorded["eval_stride"])
 
 
 KIND = kinds.ModelKind(
     name="gpt", task="text-generation", formats=("text",),
-    inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")),),
-    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),),
+    inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")), kinds.TensorSpec("pad", "int64", ("batch",)),
+            kinds.TensorSpec("past", "float32", ("n_layer", 2, "batch", "n_head", "past", "head_size"))),
+    outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),
+             kinds.TensorSpec("present", "float32", ("n_layer", 2, "batch", "n_head", "past+seq", "head_size"))),
     build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
-    recipe=Recipe, training=training, text_loss=text_loss,
+    recipe=Recipe, training=training, text_loss=text_loss, trained_part=lambda module: module.gpt,
+    derived_args=head_size,
 )
