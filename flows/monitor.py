@@ -18,8 +18,8 @@ For every served model (request.models, or every model the server at request.ser
    any spreadsheet: one plain file beside the project's DVC plots, nothing to run); `report.html`, the latest
    window with every figure's history drawn as inline SVG (no script, no CDN: it renders offline); and the
    Prefect markdown artifact `monitor-<model>` (the figures, the verdict), in the run's Artifacts tab;
-5. drifted: the event `ptpipe.model.drifted` (resource `ptpipe.model.<name>`, the version and the artifact
-   as its labels, the figures and reasons as payload). The event is emitted for every drifted window, so the
+5. drifted: the event `ptpipe.model.drifted` (resource `ptpipe.model.<name>` with the version as a label,
+   the figures and reasons as payload). The event is emitted for every drifted window, so the
    event feed shows the whole episode; the cooldown is the automation's (`within` in prefect.yaml: one
    retrain per model per period however many windows drift), not this flow's memory.
 """
@@ -35,14 +35,15 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
-from ptpipe import drift, files, params, predlog, registry
+from ptpipe import drift, files, incidents, params, predlog, registry
 from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
-HISTORY_ROWS = 10_000
-WHEN = ("time", "first", "last")  # a result's times: the history's first column and the report's header, no figure  # history.tsv keeps the newest rows: a run an hour is more than a year
+HISTORY_ROWS = 10_000  # history.tsv keeps the newest rows: a run an hour is more than a year
+WHEN = ("time", "first", "last")  # a result's times: the history's first column and the report's header, no figure
 
 
 class MonitorRequest(BaseModel):
@@ -52,8 +53,6 @@ class MonitorRequest(BaseModel):
     log: str = Field(description="The prediction log, as given to `ptpipe serve --log`")
     models: list[str] = Field(default_factory=list, description="Served model names; empty: every model of `server`")
     server: str | None = Field(None, description="The server's URL (http://host:port), to list its models")
-    repo: str = Field(".", description="The project: params.yaml's monitor section (the window, the thresholds), "
-                                       "the models' artifacts")
     reports: str = Field("reports/monitor", description="Where history.tsv and report.html go, one folder a model")
 
 
@@ -81,20 +80,26 @@ def thresholds(repo: str) -> dict:
     section = (yaml.safe_load(path.read_text()) or {}).get("monitor") if path.is_file() else None
     if section is None:
         raise StageError(f"{path} has no monitor section: add one (params.yaml of ptpipe has the defaults), "
-                         f"or pass request.repo, the project whose params.yaml has it")
+                         f"or pass repo, the project whose params.yaml has it")
     return params.thresholds(section, str(path))
+
+
+def artifact_path(repo: str, name: str) -> str:
+    """The folder of artifact `name` (dvc.yaml's artifacts, params.yaml's models): a served name must be one."""
+    known = registry.artifacts(repo)
+    if name not in known:
+        raise StageError(f"request.models: {name!r} is no artifact of {repo}'s dvc.yaml or params.yaml models; "
+                         f"known: {', '.join(sorted(known))}")
+    return known[name]["path"]
 
 
 def reference_of(repo: str, name: str, version: str) -> dict:
     """The reference `version` of model `name` carries: from the registry for a released version, else the
     workspace model's (a workspace model's version is its file's md5, with no tag to fetch)."""
-    known = registry.artifacts(repo)
-    if name not in known:
-        raise StageError(f"request.models: {name!r} is no artifact of {repo}'s dvc.yaml or params.yaml models; "
-                         f"known: {', '.join(sorted(known))}")
+    path = artifact_path(repo, name)
     if registry.SEMVER.match(version):
         return drift.load_reference(registry.fetch_model(name, version, repo=repo))
-    return drift.load_reference(Path(repo) / known[name]["path"])
+    return drift.load_reference(Path(repo) / path)
 
 
 def newest_version_only(window: predlog.Window) -> predlog.Window:
@@ -118,19 +123,19 @@ def figures(result: dict, prefix: str = "") -> dict[str, float]:
             out.update(figures(value, f"{name}."))
         elif isinstance(value, bool):
             out[name] = float(value)
-        elif isinstance(value, (int, float)) and value is not None:
+        elif isinstance(value, (int, float)):
             out[name] = float(value)
     return out
 
 
 @task(name="check-model")
-def check_model(request: MonitorRequest, name: str, limits: dict) -> dict:
+def check_model(request: MonitorRequest, repo: str, name: str, limits: dict) -> dict:
     window = predlog.read_window(request.log, name, limits["window"])
     if not window.ids:
         return {"model": name, "version": None, "n": 0, "drifted": False, "reasons": [], "skipped": "no requests logged"}
     window = newest_version_only(window)
     version = window.versions[-1]
-    result = drift.check(reference_of(request.repo, name, version), window, limits)
+    result = drift.check(reference_of(repo, name, version), window, limits)
     return {**result, "model": name, "version": version, "time": time.time(),
             "first": float(window.times[0]), "last": float(window.times[-1])}
 
@@ -228,9 +233,9 @@ def render_markdown(result: dict, report: Path) -> str:
 
 
 @task(name="record")
-def record(request: MonitorRequest, result: dict, p_value: float) -> str:
+def record(request: MonitorRequest, repo: str, result: dict, p_value: float) -> str:
     """history.tsv, report.html and the markdown artifact of one model's window; returns the report's path."""
-    folder = Path(request.repo) / request.reports / result["model"]
+    folder = Path(repo) / request.reports / result["model"]
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     history = append_history(folder / "history.tsv", {"time": when, "version": result["version"], **figures(result)})
     report = folder / "report.html"
@@ -254,19 +259,32 @@ def emit_drifted(result: dict, report: str) -> None:
                payload={"reasons": result["reasons"], "figures": figures(result), "n": result["n"], "report": report})
 
 
-@flow(name="monitor")
-def monitor(request: MonitorRequest) -> list[dict]:
-    """Check every served model's last window (module docstring); returns one result per model."""
+@flow(name="monitor", on_failure=[incidents.on_failure], on_crashed=[incidents.on_failure])
+def monitor(request: MonitorRequest, repo: str = ".") -> list[dict]:
+    """Check every served model's last window (module docstring) with the monitor section of `repo`'s
+    params.yaml and its models' artifacts; returns one result per model. Something
+    the user can fix (a bad parameter, an unknown model, a missing reference) ends the run Failed with the
+    reason as its message and last log line, as `retrain` does, and writes an incident record."""
     log = get_run_logger()
+    try:
+        return _monitor(request, repo, log)
+    except StageError as exc:
+        log.error("monitor failed: %s", exc)
+        return Failed(message=f"monitor failed: {exc}", data=exc)
+
+
+def _monitor(request: MonitorRequest, repo: str, log) -> list[dict]:
     names = served_models(request)
-    limits = thresholds(request.repo)
+    limits = thresholds(repo)
+    for name in names:  # an unknown name stops the run before anything is written
+        artifact_path(repo, name)
     results = []
     for name in names:
-        result = check_model.with_options(name=f"check {name}")(request, name, limits)
+        result = check_model.with_options(name=f"check {name}")(request, repo, name, limits)
         if result.get("skipped"):
             log.info("%s: %s", name, result["skipped"])
         else:
-            result["report"] = record(request, result, limits["p_value"])
+            result["report"] = record(request, repo, result, limits["p_value"])
             log.info("%s %s: %s", name, result["version"], "drifted: " + "; ".join(result["reasons"])
                      if result["drifted"] else "no drift")
             if result["drifted"]:
@@ -283,4 +301,6 @@ if __name__ == "__main__":
     ap.add_argument("--model", action="append", default=[], dest="models")
     ap.add_argument("--server", default=None)
     ap.add_argument("--repo", default=".")
-    print(json.dumps(monitor(MonitorRequest(**vars(ap.parse_args()))), indent=2))
+    args = vars(ap.parse_args())
+    repo = args.pop("repo")
+    print(json.dumps(monitor(MonitorRequest(**args), repo), indent=2))

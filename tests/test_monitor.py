@@ -114,7 +114,7 @@ def test_an_unknown_model_and_bad_thresholds_are_refused_naming_the_key(monitor,
     with pytest.raises(StageError, match=r"params.yaml: monitor.p_value: Input should be less than 1"):
         monitor.thresholds(str(repo))
     with pytest.raises(StageError, match=r"request.models: 'nope' is no artifact .* known: tiny-cnn$"):
-        monitor.reference_of(str(repo), "nope", "v1.0.0")
+        monitor.artifact_path(str(repo), "nope")
 
 
 def test_the_on_drift_request_is_checked_before_anything_runs(tmp_path):
