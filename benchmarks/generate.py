@@ -2,7 +2,7 @@
 replaced, and `ptpipe serve` answering concurrent generate requests (continuous batching) vs one at a time.
 
     python benchmarks/generate.py                                   # the tiny fixture models (seeded weights)
-    python benchmarks/generate.py --models /work/real/models --prepared /work/real/prepared/alice
+    python benchmarks/generate.py --models models --prepared data/prepared/alice  # trained models
 
 Models: `--models DIR` holds lstm/model.pt and gpt/model.pt (trained: the real ones), copied to a temporary
 folder and exported there by ptpipe.export (so the files have the cache, whatever export DIR holds);

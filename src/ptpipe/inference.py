@@ -314,7 +314,7 @@ def _call(gen: dict, seq: Sequence) -> tuple:
     return ("step",)
 
 
-def _empty(spec: dict, batch: int) -> np.ndarray:
+def empty_input(spec: dict, batch: int) -> np.ndarray:
     """Zeros of an input's shape: `batch` rows, its other dynamic axes (a past's length) empty."""
     return np.zeros([batch if d == "batch" else 0 if isinstance(d, str) else d for d in spec["shape"]], spec["dtype"])
 
@@ -334,7 +334,7 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
         width = max(len(s.ids) for s in seqs) if call[0] == "prompt" else call[1]
         pads = [width - min(len(s.ids), width) for s in seqs]
         feeds = {ids_name: np.asarray([[0] * pad + s.ids[-width:] for s, pad in zip(seqs, pads)], np.int64)}
-        feeds.update({c["input"]: _empty(inputs[c["input"]], n) for c in carried})
+        feeds.update({c["input"]: empty_input(inputs[c["input"]], n) for c in carried})
     if gen.get("pad"):
         feeds[gen["pad"]] = np.asarray(pads, np.int64)
     out = run(feeds)
