@@ -68,12 +68,12 @@ def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, flo
     """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds a prompt
     (ptpipe.inference.step): a recurrent model the whole prompt from a zero state, a cached or window model
     its last block_size characters with an empty past (what it sees; bits/char is over those)."""
+    from ptpipe.inference import empty_input  # onnxruntime: not for drift's other users
+
     gen, ids = meta["generation"], [int(i) for i in ids]
     inputs = {i["name"]: i for i in meta["inputs"]}
     carried = [gen["past"]] if gen["mode"] == "cached" else gen.get("state", [])
-    feeds = {c["input"]: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d  # a past: empty
-                                   for d in inputs[c["input"]]["shape"]], inputs[c["input"]]["dtype"])
-             for c in carried}
+    feeds = {c["input"]: empty_input(inputs[c["input"]], 1) for c in carried}  # a zero state, an empty past
     if gen.get("pad"):
         feeds[gen["pad"]] = np.zeros(1, np.int64)
     fed = ids[-int(gen["block_size"]):] if gen["mode"] in ("window", "cached") else ids
