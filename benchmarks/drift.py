@@ -1,7 +1,7 @@
 """Drift detection: how often `ptpipe.drift.check` flags a window of shifted traffic (power), and how often an
 unshifted one (false alarms), per shift, severity and window size; the model's accuracy drop per shift.
 
-    python benchmarks/drift.py                      # the real CIFAR-10 CNN and Alice LSTM + GPT (/work/real)
+    python benchmarks/drift.py                      # this workspace's CNN, LSTM and GPT after `dvc repro` (real data)
     python benchmarks/drift.py --windows 50         # fewer windows per cell (a quick look)
 
 Images: the reference is the validation split (5,000) as the exported CNN sees it (onnxruntime), built by
@@ -34,7 +34,7 @@ from PIL import Image, ImageFilter
 from ptpipe import drift, export, files, inference, params
 from ptpipe.predlog import Window
 
-REAL = Path("/work/real")
+ROOT = Path(__file__).resolve().parents[1]  # the workspace: models/ and data/prepared/ after `dvc repro`
 SIZES = (100, 500, 2000)
 TARGET_SIZE, TARGET_FALSE_ALARMS, TARGET_POWER, COSTLY = 500, 0.05, 0.95, 0.05
 PRIOR_CLASSES = (2, 3, 5)  # bird, cat, dog: the prior shift's 3 classes (the model's hardest: it costs accuracy)
@@ -110,13 +110,13 @@ def images_bench(args, thresholds: dict, emit) -> None:
     base_acc = float((probs.argmax(1) == test_y).mean())
     print(f"CNN: reference accuracy (val) {ref['accuracy']:.4f}, test accuracy {base_acc:.4f}")
     rng = np.random.default_rng(args.seed)
-    cells = [("none", 0, "", probs, stats, None, 0.0, base_acc)]
+    cells = [("none", 0, "", probs, stats, None, 0.0, base_acc)] if "none" in args.shifts else []
     for name, (severities, unit, fn) in SHIFTS.items():
-        for s in severities:
+        for s in severities if name in args.shifts else ():
             p, st = _view(model, fn(test_x, s, rng))
             cells.append((name, s, unit, p, st, None, 0.0, float((p.argmax(1) == test_y).mean())))
     special = np.flatnonzero(np.isin(test_y, PRIOR_CLASSES))
-    for f in PRIOR_SEVERITIES:
+    for f in PRIOR_SEVERITIES if "prior" in args.shifts else ():
         # a window's expected accuracy: its mix of the 3 classes' accuracy and the whole split's
         acc = f * float((probs[special].argmax(1) == test_y[special]).mean()) + (1 - f) * base_acc
         cells.append(("prior", f, "fraction from 3 classes", probs, stats, special, f, acc))
@@ -151,7 +151,7 @@ def text_bench(args, thresholds: dict, name: str, path: Path, emit) -> None:
     first = _text_pool(model, val[:half], export.REFERENCE_PROMPTS, seed=0)
     ref_first = drift.reference(np.zeros((len(first), 0)), first, drift.TEXT_STATS)
     alice, second = _text_pool(model, val, args.prompts, seed=1), _text_pool(model, val[half:], args.prompts, seed=1)
-    others = {"readme": Path(__file__).resolve().parents[1] / "README.md", "gpl3": Path("/usr/share/common-licenses/GPL-3")}
+    others = {"readme": ROOT / "README.md", "gpl3": Path("/usr/share/common-licenses/GPL-3")}
     cells = [("none", 0.0, ref, alice), ("other half", 0.0, ref_first, second)]
     for other, file in others.items():
         pool = _text_pool(model, _encodable(file.read_text(encoding="utf-8"), model.vocab), args.prompts, seed=2)
@@ -219,17 +219,20 @@ def table(rows: list[dict]) -> str:
         first = next(iter(cell.values()))
         drop = f"{first['accuracy_drop']:+.3f}" if "accuracy_drop" in first else f"({first['other_bits_per_char']:.2f} b/c)"
         out.append(f"| {model} | {shift} | {severity} | {drop} | "
-                   + " | ".join(f"{cell[s]['flagged']:.3f}" for s in SIZES) + " |")
+                   + " | ".join(f"{cell[s]['flagged']:.3f}" if s in cell else "-" for s in SIZES) + " |")
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cnn", type=Path, default=REAL / "models/cnn/model.onnx", help="exported CNN (default: %(default)s)")
-    ap.add_argument("--cifar", type=Path, default=REAL / "prepared/cifar10", help="prepared CIFAR-10 (val, test)")
-    ap.add_argument("--alice", type=Path, default=REAL / "prepared/alice", help="prepared Alice text (val)")
-    ap.add_argument("--text-models", nargs="*", default=["lstm", "gpt"], help="models under REAL/models to run")
+    ap.add_argument("--cnn", type=Path, default=ROOT / "models/cnn/model.onnx", help="exported CNN (default: %(default)s)")
+    ap.add_argument("--cifar", type=Path, default=ROOT / "data/prepared/cifar10", help="prepared CIFAR-10 (val, test)")
+    ap.add_argument("--alice", type=Path, default=ROOT / "data/prepared/alice", help="prepared Alice text (val)")
+    ap.add_argument("--text-models", nargs="*", default=["lstm", "gpt"], help="models under --models to run")
+    ap.add_argument("--models", type=Path, default=ROOT / "models", help="where the text models are (default: %(default)s)")
     ap.add_argument("--no-images", action="store_true", help="text models only")
+    ap.add_argument("--shifts", nargs="*", default=["none", *SHIFTS, "prior"],
+                    help="image shifts to run (default: all, and the unshifted windows)")
     ap.add_argument("--windows", type=int, default=200, help="random windows per cell (default: %(default)s)")
     ap.add_argument("--prompts", type=int, default=3000, help="prompts in each text pool (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="shift noise and window draws (default: %(default)s)")
@@ -250,7 +253,7 @@ def main() -> None:
     if not args.no_images:
         images_bench(args, thresholds, emit)
     for name in args.text_models:
-        text_bench(args, thresholds, name, REAL / "models" / name / "model.onnx", emit)
+        text_bench(args, thresholds, name, args.models / name / "model.onnx", emit)
     print(table(rows))
     print("\n".join(summary(rows)))
     print(f"wrote {args.out}")

@@ -3,6 +3,7 @@
 Own small data: tiny seeded models and prepared data (fixtures), synthetic windows (predlog.Window) from seeded
 generators."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -29,7 +30,7 @@ def window(outputs, stats, names=drift.IMAGE_STATS, labels=None) -> Window:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A folder with prepared data and the cnn and lstm models exported with their references."""
+    """A folder with prepared data and the three tiny models (cnn, lstm, gpt) exported with their references."""
     root = tmp_path_factory.mktemp("drift")
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     write_prepared(root)
@@ -210,6 +211,7 @@ def test_text_windows_are_compared_on_bits_per_char_at_the_prompts_length():
     assert not short["drifted"], short["input_drift"]
     other = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, harder=0.3), drift.TEXT_STATS), THRESHOLDS)
     assert other["drifted"] and other["input_drift"]["features"]["bits_per_char_vs_length"]["statistic"] > 0.2
+    assert re.search(r"bits/char \+0\.[23]\d at equal prompt length$", other["reasons"][0]), other["reasons"]
     # a clear but small shift (another passage of the same text) stays below min_bits_shift: not drift
     passage = drift.check(ref, window(np.zeros((500, 0)), text_rows(500, 1, harder=0.15), drift.TEXT_STATS), THRESHOLDS)
     assert passage["input_drift"]["p_value"] < 0.01 and not passage["drifted"]

@@ -109,6 +109,12 @@ def test_own_images_from_params_alone(tmp_path, request):
     model = yaml.safe_load(json.dumps(__import__("torch").load(repo / "models/pets/model.pt",
                                                                weights_only=True)["config"]["data"]))
     assert model["name"] == "my-pets" and model["classes"] == ["cat", "dog", "fox"] and len(model["md5"]) == 32
+    # export@pets recorded the drift reference of the user's validation split inside model.onnx
+    from ptpipe import drift
+
+    reference = drift.load_reference(repo / "models/pets")
+    assert reference["classes"] == ["cat", "dog", "fox"] and sum(reference["label_counts"]) == reference["n"]
+    assert reference["n"] == sum(card["counts"]["val"])
 
     # predict and serve answer in the user's class names
     dog = pets / "dog" / "001.jpg"

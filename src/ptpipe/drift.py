@@ -68,12 +68,12 @@ def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, flo
     """(prompt_chars, bits_per_char) of a text model on a prompt's ids, fed as generation feeds a prompt
     (ptpipe.inference.step): a recurrent model the whole prompt from a zero state, a cached or window model
     its last block_size characters with an empty past (what it sees; bits/char is over those)."""
+    from ptpipe.inference import empty_input  # onnxruntime: not for drift's other users
+
     gen, ids = meta["generation"], [int(i) for i in ids]
     inputs = {i["name"]: i for i in meta["inputs"]}
     carried = [gen["past"]] if gen["mode"] == "cached" else gen.get("state", [])
-    feeds = {c["input"]: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d  # a past: empty
-                                   for d in inputs[c["input"]]["shape"]], inputs[c["input"]]["dtype"])
-             for c in carried}
+    feeds = {c["input"]: empty_input(inputs[c["input"]], 1) for c in carried}  # a zero state, an empty past
     if gen.get("pad"):
         feeds[gen["pad"]] = np.zeros(1, np.int64)
     fed = ids[-int(gen["block_size"]):] if gen["mode"] in ("window", "cached") else ids
@@ -252,6 +252,9 @@ def check(reference: dict, window, thresholds: dict) -> dict:
     result.update(_accuracy(stats, reference, probs, list(window.labels), t))
     reasons = [f"{name}: p = {result[name]['p_value']:.2g} < {t['p_value']}"
                for name in ("input_drift", "prediction_drift", "confidence") if result[name] and result[name]["drifted"]]
+    text = (result["input_drift"] or {}).get("features", {}).get("bits_per_char_vs_length")
+    if reasons and text and result["input_drift"]["drifted"]:  # the shift that made it drift, too
+        reasons[0] += f", bits/char {text['window_mean'] - text['reference_mean']:+.2f} at equal prompt length"
     if result["accuracy_drifted"]:
         reasons.append(f"accuracy {result['accuracy']:.3f} on {result['n_labelled']} labelled vs reference "
                        f"{result['reference_accuracy']:.3f} (drop > {t['accuracy_drop']}, "
