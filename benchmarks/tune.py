@@ -91,7 +91,7 @@ def study(repo: Path, name: str, prune: bool, workers: int) -> dict:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["tune"]["study"] = name
     if not prune:  # the same curve recorded (trial-epochs counted alike), no trial stopped
-        raw["tune"]["prune"]["pruner"] = "none"
+        raw["tune"]["prune"].update(pruner="none", percentile=None, threshold=None)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     sh("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam", name, cwd=repo)
     start = time.perf_counter()
