@@ -85,7 +85,7 @@ def reference(run, meta: dict, data_dir: Path) -> dict:
         images, labels = (t.numpy() for t in data.load_images(data_dir, "val"))
         logits = np.concatenate([run({meta["inputs"][0]["name"]: images[i: i + 500]})[meta["outputs"][0]["name"]]
                                  for i in range(0, len(images), 500)])
-        probs = torch.from_numpy(logits).float().softmax(dim=1).numpy()
+        probs = inference.softmax(logits.astype(np.float64))  # as the server's log computes them (ptpipe.predlog)
         return drift.reference(probs, drift.image_stats(images), drift.IMAGE_STATS, labels, meta["classes"])
     val = data.load_text(data_dir)[1].numpy()
     rows = [drift.prompt_stats(run, meta, p) for p in prompts(val, REFERENCE_PROMPTS, seed=0)]
