@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
-from ptpipe import drift, files, incidents, params, predlog, registry
+from ptpipe import drift, files, incidents, params, pipeline, predlog, registry
 from ptpipe.stage import StageError
 
 EVENT = "ptpipe.model.drifted"
@@ -240,14 +240,13 @@ def record(request: MonitorRequest, repo: str, result: dict, p_value: float) -> 
     history = append_history(folder / "history.tsv", {"time": when, "version": result["version"], **figures(result)})
     report = folder / "report.html"
     files.write_text(report, render_html(result, history, p_value))
-    create_markdown_artifact(markdown=render_markdown(result, report), key=f"monitor-{artifact_key(result['model'])}",
+    create_markdown_artifact(markdown=render_markdown(result, report), key=artifact_key(result["model"]),
                              description=f"drift and accuracy of {result['model']}'s last window")
     return str(report)
 
 
 def artifact_key(name: str) -> str:
-    """Prefect's artifact keys are lowercase letters, digits and dashes."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
+    return pipeline.artifact_key("monitor", name)
 
 
 def emit_drifted(result: dict, report: str) -> None:

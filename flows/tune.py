@@ -17,13 +17,12 @@ Run by hand: `python flows/tune.py` (repo = current directory), or deploy (prefe
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ptpipe import incidents, repo_slot
+from ptpipe import incidents, pipeline, repo_slot
 from ptpipe import tune as tuning
 
 
@@ -40,7 +39,7 @@ def run_study(repo: str, workers: int, storage: str | None, push: str | None) ->
 
 
 def artifact_key(study: str) -> str:
-    return "tune-" + re.sub(r"[^a-z0-9]+", "-", study.lower()).strip("-")
+    return pipeline.artifact_key("tune", study)
 
 
 def inline_images(info: dict) -> dict[str, str]:

@@ -20,7 +20,6 @@ The tolerance and shapes come from the `validate` section of the repository's pa
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def failures(report: dict) -> list[str]:
 
 
 def artifact_key(model: str) -> str:
-    return "onnx-" + re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return pipeline.artifact_key("onnx", model)
 
 
 @task(name="validate-models")

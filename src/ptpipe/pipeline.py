@@ -373,3 +373,8 @@ def _table(header: list[str], rows: list[tuple], empty: str) -> list[str]:
         return [empty]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key for `name` (keys are lowercase ASCII letters, digits and dashes): `<prefix>-<name>`."""
+    return f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
