@@ -14,9 +14,17 @@ validation text (else letters of the vocabulary).
    - cached: `inference.TextGenerator.generate`, what `ptpipe generate --backend onnx` runs now;
    - window: the bare CharGPT (today's graph before the cache: ids -> logits) exported the same way,
      re-fed its last block_size ids every step, as `ptpipe generate` did before;
+   - cached, keep = block_size: the same graph re-fed its whole window every step past the block, which
+     gives the window re-feed's text to the character (`ptpipe generate --keep 128`);
    at two lengths: `--short` characters after a 5-character prompt (within the 128-position block: every
-   step cached) and `--long` (the issue's 500: past the block both re-feed the whole window, the cache
-   cannot help: learned absolute positions, docs/text-models.md). Same seed: the texts must be equal.
+   step cached, all three give the same text) and `--long` (the issue's 500: past the block the model's
+   keep, half the block, is re-fed when the cache is full, then it steps cached again: other text than
+   the window re-feed past the block, docs/text-models.md). Same seed; "same text" is checked on the
+   characters generated inside the block, and for keep = block_size on the whole text.
+   What the re-prefill costs in quality (with `--prepared`): gpt's bits/char on the first
+   `--quality-chars` characters of the validation text with the context the policy gives each character
+   (keep..block_size characters: kinds.gpt.window_loss with stride block_size - keep + 1) vs the whole
+   window for every character (stride 1, the window re-feed), eager PyTorch.
 2. `ptpipe serve` (its defaults, --threads 1) in a subprocess: `--clients` streamed generate requests of
    `--length` characters each (16 different prompts and seeds), once one at a time and once all at
    once, `--rounds` times: aggregate characters/s, and the time to the first streamed character (p50/p99).
@@ -98,14 +106,41 @@ def chars_per_s(run: inference.Run, meta: dict, prompt: str, length: int) -> tup
 
 def offline(models: Path, prompt: str) -> list[dict]:
     cached = inference.TextGenerator(models / "gpt/model.onnx", ARGS.threads)
+    block = cached.meta["generation"]["block_size"]
+    whole = inference.with_keep(cached.meta, block)
     window_run, window_meta = window_graph(models / "gpt")
     rows = []
     for length in (ARGS.short, ARGS.long):
         fast, text = chars_per_s(cached.run, cached.meta, prompt, length)
+        exact, exact_text = chars_per_s(cached.run, whole, prompt, length)
         slow, ref = chars_per_s(window_run, window_meta, prompt, length)
-        rows.append({"length": length, "prompt_chars": len(prompt), "cached_chars_per_s": round(fast),
-                     "window_chars_per_s": round(slow), "ratio": round(fast / slow, 2), "same_text": text == ref})
+        inside = block - len(prompt) + 1  # characters generated with the whole window either way
+        rows.append({"length": length, "prompt_chars": len(prompt), "keep": cached.meta["generation"]["keep"],
+                     "cached_chars_per_s": round(fast), "cached_keep_block_chars_per_s": round(exact),
+                     "window_chars_per_s": round(slow), "ratio": round(fast / slow, 2),
+                     "ratio_keep_block": round(exact / slow, 2), "same_text_inside_block": text[:inside] == ref[:inside],
+                     "same_text": text == ref, "same_text_keep_block": exact_text == ref})
     return rows
+
+
+def quality(models: Path, prepared: str) -> dict:
+    """bits/char of the validation text's first --quality-chars characters: whole window vs the re-prefill."""
+    import torch
+
+    from ptpipe import kinds
+    from ptpipe.kinds.gpt import bits, window_loss
+
+    _, module, config = kinds.load(models / "gpt/model.pt")
+    block, keep = config["model_args"]["block_size"], inference.TextGenerator(models / "gpt/model.onnx").meta[
+        "generation"]["keep"]
+    ids = torch.from_numpy(np.load(Path(prepared) / "val_ids.npy")[: ARGS.quality_chars].astype(np.int64))
+    out = {"characters": int(ids.numel()), "block_size": block}
+    with torch.no_grad():
+        for name, k in (("whole_window", block), (f"keep_{keep}", keep)):
+            nats, n = window_loss(module.gpt, ids, block, block - k + 1)
+            out[name] = round(bits(nats / n), 4)
+    out["cost_bits_per_char"] = round(out[f"keep_{keep}"] - out["whole_window"], 4)
+    return out
 
 
 async def _one(client, url: str, body: dict) -> tuple[float, float, int]:
@@ -183,6 +218,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for part 1 (default 1)")
     ap.add_argument("--short", type=int, default=120, help="characters after a 5-character prompt within the block")
     ap.add_argument("--long", type=int, default=500, help="characters generated past the block (the issue's 500)")
+    ap.add_argument("--quality-chars", type=int, default=5000,
+                    help="validation characters scored for the re-prefill's quality cost (default 5000)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent generate requests (default 16)")
     ap.add_argument("--length", type=int, default=200, help="characters per generate request (default 200)")
     ap.add_argument("--rounds", type=int, default=3, help="repetitions of each serving cell (default 3)")
@@ -198,24 +235,36 @@ def main() -> None:
         gpt_rows = offline(models, prompts[0][:5])
         for row in gpt_rows:
             print(f"gpt onnxruntime: {json.dumps(row)}", flush=True)
+        cost = quality(models, ARGS.prepared) if ARGS.prepared else None
+        if cost:
+            print(f"gpt quality past the block: {json.dumps(cost)}", flush=True)
         served = serving(models, prompts, Path(tmp))
     report = {"benchmark": "generate", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "label": ARGS.label,
               "models": ARGS.models or "tiny fixtures (tests/fixtures.write_models)", "prepared": ARGS.prepared,
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
               "platform": platform.platform(), "args": vars(ARGS), "targets": TARGETS,
-              "gpt_onnxruntime": gpt_rows, "serving": served}
+              "gpt_onnxruntime": gpt_rows, "quality": cost, "serving": served}
     Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.out).write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\n{ARGS.label + ', ' if ARGS.label else ''}load average {report['load_average_before']} -> "
           f"{report['load_average_after']}; models: {report['models']}")
-    print("| gpt onnxruntime, batch 1 | cached chars/s | window re-feed chars/s | cached / window | same text |")
-    print("|---|---:|---:|---:|---|")
+    print(f"| gpt onnxruntime, batch 1 | cached (keep {gpt_rows[0]['keep']}) chars/s | cached, keep = block | "
+          f"window re-feed chars/s | cached / window | keep = block / window | same text inside the block / "
+          f"all / keep = block all |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in gpt_rows:
-        print(f"| {r['prompt_chars']} + {r['length']} characters | {r['cached_chars_per_s']:,} | "
+        print(f"| {r['prompt_chars']} + {r['length']} characters | {r['cached_chars_per_s']:,} "
+              f"(target {TARGETS['cached_chars_per_s']:,.0f}) | {r['cached_keep_block_chars_per_s']:,} | "
               f"{r['window_chars_per_s']:,} | {r['ratio']:g}x (target {TARGETS['cached_over_window']:g}x) | "
-              f"{r['same_text']} |")
+              f"{r['ratio_keep_block']:g}x | {r['same_text_inside_block']} / {r['same_text']} / "
+              f"{r['same_text_keep_block']} |")
+    if cost:
+        keep = gpt_rows[0]["keep"]
+        print(f"\ngpt bits/char, first {cost['characters']:,} validation characters: whole window "
+              f"{cost['whole_window']}, re-prefill of the last {keep} {cost[f'keep_{keep}']} "
+              f"({cost['cost_bits_per_char']:+g})")
     print(f"\n| serve, {ARGS.clients} x {ARGS.length} characters | one at a time chars/s | concurrent chars/s | "
           f"concurrent / one at a time | first character p50 / p99 ms (concurrent) |")
     print("|---|---:|---:|---:|---:|")

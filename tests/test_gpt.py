@@ -84,7 +84,7 @@ def test_model_file_is_self_describing_and_ties_the_decoder(trained):
 def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
     root, _ = trained
     meta = export.load_torchscript(root / "models/gpt/model.ts")[1]
-    assert meta["generation"] == {"mode": "cached", "block_size": 32, "pad": "pad",
+    assert meta["generation"] == {"mode": "cached", "block_size": 32, "keep": 16, "pad": "pad",
                                   "past": {"input": "past", "output": "present", "length_axis": 4}}
     assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]},
                               {"name": "pad", "dtype": "int64", "shape": ["batch"]},
@@ -147,7 +147,7 @@ def test_rows_of_other_lengths_share_a_call_left_padded(trained):
     vocab = onnx.vocab
     seqs = [inference.Sequence([vocab.index(c) for c in PHRASE[:n]], 1.0, 5) for n in (3, 11)]
     alone = [inference.Sequence(list(s.ids), 1.0, 5) for s in seqs]
-    for _ in range(25):  # past the block (32) for the second row: it switches to the window on the way
+    for _ in range(40):  # past the block (32) for both rows: each re-prefills its last `keep` ids on the way
         assert inference.step(onnx.run, onnx.meta, seqs) == [inference.step(onnx.run, onnx.meta, [a])[0] for a in alone]
     assert [s.ids for s in seqs] == [a.ids for a in alone]
 
@@ -168,19 +168,88 @@ def uncached_text(root: Path, prompt: str, length: int, temperature: float, seed
     return prompt + "".join(inference.stream_text(kinds.runner(model.gpt, meta), meta, prompt, length, temperature, seed))
 
 
+def refeed_text(root: Path, prompt: str, length: int, temperature: float, seed: int, keep: int) -> str:
+    """The cached generation's policy written out on eager CharGPT.forward, no cache: each character sees the
+    ids from `start`, and once those are more than block_size, `start` moves to the last `keep`."""
+    _, model, config = kinds.load(root / "models/gpt/model.pt")
+    vocab, block = config["data"]["vocab"], config["model_args"]["block_size"]
+    ids, rng = [vocab.index(c) for c in prompt], np.random.default_rng(seed)
+    start = max(0, len(ids) - block)
+    for _ in range(length):
+        if len(ids) - start > block:
+            start = len(ids) - keep
+        with torch.no_grad():
+            logits = model.gpt(torch.tensor([ids[start:]]))[0, -1].numpy()
+        ids.append(inference._draw(logits, temperature, rng))
+    return "".join(vocab[i] for i in ids)
+
+
+GENERATE_FILES = {"torch": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
+PROMPTS = ["the quick brown fox jumps over the lazy",  # 39 characters: longer than the block
+           "the qu"]  # shorter: the cache fills, then generation goes past the block
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("prompt", ["the quick brown fox jumps over the lazy",  # 39 characters: longer than the block
-                                    "the qu"])  # shorter: the cache fills, then generation goes past the block
-def test_generate_gives_the_uncached_text_on_all_three_backends(trained, temperature, prompt):
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_generate_with_keep_block_size_gives_the_uncached_text_on_all_three_backends(trained, temperature, prompt):
     root, _ = trained
-    files = {"torch": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
-    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, model="gpt")
-             for backend, name in files.items()}
+    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, model="gpt",
+                                    keep=32) for backend, name in GENERATE_FILES.items()}
     assert set(texts.values()) == {uncached_text(root, prompt, 80, temperature, 3)}, texts
     text = texts["onnx"]
     assert text.startswith(prompt) and len(text) == len(prompt) + 80
     if temperature == 0:  # the model learned the sentence: greedy decoding continues it
         assert text == (PHRASE * 4)[: len(text)]
+
+
+@pytest.mark.parametrize("keep", [None, 2])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_generate_past_the_block_re_prefills_the_last_keep_ids_on_all_three_backends(trained, temperature, prompt,
+                                                                                     keep):
+    """The model's keep (16 of a 32 block) and --keep 2: every backend gives the policy's text; inside the block
+    it is the uncached model's text to the character."""
+    root, _ = trained
+    texts = {backend: generate.main(prompt, 80, temperature, 3, root / "models/gpt" / name, backend, model="gpt",
+                                    keep=keep) for backend, name in GENERATE_FILES.items()}
+    assert set(texts.values()) == {refeed_text(root, prompt, 80, temperature, 3, keep=keep or 16)}, texts
+    uncached = uncached_text(root, prompt, 80, temperature, 3)
+    inside = max(33, len(prompt) + 1)  # characters (prompt included) generated with the whole window either way
+    assert texts["onnx"][:inside] == uncached[:inside]
+
+
+@pytest.mark.parametrize("keep", [16, 2, 32])
+def test_a_full_cache_is_re_fed_its_last_keep_ids_then_stepped_again(trained, keep):
+    """What onnxruntime is fed for a 6-character prompt and 80 characters: the prompt, single ids until the
+    cache holds the block (32), then the last `keep` ids with an empty past, single ids again, and so on."""
+    root, _ = trained
+    model = inference.TextGenerator(root / "models/gpt/model.onnx")
+    fed = []
+    meta = inference.with_keep(model.meta, keep)
+
+    def run(feeds):
+        fed.append((feeds["ids"].shape[1], feeds["past"].shape[4]))
+        return model.run(feeds)
+
+    "".join(inference.stream_text(run, meta, "the qu", 80, 1.0, 3))
+    expected, cached = [(6, 0)], 6
+    while len(expected) < 80:
+        if cached == 32:
+            expected.append((keep, 0))
+            cached = keep
+        else:
+            expected.append((1, cached))
+            cached += 1
+    assert fed == expected
+
+
+def test_keep_outside_the_block_or_for_a_model_without_a_cache_is_refused_naming_it(trained):
+    root, _ = trained
+    with pytest.raises(StageError, match=r"--keep must be 1..32 \(the model's block_size"):
+        generate.main("the", 5, 0.0, 1, root / "models/gpt/model.onnx", "onnx", model="gpt", keep=33)
+    meta = {"ptpipe.kind": "lstm", "generation": {"mode": "recurrent"}}
+    with pytest.raises(StageError, match="--keep is for models with a key/value cache"):
+        inference.with_keep(meta, 4)
 
 
 def test_cli_generate_model_gpt(trained, capsys, monkeypatch):
@@ -332,3 +401,4 @@ def test_a_run_that_diverges_but_stays_finite_writes_no_model(tmp_path):
         train_gpt(tmp_path, lr=10.0, clip=None, epochs=2, steps_per_epoch=10, weight_decay=0.5)
     assert not model_path.exists() and not (tmp_path / "metrics/gpt/train.json").exists()
     assert not (tmp_path / "dvclive/gpt").exists()
+

@@ -79,7 +79,8 @@ def _generate(args: argparse.Namespace) -> None:
     from ptpipe import generate
 
     path, model = _model_file(args.model, generate.DEFAULT_MODEL)
-    generate.main(args.prompt, args.length, args.temperature, args.seed, path, args.backend, args.threads, model)
+    generate.main(args.prompt, args.length, args.temperature, args.seed, path, args.backend, args.threads, model,
+                  args.keep)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -165,6 +166,9 @@ def _add_inference(sub) -> None:
                           "after --backend) or a model file (default: lstm)")
     gen.add_argument("--threads", type=_threads, default=0,
                      help="CPU threads (default 0 = one per core; 1 on a machine busy with other work)")
+    gen.add_argument("--keep", type=_at_least(1, "--keep"), default=None,
+                     help="gpt past its block: characters re-fed when the key/value cache is full (default: the "
+                          "model's, half the block); the block size gives the uncached model's text, ~5x slower")
     gen.set_defaults(func=_generate)
 
     pred = sub.add_parser("predict", help="classify images with an exported image model (onnxruntime; default: the CNN)")

@@ -65,8 +65,9 @@ def load_backend(backend: str, path: str | Path | None = None, threads: int = 0,
 
 def main(prompt: str, length: int = 300, temperature: float = 0.8, seed: int = 1,
          model_path: str | Path | None = None, backend: str = "torch", threads: int = 0,
-         model: str = DEFAULT_MODEL) -> str:
+         model: str = DEFAULT_MODEL, keep: int | None = None) -> str:
     run, meta = load_backend(backend, model_path, threads, model)
+    meta = inference.with_keep(meta, keep)
     text = prompt + "".join(inference.stream_text(run, meta, prompt, length, temperature, seed))
     print(text)
     return text

@@ -266,14 +266,15 @@ def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> i
 
 class Sequence:
     """One generation in progress: its ids so far (prompt and drawn), what the model carries for it
-    (`state`: {input name: array with a batch axis of 1} holding every id but the last drawn; None before
-    its first call and past a cached model's block), and its own seeded RNG: what it draws never
+    (`state`: {input name: array with a batch axis of 1} holding the ids fed so far; None before its first
+    call and when a cached model's cache is full), and its own seeded RNG: what it draws never
     depends on other rows."""
 
     def __init__(self, prompt_ids: list[int], temperature: float, seed: int):
         self.ids, self.temperature = list(prompt_ids), temperature
         self.rng = np.random.default_rng(seed)
         self.state: dict[str, np.ndarray] | None = None
+        self.refeed: int | None = None  # ids a re-prefill feeds once a cached model's cache is full (its `keep`)
 
 
 def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
@@ -281,10 +282,13 @@ def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
     is fed is its metadata's `generation`:
       "recurrent" (LSTM): the prompt in one call from a zero state, then one id a call with the state
           carried (`state`: which output feeds which input);
-      "cached" (gpt): the prompt in one call with an empty past, then one id a call with the keys and
-          values carried (`past`: which output feeds which input); rows of other lengths share a call,
-          left-padded (prompts, and pasts), `pad` saying by how much; a text longer than `block_size`
-          re-feeds its last block_size ids with an empty past every step, exactly as "window" does;
+      "cached" (gpt): the prompt (its last `block_size` ids) in one call with an empty past, then one id
+          a call with the keys and values carried (`past`: which output feeds which input); rows of other
+          lengths share a call, left-padded (prompts, and pasts), `pad` saying by how much. When the cache
+          holds `block_size` positions and cannot take one more, the row is re-fed its last `keep` ids with
+          an empty past and goes on cached (llama.cpp's context shift, by re-prefill: learned absolute
+          positions make every cached key invalid once the window slides). keep = block_size re-feeds the
+          whole window every step past the block: the text of the uncached model, ~5x slower;
       "window": the last `block_size` ids every step, nothing carried.
     The same ids come out for a row alone or among others (up to float rounding in the batched matmuls)."""
     gen = meta["generation"]
@@ -306,12 +310,22 @@ def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
 
 
 def _call(gen: dict, seq: Sequence) -> tuple:
-    """What one row needs fed next: ("window", width), ("prompt", length; 0: any) or ("step",)."""
-    if gen["mode"] == "window" or (gen["mode"] == "cached" and len(seq.ids) > gen["block_size"]):
+    """What one row needs fed next: ("window", width), ("prompt", width; 0: any) or ("step",). A prompt
+    call feeds a row its last `seq.refeed` ids (None: all, up to the block) and carries what comes out."""
+    if gen["mode"] == "window":
         return ("window", min(len(seq.ids), int(gen["block_size"])))
+    if gen["mode"] == "cached" and seq.state is not None \
+            and seq.state[gen["past"]["input"]].shape[gen["past"]["length_axis"]] >= gen["block_size"]:
+        seq.state, seq.refeed = None, int(gen.get("keep", gen["block_size"]))  # the cache is full
     if seq.state is None:  # a model with `pad` takes prompts of any lengths together, left-padded
-        return ("prompt", 0 if gen.get("pad") else len(seq.ids))
+        return ("prompt", 0 if gen.get("pad") else len(_fed(gen, seq)))
     return ("step",)
+
+
+def _fed(gen: dict, seq: Sequence) -> list[int]:
+    """The ids a row's prompt call feeds: the last `refeed` after a full cache, else the prompt (a cached or
+    window model's last block_size)."""
+    return seq.ids[-(seq.refeed or gen.get("block_size") or len(seq.ids)):]
 
 
 def empty_input(spec: dict, batch: int) -> np.ndarray:
@@ -330,18 +344,18 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
         for c in carried:
             axis = inputs[c["input"]]["shape"].index("batch")
             feeds[c["input"]], pads = _stack([s.state[c["input"]] for s in seqs], axis, c.get("length_axis"))
-    else:  # a window (ids past the block: the last block_size) or a prompt (shorter ones left-padded)
-        width = max(len(s.ids) for s in seqs) if call[0] == "prompt" else call[1]
-        pads = [width - min(len(s.ids), width) for s in seqs]
-        feeds = {ids_name: np.asarray([[0] * pad + s.ids[-width:] for s, pad in zip(seqs, pads)], np.int64)}
+    else:  # a window (the last block_size ids) or a prompt (rows' _fed ids, shorter ones left-padded)
+        rows = [s.ids[-call[1]:] for s in seqs] if call[0] == "window" else [_fed(gen, s) for s in seqs]
+        width = max(len(r) for r in rows)
+        pads = [width - len(r) for r in rows]
+        feeds = {ids_name: np.asarray([[0] * pad + r for r, pad in zip(rows, pads)], np.int64)}
         feeds.update({c["input"]: empty_input(inputs[c["input"]], n) for c in carried})
     if gen.get("pad"):
         feeds[gen["pad"]] = np.asarray(pads, np.int64)
     out = run(feeds)
     for r, seq in enumerate(seqs):
         if call[0] == "window":
-            seq.state = None  # nothing carried past the block: every step re-feeds the window
-            continue
+            continue  # nothing carried: every step re-feeds the window
         seq.state = {c["input"]: _row(out[c["output"]], inputs[c["input"]]["shape"].index("batch"), r,
                                       c.get("length_axis"), pads[r]) for c in carried}
     return [out[logits_name][r, -1] for r in range(n)]
@@ -382,6 +396,20 @@ def sample_ids(run: Run, meta: dict, prompt_ids: list[int], length: int, tempera
     seq = Sequence(prompt_ids, temperature, seed)
     for _ in range(length):
         yield step(run, meta, [seq])[0]
+
+
+def with_keep(meta: dict, keep: int | None) -> dict:
+    """The metadata with its cached generation's `keep` replaced (None: as it is); checked against the model."""
+    if keep is None:
+        return meta
+    gen = meta["generation"]
+    if gen["mode"] != "cached":
+        raise StageError(f"--keep is for models with a key/value cache (gpt); {meta.get('ptpipe.kind')} generates "
+                         f"in {gen['mode']} mode: leave --keep out")
+    if not 1 <= keep <= gen["block_size"]:
+        raise StageError(f"--keep must be 1..{gen['block_size']} (the model's block_size: {gen['block_size']} re-feeds "
+                         f"the whole window every character past the block, the uncached model's text); got {keep}")
+    return {**meta, "generation": {**gen, "keep": keep}}
 
 
 def stream_text(run: Run, meta: dict, prompt: str, length: int, temperature: float, seed: int) -> Iterator[str]:

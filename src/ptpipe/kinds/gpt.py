@@ -13,10 +13,14 @@ graph: P = 0 is the prefill (and the full window), T = 1 the step, so model.onnx
 file each with the weights once, and every consumer of the signature (validate, the registry, the
 server's metadata) sees one graph. `pad` lets rows of different lengths share a call (the server's
 continuous batching): row b's first pad[b] slots are left padding, never attended to, and its
-positions count from the first real slot. Past the block: a text longer than block_size re-feeds its
-last block_size ids with P = 0 every step (`ptpipe.inference.step`), exactly what the uncached model
-did, because the positions are learned absolute embeddings: sliding the window by one moves every
-id to another position, so no cached key stays valid (a sliding cache would give other text).
+positions count from the first real slot. Past the block (`ptpipe.inference.step`): when the cache
+holds block_size positions, the text's last `keep` ids (metadata; block_size // 2) are re-fed with
+P = 0 and generation goes on cached: a re-prefill, not a sliding cache, because the positions are
+learned absolute embeddings, so sliding the window by one moves every id to another position and no
+cached key stays valid. Each character past the block then sees keep..block_size characters, not
+always block_size as the uncached model's window re-feed did: other text past the block (measured
+cost on Alice's validation text in docs/text-models.md), ~5x faster; `ptpipe generate --keep
+block_size` gives the uncached model's text exactly.
 
 Dropout is applied to the embeddings and to each residual branch, not to the attention
 probabilities: with `dropout_p=0` the CPU's fused attention kernel runs instead of the one
@@ -212,6 +216,7 @@ def example_inputs(model: CachedGPT, config: dict) -> tuple[torch.Tensor, ...]:
 def metadata(config: dict) -> dict:
     return {"vocab": config["data"]["vocab"],
             "generation": {"mode": "cached", "block_size": config["model_args"]["block_size"],
+                           "keep": max(1, config["model_args"]["block_size"] // 2),  # ids re-fed when the cache is full
                            "past": {"input": "past", "output": "present", "length_axis": 4},
                            "pad": "pad"}}
 
