@@ -84,11 +84,15 @@ def test_model_file_is_self_describing_and_ties_the_decoder(trained):
 def test_exports_and_validates_at_shapes_the_export_never_saw(trained):
     root, _ = trained
     meta = export.load_torchscript(root / "models/gpt/model.ts")[1]
+    layers = [(i, part) for part in ("key", "value") for i in (0, 1)]  # the fixture: 2 layers of 2 heads of 16
     assert meta["generation"] == {"mode": "cached", "block_size": 32, "keep": 16, "pad": "pad",
-                                  "past": {"input": "past", "output": "present", "length_axis": 4}}
+                                  "past": [{"input": f"past_key_values.{i}.{part}", "output": f"present.{i}.{part}",
+                                            "length_axis": 2} for i, part in layers]}
     assert meta["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]},
                               {"name": "pad", "dtype": "int64", "shape": ["batch"]},
-                              {"name": "past", "dtype": "float32", "shape": [2, 2, "batch", 2, "past", 16]}]
+                              *({"name": f"past_key_values.{i}.{part}", "dtype": "float32",
+                                 "shape": ["batch", 2, "past", 16], "list": "past"} for i, part in layers)]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", *(f"present.{i}.{part}" for i, part in layers)]
     report = validate.validate_models({"gpt": (root / "models/gpt", root / "data/prepared/alice")},
                                       params_file=root / "params.yaml")
     assert report["passed"]
@@ -107,7 +111,7 @@ def test_validate_fails_a_cache_that_drifts_naming_the_cached_case(trained, monk
 
     def drifting(session):
         run = real(session)
-        return lambda feeds: run({**feeds, "past": feeds["past"] + np.float32(1e-3)})
+        return lambda feeds: run({**feeds, "past_key_values.1.value": feeds["past_key_values.1.value"] + np.float32(1e-3)})
 
     monkeypatch.setattr(validate, "_onnx_runner", drifting)
     with pytest.raises(validate.ValidationFailed, match=r"gpt onnxruntime batch=1 prompt=4 steps=3: max \|"):
@@ -129,10 +133,11 @@ def test_cached_logits_equal_the_uncached_window_at_every_step_on_every_backend(
         with torch.no_grad():
             window = [eager.gpt(torch.from_numpy(text[:, :t]))[:, -1].numpy() for t in range(prompt, 33)]
         for backend, run in backends.items():
-            out = run({"ids": text[:, :prompt], "pad": np.zeros(1, np.int64), "past": gpt.empty_past(config["model_args"], 1)})
+            out = run({"ids": text[:, :prompt], "pad": np.zeros(1, np.int64), **gpt.empty_past(config["model_args"], 1)})
             steps = [out["logits"][:, -1]]
             for t in range(prompt, 32):
-                out = run({"ids": text[:, t: t + 1], "pad": np.zeros(1, np.int64), "past": out["present"]})
+                past = {name: out[name.replace("past_key_values", "present")] for name in gpt.past_names(config["model_args"])}
+                out = run({"ids": text[:, t: t + 1], "pad": np.zeros(1, np.int64), **past})
                 steps.append(out["logits"][:, -1])
             assert len(steps) == len(window) == 33 - prompt
             worst = max(float(np.abs(a - b).max()) for a, b in zip(steps, window))
@@ -228,7 +233,7 @@ def test_a_full_cache_is_re_fed_its_last_keep_ids_then_stepped_again(trained, ke
     meta = inference.with_keep(model.meta, keep)
 
     def run(feeds):
-        fed.append((feeds["ids"].shape[1], feeds["past"].shape[4]))
+        fed.append((feeds["ids"].shape[1], feeds["past_key_values.0.key"].shape[2]))
         return model.run(feeds)
 
     "".join(inference.stream_text(run, meta, "the qu", 80, 1.0, 3))

@@ -203,10 +203,11 @@ def test_json_size_and_compression_limits(oip):
 
 
 def _gpt_inputs(ids: int, past: int) -> list[dict]:
-    """gpt's three inputs (the fixture: 2 layers, 2 heads of 8): `ids` ids after `past` cached positions."""
+    """gpt's inputs (the fixture: 2 layers, 2 heads of 8): `ids` ids after `past` cached positions."""
     return [{"name": "ids", "shape": [1, ids], "datatype": "INT64", "data": [1] * ids},
             {"name": "pad", "shape": [1], "datatype": "INT64", "data": [0]},
-            {"name": "past", "shape": [2, 2, 1, 2, past, 8], "datatype": "FP32", "data": [0.0] * (64 * past)}]
+            *({"name": f"past_key_values.{i}.{part}", "shape": [1, 2, past, 8], "datatype": "FP32",
+               "data": [0.0] * (16 * past)} for part in ("key", "value") for i in (0, 1))]
 
 
 def test_a_cached_model_refuses_more_positions_than_its_block_size_cleanly(oip, runtime):
@@ -214,7 +215,7 @@ def test_a_cached_model_refuses_more_positions_than_its_block_size_cleanly(oip, 
     ok = _infer(oip, "alice-gpt", _gpt_inputs(block, 0))
     assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"][:2] == [1, block]
     step = _infer(oip, "alice-gpt", _gpt_inputs(1, block - 1))  # one id after a full cache: the last position
-    assert step.status_code == 200 and step.json()["outputs"][1]["shape"][4] == block, step.text
+    assert step.status_code == 200 and step.json()["outputs"][1]["shape"][2] == block, step.text
     for inputs, field in ((_gpt_inputs(block + 1, 0), "inputs[0].shape"), (_gpt_inputs(1, block + 1), "inputs[2].shape")):
         over = _infer(oip, "alice-gpt", inputs)
         assert over.status_code == 400 and over.json()["field"] == field

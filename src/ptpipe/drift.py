@@ -72,7 +72,7 @@ def prompt_stats(run: Callable[[dict], dict], meta: dict, ids) -> tuple[int, flo
 
     gen, ids = meta["generation"], [int(i) for i in ids]
     inputs = {i["name"]: i for i in meta["inputs"]}
-    carried = [gen["past"]] if gen["mode"] == "cached" else gen.get("state", [])
+    carried = gen["past"] if gen["mode"] == "cached" else gen.get("state", [])
     feeds = {c["input"]: empty_input(inputs[c["input"]], 1) for c in carried}  # a zero state, an empty past
     if gen.get("pad"):
         feeds[gen["pad"]] = np.zeros(1, np.int64)

@@ -51,11 +51,19 @@ class TensorSpec:
     name: str
     dtype: str  # one of DTYPES
     shape: tuple[Union[int, str], ...]
+    # a model_args key (e.g. "n_layer"): one tensor per index i, named `name.format(i=i)`, all of them (and
+    # those of other specs with the same `list`, in spec order) passed to the torch module as ONE list argument
+    repeat: str | None = None
+    list: str | None = None
 
-    def resolve(self, model_args: dict) -> dict:
-        """{"name", "dtype", "shape"} with model_args names replaced by their values (JSON-able)."""
+    def resolve(self, model_args: dict) -> list[dict]:
+        """[{"name", "dtype", "shape"}] with model_args names replaced by their values (JSON-able); a repeated
+        spec's tensors also say which `list` argument they belong to."""
         shape = [model_args.get(d, d) if isinstance(d, str) else d for d in self.shape]
-        return {"name": self.name, "dtype": self.dtype, "shape": shape}
+        if self.repeat is None:
+            return [{"name": self.name, "dtype": self.dtype, "shape": shape}]
+        return [{"name": self.name.format(i=i), "dtype": self.dtype, "shape": shape, "list": self.list}
+                for i in range(int(model_args[self.repeat]))]
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ class ModelKind:
         """{"inputs": [...], "outputs": [...]} resolved against the config's model_args."""
         args = {**self.arg_defaults, **config["model_args"]}
         args.update(self.derived_args(args))
-        return {"inputs": [s.resolve(args) for s in self.inputs], "outputs": [s.resolve(args) for s in self.outputs]}
+        return {"inputs": [t for s in self.inputs for t in s.resolve(args)],
+                "outputs": [t for s in self.outputs for t in s.resolve(args)]}
 
     def describe(self, config: dict) -> dict:
         """The torch-free description of a trained model of this kind: what the exported files carry
@@ -181,16 +190,26 @@ def shape_params(validate_params: dict, kind: str, key: str) -> list[int]:
 
 def runner(module: "nn.Module", meta: dict) -> Callable[[dict], dict]:
     """An eager or TorchScript module as a numpy `run`: {input name: array} -> {output name: array},
-    the inputs passed positionally in the order `meta["inputs"]` gives (the export's signature)."""
+    the inputs passed positionally in the order `meta["inputs"]` gives (the export's signature), those of
+    one `list` as one list argument; a list the module returns is flattened the same way (the ONNX
+    exporter's own rule for lists)."""
     import torch
 
-    inputs = [i["name"] for i in meta["inputs"]]
+    arguments: list = []  # an input name, or the names of one list argument
+    for spec in meta["inputs"]:
+        if spec.get("list") and arguments and isinstance(arguments[-1], list):
+            arguments[-1].append(spec["name"])
+        else:
+            arguments.append([spec["name"]] if spec.get("list") else spec["name"])
     outputs = [o["name"] for o in meta["outputs"]]
 
     @torch.no_grad()
     def run(feeds: dict) -> dict:
-        result = module(*(torch.from_numpy(feeds[name]) for name in inputs))
-        result = result if isinstance(result, (tuple, list)) else (result,)
-        return {name: t.numpy() for name, t in zip(outputs, result)}
+        result = module(*([torch.from_numpy(feeds[n]) for n in a] if isinstance(a, list) else torch.from_numpy(feeds[a])
+                          for a in arguments))
+        flat = []
+        for r in (result if isinstance(result, (tuple, list)) else (result,)):
+            flat.extend(r) if isinstance(r, (tuple, list)) else flat.append(r)
+        return {name: t.numpy() for name, t in zip(outputs, flat)}
 
     return run

@@ -6,9 +6,10 @@ decoder that shares the token embedding's matrix (weight tying). `forward(ids [B
 logits [B, T, V]` for any T <= block_size: what training and scoring run.
 
 What is exported (the deployable module, `CachedGPT`) is the same weights with a key/value cache:
-`(ids [B, T], pad [B], past [L, 2, B, H, P, D]) -> (logits [B, T, V], present [L, 2, B, H, P+T, D])`,
-the keys and values of every layer for the P earlier positions in, those of all P+T out (metadata
-`generation.mode = "cached"`). ONE graph with a dynamic past length, not a prefill graph and a step
+`(ids [B, T], pad [B], past_key_values.<layer>.key/.value [B, H, P, D]) -> (logits [B, T, V],
+present.<layer>.key/.value [B, H, P+T, D])` (Hugging Face Optimum's names and layout), the keys and
+values of every layer for the P earlier positions in, those of all P+T out (metadata
+`generation.mode = "cached"`; eager and TorchScript take and give them as one list, keys then values). ONE graph with a dynamic past length, not a prefill graph and a step
 graph: P = 0 is the prefill (and the full window), T = 1 the step, so model.onnx / model.ts stay one
 file each with the weights once, and every consumer of the signature (validate, the registry, the
 server's metadata) sees one graph. `pad` lets rows of different lengths share a call (the server's
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional, Tuple
+from typing import Annotated, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,24 +74,24 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.drop(self.proj(y))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past: torch.Tensor, B: int, T: int
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past [2, B, heads, P, head size] (keys, values)
-        -> (y [B, T, C], present [2, B, heads, P+T, head size]). Inference only (no dropout).
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+               B: int, T: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C], mask [B, 1, T, P+T] (True: may attend), past keys and values [B, heads, P, head size]
+        -> (y [B, T, C], keys, values [B, heads, P+T, head size]). Inference only (no dropout).
         B and T come from the caller: read once per graph, not once per layer (each read is ONNX nodes).
-        Keys and values stay one tensor, in the past's layout, from the qkv matmul to the present: one
-        Reshape/Transpose for q, k and v, one Concat onto the past, no k/v split and stack per layer (a one-id
-        step's cost is mostly onnxruntime's per-node overhead, not arithmetic: 174 -> 150 nodes after its
-        optimisation, the same logits to the bit)."""
+        Keys and values are separate tensors of each layer, in and out (Hugging Face Optimum's layout):
+        the Concat onto the past is the only copy of the cache a step makes. Carrying them as one tensor
+        (all layers, keys and values stacked) cost a Split on the way in, a Split per layer and a stack on
+        the way out, each a copy of the whole cache: 3.1 vs 1.3 ms a step for 16 rows at 127 positions."""
         C = self.n_embd
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # [3, B, heads, T, hs]
-        present = torch.cat([past, qkv[1:]], dim=3)  # [2, B, heads, P+T, head size]
-        q, k, v = qkv[0], present[0], present[1]
+        k = torch.cat([past_key, qkv[1]], dim=2)  # [B, heads, P+T, head size]
+        v = torch.cat([past_value, qkv[2]], dim=2)
         # written out rather than F.scaled_dot_product_attention(attn_mask=...): its ONNX export adds a
         # Shape/Sqrt/Div/Cast/IsNaN/Where chain per layer, and per-op overhead is what a one-id step costs
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))  # [B, heads, T, P+T]
+        att = (qkv[0] @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.n_head))  # [B, heads, T, P+T]
         att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), present
+        return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C)), k, v
 
 
 class MLP(nn.Module):
@@ -118,11 +119,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def cached(self, x: torch.Tensor, mask: torch.Tensor, past: torch.Tensor, B: int, T: int
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        y, present = self.attn.cached(self.ln1(x), mask, past, B, T)
+    def cached(self, x: torch.Tensor, mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+               B: int, T: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, k, v = self.attn.cached(self.ln1(x), mask, past_key, past_value, B, T)
         x = x + y
-        return x + self.mlp(self.ln2(x)), present
+        return x + self.mlp(self.ln2(x)), k, v
 
 
 class CharGPT(nn.Module):
@@ -157,10 +158,13 @@ class CachedGPT(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, ids: torch.Tensor, pad: torch.Tensor, past: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [B, T] int64, pad [B] int64, past [L, 2, B, heads, P, head size] with P + T <= block_size
-        -> logits [B, T, V], present [L, 2, B, heads, P+T, head size]."""
-        B, P, T = ids.size(0), past.size(4), ids.size(1)
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor, past: List[torch.Tensor]
+                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """ids [B, T] int64, pad [B] int64, past: every layer's keys, then every layer's values, each
+        [B, heads, P, head size], with P + T <= block_size -> (logits [B, T, V], present: the same list with
+        P+T positions). The exported files take and give each of those tensors by name (past_key_values.<layer>
+        .key/.value in, present.<layer>.key/.value out)."""
+        B, P, T, L = ids.size(0), past[0].size(2), ids.size(1), len(past) // 2
         if P + T > self.gpt.block_size:  # eager/TorchScript; the ONNX graph's Gather fails instead
             raise ValueError("past + ids have more positions than block_size: feed the last block_size ids")
         slot = torch.arange(P + T, device=ids.device)  # cache slot of every key; the new ids sit at P..P+T-1
@@ -172,11 +176,13 @@ class CachedGPT(nn.Module):
         mask = (causal & real) | (slot[None, None, :] == new[None, :, None])  # [B, T, P+T]
         pos = (new[None, :] - pad[:, None]).clamp(min=0)  # [B, T]: positions count from each row's text
         x = self.gpt.tok(ids) + self.gpt.pos(pos)
-        present = []
+        keys: List[torch.Tensor] = []
+        values: List[torch.Tensor] = []
         for i, block in enumerate(self.gpt.blocks):
-            x, kv = block.cached(x, mask[:, None], past[i], B, T)
-            present.append(kv)
-        return self.gpt.head(self.gpt.ln_f(x)), torch.stack(present)
+            x, k, v = block.cached(x, mask[:, None], past[i], past[L + i], B, T)
+            keys.append(k)
+            values.append(v)
+        return self.gpt.head(self.gpt.ln_f(x)), keys + values
 
 
 def init_weights(model: CharGPT, std: float) -> None:
@@ -201,23 +207,31 @@ def head_size(args: dict) -> dict:
     return {"head_size": args["n_embd"] // args["n_head"]}
 
 
-def empty_past(args: dict, batch: int, length: int = 0) -> np.ndarray:
-    """A past of `length` zero positions: [n_layer, 2, batch, n_head, length, head size]."""
-    return np.zeros((args["n_layer"], 2, batch, args["n_head"], length, args["n_embd"] // args["n_head"]), np.float32)
+def past_names(args: dict, prefix: str = "past_key_values") -> list[str]:
+    """The carried tensors' names in the module's list order: every layer's key, then every layer's value."""
+    return [f"{prefix}.{i}.{part}" for part in ("key", "value") for i in range(args["n_layer"])]
 
 
-def example_inputs(model: CachedGPT, config: dict) -> tuple[torch.Tensor, ...]:
+def empty_past(args: dict, batch: int, length: int = 0) -> dict[str, np.ndarray]:
+    """A past of `length` zero positions: {past_key_values.<layer>.key/.value: [batch, n_head, length, head size]}."""
+    shape = (batch, args["n_head"], length, args["n_embd"] // args["n_head"])
+    return {name: np.zeros(shape, np.float32) for name in past_names(args)}
+
+
+def example_inputs(model: CachedGPT, config: dict) -> tuple:
     # batch 2, 5 new ids after 3 cached: sizes 0/1 would invite the exporter to specialise those axes
     args = config["model_args"]
     return (torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-            torch.from_numpy(empty_past(args, 2, 3)))
+            [torch.from_numpy(a) for a in empty_past(args, 2, 3).values()])
 
 
 def metadata(config: dict) -> dict:
+    args = config["model_args"]
     return {"vocab": config["data"]["vocab"],
-            "generation": {"mode": "cached", "block_size": config["model_args"]["block_size"],
-                           "keep": max(1, config["model_args"]["block_size"] // 2),  # ids re-fed when the cache is full
-                           "past": {"input": "past", "output": "present", "length_axis": 4},
+            "generation": {"mode": "cached", "block_size": args["block_size"],
+                           "keep": max(1, args["block_size"] // 2),  # ids re-fed when the cache is full
+                           "past": [{"input": i, "output": o, "length_axis": 2}
+                                    for i, o in zip(past_names(args), past_names(args, "present"))],
                            "pad": "pad"}}
 
 
@@ -242,14 +256,15 @@ def validation_cases(config: dict, prepared_dir: Path, shapes: dict) -> list[kin
         for t in seq_lens:
             rows = np.resize(ids, max(b * t, len(ids)))[: b * t].reshape(b, t)  # np.resize repeats a short text
             pad = np.zeros(b, np.int64)
-            cases.append(kinds.Case(f"batch={b} seq={t}", [{"ids": rows.copy(), "pad": pad, "past": empty_past(args, b)}]))
+            cases.append(kinds.Case(f"batch={b} seq={t}", [{"ids": rows.copy(), "pad": pad, **empty_past(args, b)}]))
             for p in sorted({max(1, t - k) for k in step_counts} - {t}):
                 fed = [rows[:, :p]] + [rows[:, i: i + 1] for i in range(p, t)]
                 cases.append(kinds.Case(
                     f"batch={b} prompt={p} steps={t - p}",
-                    [{"ids": fed[0].copy(), "pad": pad, "past": empty_past(args, b)}]
-                    + [{"ids": x.copy(), "pad": pad} for x in fed[1:]], carry={"present": "past"},
-                    reference=[{"ids": rows[:, :i].copy(), "pad": pad, "past": empty_past(args, b)}
+                    [{"ids": fed[0].copy(), "pad": pad, **empty_past(args, b)}]
+                    + [{"ids": x.copy(), "pad": pad} for x in fed[1:]],
+                    carry=dict(zip(past_names(args, "present"), past_names(args))),
+                    reference=[{"ids": rows[:, :i].copy(), "pad": pad, **empty_past(args, b)}
                                for i in range(p, t + 1)]))
     return cases
 
@@ -395,9 +410,11 @@ def text_loss(model: CachedGPT, ids: torch.Tensor, recorded: dict) -> tuple[floa
 KIND = kinds.ModelKind(
     name="gpt", task="text-generation", formats=("text",),
     inputs=(kinds.TensorSpec("ids", "int64", ("batch", "seq")), kinds.TensorSpec("pad", "int64", ("batch",)),
-            kinds.TensorSpec("past", "float32", ("n_layer", 2, "batch", "n_head", "past", "head_size"))),
+            *(kinds.TensorSpec(f"past_key_values.{{i}}.{part}", "float32", ("batch", "n_head", "past", "head_size"),
+                               repeat="n_layer", list="past") for part in ("key", "value"))),
     outputs=(kinds.TensorSpec("logits", "float32", ("batch", "seq", "vocab_size")),
-             kinds.TensorSpec("present", "float32", ("n_layer", 2, "batch", "n_head", "past+seq", "head_size"))),
+             *(kinds.TensorSpec(f"present.{{i}}.{part}", "float32", ("batch", "n_head", "past+seq", "head_size"),
+                                repeat="n_layer", list="present") for part in ("key", "value"))),
     build=build, example_inputs=example_inputs, metadata=metadata, validation_cases=validation_cases,
     recipe=Recipe, training=training, text_loss=text_loss, trained_part=lambda module: module.gpt,
     derived_args=head_size,
