@@ -265,17 +265,17 @@ def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> i
 
 
 class Sequence:
-    """One generation in progress: its ids so far (prompt and drawn), what the model carries for it
-    (`state`: {input name: array with a batch axis of 1} holding the ids fed so far; None before its first
-    call and when a cached model's cache is full), and its own seeded RNG: what it draws never
-    depends on other rows."""
+    """One generation in progress: its ids so far (prompt and drawn), where what the model carries for it is
+    (`origin`: the outputs of the call that last fed it, its row there and that row's left padding; None
+    before its first call and when a cached model's cache is full), how many positions that holds
+    (`cached`), and its own seeded RNG: what it draws never depends on other rows."""
 
     def __init__(self, prompt_ids: list[int], temperature: float, seed: int):
         self.ids, self.temperature = list(prompt_ids), temperature
         self.rng = np.random.default_rng(seed)
-        self.state: dict[str, np.ndarray] | None = None
+        self.origin: tuple[dict, int, int] | None = None
+        self.cached = 0
         self.refeed: int | None = None  # ids a re-prefill feeds once a cached model's cache is full (its `keep`)
-        self.origin: tuple | None = None  # (the outputs of the call that gave `state`, its row there, its padding)
 
 
 def step(run: Run, meta: dict, seqs: list[Sequence]) -> list[int]:
@@ -315,10 +315,9 @@ def _call(gen: dict, seq: Sequence) -> tuple:
     call feeds a row its last `seq.refeed` ids (None: all, up to the block) and carries what comes out."""
     if gen["mode"] == "window":
         return ("window", min(len(seq.ids), int(gen["block_size"])))
-    if gen["mode"] == "cached" and seq.state is not None \
-            and seq.state[gen["past"][0]["input"]].shape[gen["past"][0]["length_axis"]] >= gen["block_size"]:
-        seq.state, seq.refeed = None, int(gen.get("keep", gen["block_size"]))  # the cache is full
-    if seq.state is None:  # a model with `pad` takes prompts of any lengths together, left-padded
+    if gen["mode"] == "cached" and seq.origin is not None and seq.cached >= gen["block_size"]:
+        seq.origin, seq.refeed = None, int(gen.get("keep", gen["block_size"]))  # the cache is full
+    if seq.origin is None:  # a model with `pad` takes prompts of any lengths together, left-padded
         return ("prompt", 0 if gen.get("pad") else len(_fed(gen, seq)))
     return ("step",)
 
@@ -335,7 +334,7 @@ def empty_input(spec: dict, batch: int) -> np.ndarray:
 
 
 def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[np.ndarray]:
-    """One model call for rows needing the same `call`; each row's state updated; each row's last logits."""
+    """One model call for rows needing the same `call`; each row's `origin` updated; each row's last logits."""
     gen, inputs = meta["generation"], {i["name"]: i for i in meta["inputs"]}
     ids_name, logits_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
     n, carried = len(seqs), (gen["past"] if gen["mode"] == "cached" else gen.get("state", []))
@@ -347,8 +346,9 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
             if last is not None:  # the rows of the last call, in its order: what it gave, as it gave it
                 feeds[c["input"]], pads = last[c["output"]], [s.origin[2] for s in seqs]
                 continue
-            axis = inputs[c["input"]]["shape"].index("batch")
-            feeds[c["input"]], pads = _stack([s.state[c["input"]] for s in seqs], axis, c.get("length_axis"))
+            axis, length_axis = inputs[c["input"]]["shape"].index("batch"), c.get("length_axis")
+            states = [_row(s.origin[0][c["output"]], axis, s.origin[1], length_axis, s.origin[2]) for s in seqs]
+            feeds[c["input"]], pads = _stack(states, axis, length_axis)
     else:  # a window (the last block_size ids) or a prompt (rows' _fed ids, shorter ones left-padded)
         rows = [s.ids[-call[1]:] for s in seqs] if call[0] == "window" else [_fed(gen, s) for s in seqs]
         width = max(len(r) for r in rows)
@@ -358,12 +358,9 @@ def _run_group(run: Run, meta: dict, call: tuple, seqs: list[Sequence]) -> list[
     if gen.get("pad"):
         feeds[gen["pad"]] = np.asarray(pads, np.int64)
     out = run(feeds)
-    for r, seq in enumerate(seqs):
-        if call[0] == "window":
-            continue  # nothing carried: every step re-feeds the window
-        seq.state = {c["input"]: _row(out[c["output"]], inputs[c["input"]]["shape"].index("batch"), r,
-                                      c.get("length_axis"), pads[r]) for c in carried}
-        seq.origin = (out, r, pads[r])
+    if call[0] != "window":  # a window carries nothing: every step re-feeds it
+        for r, seq in enumerate(seqs):
+            seq.origin, seq.cached = (out, r, pads[r]), seq.cached + 1 if call[0] == "step" else len(rows[r])
     return [out[logits_name][r, -1] for r in range(n)]
 
 
