@@ -8,7 +8,11 @@ then everything else that is already queued or arrives within `window_s` of it, 
 not after the window), concatenates the rows, runs ONE call of `run` in a worker thread (the event
 loop keeps accepting requests meanwhile; they queue up for the next batch) and hands each request
 its own rows of the result. While a batch runs, the next one gathers: under load the batches
-grow by themselves, and a lone request waits at most `window_s`.
+grow by themselves, and a lone request waits at most `window_s`. A batch that reaches half the
+requests in flight while the thread is still busy is handed to it at once (at most two handed over:
+the one running and the next), so the thread starts it the moment the running one ends instead of
+idling while the event loop answers and gathers: binary /infer at 8 and 32 clients 2,461 -> 3,877 and
+3,837 -> 4,771 requests/s, JSON /infer 1,951 -> 2,322 and 3,074 -> 3,258 (idle, 3 interleaved rounds).
 
 Why half: serving is a two-stage pipeline, the event loop (read, decode, answer) and the batch
 thread (the model), and the stages overlap only while the requests in flight form at least two
@@ -39,7 +43,12 @@ class MicroBatcher:
         # one thread: one onnxruntime call at a time, each using the session's intra-op threads
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self.worker: asyncio.Task | None = None
+        self._wake: asyncio.Future | None = None  # what the worker awaits while gathering beside a running batch
         self.closed = False
+
+    def _wake_worker(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def submit(self, rows: np.ndarray) -> asyncio.Future:
         """Queue `rows` (N x ...); the future resolves to their N rows of output. Synchronous on purpose:
@@ -48,6 +57,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.put_nowait((rows, future))
+        self._wake_worker()
         if self.worker is None:
             self.worker = loop.create_task(self._work())
         return future
@@ -59,27 +69,38 @@ class MicroBatcher:
             self.executor.shutdown(wait=False)
         else:
             self.queue.put_nowait(_CLOSE)
+            self._wake_worker()
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         carried = None  # a request that did not fit into the previous batch
+        previous: asyncio.Task | None = None  # the batch handed to the thread last
+        older: asyncio.Task | None = None  # the one before it, if still running: at most two handed over
         while True:
+            if older is not None and not older.done():
+                await asyncio.wait({older})
             first = carried or await self.queue.get()
             carried = None
             if first is _CLOSE:
                 break
             batch, rows = [first], len(first[0])
             deadline = loop.time() + self.window_s
-            most = max(1, self.in_flight() // 2)  # requests in this batch
             closing = False
-            while rows < self.max_items and len(batch) < most:
+            while rows < self.max_items and len(batch) < max(1, self.in_flight() // 2):  # half the requests
                 try:
                     item = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    if self.arriving() == 0 or loop.time() >= deadline:
+                    if previous is not None and not previous.done():  # the thread is busy: keep gathering
+                        self._wake = loop.create_future()  # set by the next submit, or by the batch ending
+                        await self._wake
+                        if previous.done():  # free now: gather as after a batch, for a window at most
+                            deadline = loop.time() + self.window_s
+                        continue
+                    elif self.arriving() == 0 or loop.time() >= deadline:
                         break
-                    await asyncio.sleep(0)  # let the requests being read reach the queue
-                    continue
+                    else:
+                        await asyncio.sleep(0)  # let the requests being read reach the queue
+                        continue
                 if item is _CLOSE:
                     closing = True
                     break
@@ -88,9 +109,11 @@ class MicroBatcher:
                     break
                 batch.append(item)
                 rows += len(item[0])
-            await self._run(loop, batch, rows)
+            # full while the thread is busy: handed over now, it runs as soon as the thread is free
+            older, previous = previous, loop.create_task(self._run(loop, batch, rows))
             if closing:
                 break
+        await asyncio.gather(*(t for t in (older, previous) if t is not None))
         self.executor.shutdown(wait=False)
 
     async def _run(self, loop, batch: list, rows: int) -> None:
@@ -102,6 +125,8 @@ class MicroBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self._wake_worker()  # the thread is free: the batch being gathered goes next
         self.on_batch(rows)
         start = 0
         for part, future in batch:
