@@ -343,3 +343,31 @@ def test_a_prompt_the_model_cannot_score_keeps_its_row_with_nan_bits(workspace, 
     assert window.ids == ["p0", "p1", "p2"] and window.stats[:, 0].tolist() == [5, 5, 5]
     assert np.isnan(window.stats[:, 1]).all()  # feedback can still label them; drift.check skips NaN bits
     assert [r.levelname for r in caplog.records if r.name == "ptpipe.predlog"] == ["WARNING"]  # once, not per row
+
+
+def test_a_commit_of_many_models_and_sizes_is_written_row_for_row(tmp_path):
+    """The writer's one-statement insert per group (ids, times and sizes as JSON, probabilities and statistics
+    cut from two blobs inside SQLite): every row read back as queued, in order, two models interleaved, one
+    group keeping raw inputs (written row by row), uploads of other sizes and none."""
+    log = predlog.PredictionLog(predlog.LogOptions(path=tmp_path / "log.sqlite", raw_per_hour=1))
+    rng = np.random.default_rng(3)
+    queued = {"a": [], "b": []}
+    for n in range(40):
+        model = "a" if n % 3 else "b"
+        x = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+        logits = rng.standard_normal((2, 10)).astype(np.float32)
+        uploads = (png(x[0], size=(40 + n, 30)), png(x[1])) if n % 2 else None
+        ids = (f"{model}{n}/0", f"{model}{n}/1")
+        log.images(model, f"v{n // 20}", ids, x, logits, uploads)
+        queued[model] += [(i, f"v{n // 20}", x[k], logits[k], (40 + n, 30) if uploads and k == 0 else
+                           (32, 32) if uploads else (None, None)) for k, i in enumerate(ids)]
+    log.close()
+    for model, expected in queued.items():
+        window = predlog.read_window(tmp_path / "log.sqlite", model, 1000)
+        assert window.ids == [e[0] for e in expected] and window.versions == [e[1] for e in expected]
+        np.testing.assert_allclose(window.stats, drift.image_stats(np.stack([e[2] for e in expected])), rtol=1e-6)
+        np.testing.assert_allclose(window.outputs, inference.softmax(np.stack([e[3] for e in expected])), rtol=1e-5)
+        sizes = rows(tmp_path / "log.sqlite", "SELECT width, height FROM predictions WHERE model = ? ORDER BY seq", model)
+        assert sizes == [e[4] for e in expected]
+    raw = rows(tmp_path / "log.sqlite", "SELECT id FROM predictions WHERE raw IS NOT NULL")
+    assert sorted(raw) == [("a1/0",), ("b0/0",)]  # the first image of the hour, per model: raw_per_hour 1
