@@ -130,9 +130,8 @@ def quality(models: Path, prepared: str) -> dict:
     from ptpipe import kinds
     from ptpipe.kinds.gpt import bits, window_loss
 
-    _, module, config = kinds.load(models / "gpt/model.pt")
-    block, keep = config["model_args"]["block_size"], inference.TextGenerator(models / "gpt/model.onnx").meta[
-        "generation"]["keep"]
+    kind, module, config = kinds.load(models / "gpt/model.pt")
+    block, keep = config["model_args"]["block_size"], kind.metadata(config)["generation"]["keep"]
     ids = torch.from_numpy(np.load(Path(prepared) / "val_ids.npy")[: ARGS.quality_chars].astype(np.int64))
     out = {"characters": int(ids.numel()), "block_size": block}
     with torch.no_grad():

@@ -371,3 +371,23 @@ def test_a_commit_of_many_models_and_sizes_is_written_row_for_row(tmp_path):
         assert sizes == [e[4] for e in expected]
     raw = rows(tmp_path / "log.sqlite", "SELECT id FROM predictions WHERE raw IS NOT NULL")
     assert sorted(raw) == [("a1/0",), ("b0/0",)]  # the first image of the hour, per model: raw_per_hour 1
+
+
+def test_a_commit_that_sqlite_refuses_is_logged_and_the_writer_goes_on(tmp_path, caplog):
+    """A write error (here the table gone) costs that commit's rows, said once in the log; the writer lives,
+    marks the records as handled (feedback lookups do not wait on them) and the next commit is written."""
+    path = tmp_path / "log.sqlite"
+    log = predlog.PredictionLog(predlog.LogOptions(path=path))
+    log._stop.set()
+    log._thread.join()  # the commits below are driven by hand
+    conn = predlog.connect(path)
+    x, logits = np.zeros((1, 3, 32, 32), np.uint8), np.zeros((1, 10), np.float32)
+    conn.execute("ALTER TABLE predictions RENAME TO gone")
+    log.images("m", "v1", ["lost"], x, logits)
+    mark = log.mark()
+    log._write(conn)
+    assert "1 records could not be written" in caplog.text and log.written(mark)
+    conn.execute("ALTER TABLE gone RENAME TO predictions")
+    log.images("m", "v1", ["kept"], x, logits)
+    log._write(conn)
+    assert predlog.read_window(path, "m", 10).ids == ["kept"]

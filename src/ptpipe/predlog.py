@@ -227,28 +227,25 @@ class PredictionLog:
         records: dict[str, list] = {"images": [], "text": [], "ids": [], "feedback": []}
         for _, kind, record in batch:
             records[kind].append(record)
-        predictions, image_groups, feedback = [], [], records.pop("feedback")
-        rows_of = {"text": lambda group: _text_rows(group, self._warned), "ids": _ids_rows}
+        inserts, feedback = [], records.pop("feedback")  # (parameters of _IMAGE_GROUP_SQL | None, rows for _ROW_SQL)
+        inserts_of = {"images": _image_rows, "text": lambda group: [(None, _text_rows(group, self._warned))],
+                      "ids": lambda group: [(None, _ids_rows(group))]}
         for kind, group in records.items():
             try:
-                if kind == "images":
-                    image_groups = _image_rows(group)
-                else:
-                    predictions.extend(rows_of[kind](group))
+                inserts.extend(inserts_of[kind](group))
             except Exception:  # a bad record (a model that fails on a prompt) costs its commit's rows of that kind
                 log.exception("prediction log: %d %s records could not be made into rows", len(group), kind)
         try:
             with conn:  # one transaction: the rows, the feedback and the retention's deletes commit together
-                for params, rows in image_groups:
+                for params, rows in inserts:
                     if params:
                         conn.execute(_IMAGE_GROUP_SQL, params)
                     else:
                         conn.executemany(_ROW_SQL, rows)
-                conn.executemany(_ROW_SQL, predictions)
                 conn.executemany("INSERT INTO feedback (model, id, label, time) VALUES (?, ?, ?, ?)", feedback)
                 self._retain(conn)
         except sqlite3.Error:
-            log.exception("prediction log: %d rows could not be written to %s", len(predictions), self.options.path)
+            log.exception("prediction log: %d records could not be written to %s", len(batch), self.options.path)
         if batch:
             self._committed = batch[-1][0]
         if self.dropped > self._dropped_said:

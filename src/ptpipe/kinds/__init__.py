@@ -209,7 +209,10 @@ def runner(module: "nn.Module", meta: dict) -> Callable[[dict], dict]:
                           for a in arguments))
         flat = []
         for r in (result if isinstance(result, (tuple, list)) else (result,)):
-            flat.extend(r) if isinstance(r, (tuple, list)) else flat.append(r)
+            if isinstance(r, (tuple, list)):
+                flat.extend(r)
+            else:
+                flat.append(r)
         return {name: t.numpy() for name, t in zip(outputs, flat)}
 
     return run

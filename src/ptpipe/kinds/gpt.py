@@ -207,9 +207,11 @@ def head_size(args: dict) -> dict:
     return {"head_size": args["n_embd"] // args["n_head"]}
 
 
-def past_names(args: dict, prefix: str = "past_key_values") -> list[str]:
-    """The carried tensors' names in the module's list order: every layer's key, then every layer's value."""
-    return [f"{prefix}.{i}.{part}" for part in ("key", "value") for i in range(args["n_layer"])]
+def past_names(args: dict, side: str = "past") -> list[str]:
+    """The names of the `past` inputs (or `present` outputs) in the module's list order, every layer's key then
+    every layer's value, as KIND's TensorSpecs resolve them."""
+    specs = KIND.inputs if side == "past" else KIND.outputs
+    return [t["name"] for s in specs if s.list == side for t in s.resolve(args)]
 
 
 def empty_past(args: dict, batch: int, length: int = 0) -> dict[str, np.ndarray]:
