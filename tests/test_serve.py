@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,6 +242,39 @@ def test_a_batch_takes_at_most_half_of_the_requests_in_flight():
     assert asyncio.run(scenario(1, [1, 1]))[0] == [1, 1]
     assert asyncio.run(scenario(8, [10, 1, 1, 1, 1]))[0] == [13, 1]  # half of the requests, whatever their rows
     assert asyncio.run(scenario(32, [60, 10, 1]))[0] == [60, 11]  # and at most max_items rows
+
+
+def test_a_batch_filled_while_the_model_runs_is_handed_to_the_thread_at_once():
+    """The next batch gathers beside the running one and, once it holds half the requests in flight, goes to
+    the model thread without waiting for the event loop: here the loop is blocked when the first batch ends,
+    and the second still runs; the third (at most two handed over) waits for the loop."""
+    from ptpipe.batching import MicroBatcher
+
+    release, loop_blocked, seen = threading.Event(), threading.Event(), []
+
+    def run(x):
+        if not seen:
+            release.wait(5)  # the first batch is held until the loop is blocked
+        seen.append((len(x), loop_blocked.is_set()))
+        return x * 2
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_items=64, arriving=lambda: 0, in_flight=lambda: 8)
+        first = batcher.submit(np.zeros((1, 1)))
+        await asyncio.sleep(0.05)  # the first batch is in the thread
+        rest = [batcher.submit(np.full((1, 1), i)) for i in range(8)]  # two batches of 4: half of 8 in flight
+        await asyncio.sleep(0.05)  # the second is gathered and handed over while the first runs
+        loop_blocked.set()
+        release.set()
+        time.sleep(0.3)  # the event loop does nothing meanwhile
+        loop_blocked.clear()
+        out = await asyncio.gather(first, *rest)
+        batcher.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert seen == [(1, True), (4, True), (4, False)]
+    assert [int(o[0, 0]) for o in out[1:]] == [2 * i for i in range(8)]  # each request its own rows
 
 
 BAD = [  # (method path, request kwargs, status, field, words in the message)

@@ -35,9 +35,9 @@ _CLOSE = object()
 class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_s: float = 0.002, max_items: int = 64,
                  on_batch: Callable[[int], None] | None = None, arriving: Callable[[], int] = lambda: 1,
-                 in_flight: Callable[[], int] = lambda: 2 * max_items):
+                 in_flight: Callable[[], int] | None = None):
         self.run, self.window_s, self.max_items, self.arriving = run, window_s, max_items, arriving
-        self.in_flight = in_flight
+        self.in_flight = in_flight or (lambda: 2 * max_items)  # default: never the limit
         self.on_batch = on_batch or (lambda n: None)
         self.queue: asyncio.Queue = asyncio.Queue()
         # one thread: one onnxruntime call at a time, each using the session's intra-op threads
